@@ -1,0 +1,152 @@
+"""Typed configuration: the schema that Hydra merges YAML and overrides into.
+
+Field names equal the command-line override names (`model.latent_size=5`). The dataclasses are not
+frozen because Hydra merges into them; treat them as read-only once `validate` has passed.
+Enums make OmegaConf reject unknown choices at composition time with the list of valid ones.
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+
+class Pixels(str, enum.Enum):
+  grayscale = "grayscale"            # intensities in [0, 1]
+  static_binary = "static_binary"    # one fixed Bernoulli(intensity) sample per image, drawn once
+  dynamic_binary = "dynamic_binary"  # resampled every time a batch is drawn (Burda et al. 2016)
+
+
+class Kind(str, enum.Enum):
+  vae = "vae"    # p(x|z) p(z)
+  cvae = "cvae"  # p(x|z,c) p(z); c = one-hot class label fed to encoder and decoder
+
+
+class Arch(str, enum.Enum):
+  mlp = "mlp"
+  conv = "conv"
+
+
+class Likelihood(str, enum.Enum):
+  bernoulli = "bernoulli"                        # exact on binary pixels; on grayscale = BCE (unnormalized)
+  continuous_bernoulli = "continuous_bernoulli"  # normalized density on [0, 1] (Loaiza-Ganem & Cunningham 2019)
+
+
+@dataclass
+class DataConfig:
+  name: str = "mnist"                # any TFDS dataset with `image` and `label` features
+  pixels: Pixels = Pixels.grayscale  # how pixel intensities become model inputs
+  validation_size: int = 0           # examples carved from the end of train for validation (0: none)
+  train_limit: Optional[int] = None  # use only the first N training examples (tests, smoke runs)
+  test_limit: Optional[int] = None   # use only the first N test examples
+  binarization_seed: int = 0         # seed of the fixed sample for static binarization
+  manual_dir: Optional[str] = None   # folder holding <name>/ with the official files (env CVAE_JAX_MANUAL_DIR)
+  data_dir: Optional[str] = None     # TFDS data_dir for prepared datasets (env TFDS_DATA_DIR, ~/tensorflow_datasets)
+  download: bool = False             # allow TFDS to download when no manual files are found
+
+
+@dataclass
+class ModelConfig:
+  kind: Kind = Kind.cvae
+  arch: Arch = Arch.conv
+  latent_size: int = 2                                          # dimension of z
+  activation: str = "relu"                                      # any flax.linen activation name
+  hidden: list[int] = field(default_factory=lambda: [500])      # mlp: hidden widths (decoder mirrors them)
+  encoder_channels: list[int] = field(default_factory=lambda: [32])  # conv: channels of the encoder's conv layers
+  decoder_channels: list[int] = field(default_factory=list)     # conv: transposed-conv layers (empty: dense to image)
+  kernel_size: int = 3                                          # conv: square kernel size
+  conv_stride: int = 1                                          # conv: stride of every conv / transposed conv
+  dense: int = 64                                               # conv: width of the dense layer on each side
+
+
+@dataclass
+class ObjectiveConfig:
+  likelihood: Likelihood = Likelihood.bernoulli
+  beta: float = 1.0  # weight of the KL in the optimized loss only; the reported ELBO is unweighted
+
+
+@dataclass
+class OptimizerConfig:
+  learning_rate: float = 1e-3
+  b1: float = 0.9
+  b2: float = 0.999
+  eps: float = 1e-8
+  grad_clip_norm: Optional[float] = None  # clip the global gradient norm to this value (None: no clipping)
+
+
+@dataclass
+class TrainingConfig:
+  batch_size: int = 32
+  epochs: int = 10
+  eval_batch_size: int = 1000         # evaluation runs in chunks of this size
+  checkpoint_every_epochs: int = 1    # save a checkpoint every N epochs (and always at the end)
+  max_checkpoints: int = 3            # keep the newest N checkpoints
+  progress: bool = True               # show a progress bar
+  figures: bool = True                # write the figures at the end of training
+
+
+@dataclass
+class Config:
+  name: str = "default"  # run family; runs go to outputs/<name>/<overrides>, sweeps to multirun/<name>/
+  seed: int = 0          # every random stream derives from it (params, reparameterization, data order, ...)
+  data: DataConfig = field(default_factory=DataConfig)
+  model: ModelConfig = field(default_factory=ModelConfig)
+  objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+  optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+  training: TrainingConfig = field(default_factory=TrainingConfig)
+
+
+class ConfigError(ValueError):
+  """A configuration value is out of range; the message names the key, the value and the fix."""
+
+
+def _check(ok: bool, key: str, value: Any, requirement: str) -> None:
+  if not ok:
+    raise ConfigError(f"{key}={value!r} is invalid: {requirement}.")
+
+
+def validate(cfg: Config) -> Config:
+  """Checks value ranges that types alone cannot express; raises ConfigError on the first bad value."""
+  m, d, o, t, opt = cfg.model, cfg.data, cfg.objective, cfg.training, cfg.optimizer
+  _check(m.latent_size >= 1, "model.latent_size", m.latent_size, "the latent size must be at least 1")
+  _check(all(w >= 1 for w in m.hidden), "model.hidden", m.hidden, "every hidden width must be at least 1")
+  _check(all(ch >= 1 for ch in m.encoder_channels + m.decoder_channels), "model.encoder_channels",
+         (m.encoder_channels, m.decoder_channels), "channel counts must be at least 1")
+  _check(m.kernel_size >= 1, "model.kernel_size", m.kernel_size, "must be at least 1")
+  _check(m.conv_stride >= 1, "model.conv_stride", m.conv_stride, "must be at least 1")
+  _check(m.dense >= 1, "model.dense", m.dense, "must be at least 1")
+  _check(o.beta >= 0, "objective.beta", o.beta, "beta weights the KL term and must be >= 0")
+  _check(opt.learning_rate > 0, "optimizer.learning_rate", opt.learning_rate, "must be > 0")
+  _check(opt.grad_clip_norm is None or opt.grad_clip_norm > 0, "optimizer.grad_clip_norm",
+         opt.grad_clip_norm, "must be > 0, or null for no clipping")
+  _check(t.batch_size >= 1, "training.batch_size", t.batch_size, "must be at least 1")
+  _check(t.epochs >= 1, "training.epochs", t.epochs, "must be at least 1")
+  _check(t.eval_batch_size >= 1, "training.eval_batch_size", t.eval_batch_size, "must be at least 1")
+  _check(t.checkpoint_every_epochs >= 1, "training.checkpoint_every_epochs", t.checkpoint_every_epochs,
+         "must be at least 1")
+  _check(t.max_checkpoints >= 1, "training.max_checkpoints", t.max_checkpoints, "must be at least 1")
+  _check(d.validation_size >= 0, "data.validation_size", d.validation_size, "must be >= 0")
+  for key in ("train_limit", "test_limit"):
+    value = getattr(d, key)
+    _check(value is None or value >= 1, f"data.{key}", value, "must be at least 1, or null for all")
+  try:
+    import flax.linen as nn
+    _check(callable(getattr(nn, m.activation, None)), "model.activation", m.activation,
+           "use a flax.linen activation name such as relu, tanh, gelu, elu")
+  except ImportError:  # pragma: no cover
+    pass
+  return cfg
+
+
+def to_dict(cfg: Config) -> dict:
+  """Plain JSON-ready dict (enums as their values)."""
+  def convert(value):
+    if isinstance(value, enum.Enum):
+      return value.value
+    if isinstance(value, dict):
+      return {k: convert(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+      return [convert(v) for v in value]
+    return value
+  return convert(dataclasses.asdict(cfg))

@@ -1,0 +1,178 @@
+"""VAE and CVAE in Flax linen: one model interface, encoder/decoder families chosen by name.
+
+Interface (every variant):
+  encode(x, c)  -> (mean, logvar)      q(z | x[, c]) = N(mean, diag(exp(logvar)))
+  decode(z, c)  -> logits              p(x | z[, c]), logits of the likelihood (see objectives)
+  __call__(x, c, rng) -> VAEOutput     mean, logvar, a reparameterized z, logits
+  generate(rng, c, num_samples)        z ~ p(z) = N(0, I), decoded under c
+For a VAE the condition c is ignored (pass None). Shapes come from the DatasetSpec, never constants.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional, Sequence
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from cvae_jax.config import Arch, Kind, ModelConfig
+from cvae_jax.data import DatasetSpec
+from cvae_jax.objectives import reparameterize
+
+
+@flax.struct.dataclass
+class VAEOutput:
+  mean: jax.Array    # [B, Z]
+  logvar: jax.Array  # [B, Z]
+  z: jax.Array       # [B, Z]
+  logits: jax.Array  # [B, *data_shape]
+
+
+def _concat(h: jax.Array, c: Optional[jax.Array]) -> jax.Array:
+  return h if c is None else jnp.concatenate([h, c.astype(h.dtype)], axis=-1)
+
+
+class MLPEncoder(nn.Module):
+  """flatten(x) [, c] -> hidden layers -> (mean, logvar)."""
+  hidden: Sequence[int]
+  latent_size: int
+  activation: Callable
+
+  @nn.compact
+  def __call__(self, x, c=None):
+    h = _concat(x.reshape(x.shape[0], -1), c)  # [B, D (+K)]
+    for width in self.hidden:
+      h = self.activation(nn.Dense(width)(h))
+    return nn.Dense(self.latent_size, name="mean")(h), nn.Dense(self.latent_size, name="logvar")(h)
+
+
+class MLPDecoder(nn.Module):
+  """z [, c] -> hidden layers (the encoder's, mirrored) -> logits of the data shape."""
+  hidden: Sequence[int]
+  data_shape: tuple[int, ...]
+  activation: Callable
+
+  @nn.compact
+  def __call__(self, z, c=None):
+    h = _concat(z, c)
+    for width in reversed(self.hidden):
+      h = self.activation(nn.Dense(width)(h))
+    return nn.Dense(math.prod(self.data_shape))(h).reshape(z.shape[0], *self.data_shape)
+
+
+class ConvEncoder(nn.Module):
+  """conv layers -> flatten -> dense [, c] -> (mean, logvar). 2-D images or 1-D signals alike.
+
+  With channels=(32,), kernel 3, stride 1, dense 64 this is the seed article's CVAE encoder:
+  Conv2D(32, 3x3, 'same') + ReLU, flatten, dense 64, concat label, mean and log-variance.
+  """
+  channels: Sequence[int]
+  kernel_size: int
+  stride: int
+  dense: int
+  latent_size: int
+  activation: Callable
+
+  @nn.compact
+  def __call__(self, x, c=None):
+    spatial = x.ndim - 2  # [B, *spatial, C]
+    h = x
+    for ch in self.channels:
+      h = self.activation(nn.Conv(ch, (self.kernel_size,) * spatial, strides=self.stride, padding="SAME")(h))
+    h = self.activation(nn.Dense(self.dense)(h.reshape(h.shape[0], -1)))
+    h = _concat(h, c)
+    return nn.Dense(self.latent_size, name="mean")(h), nn.Dense(self.latent_size, name="logvar")(h)
+
+
+class ConvDecoder(nn.Module):
+  """z [, c] -> dense -> (transposed convs) -> logits.
+
+  With no transposed-conv channels it is the seed article's decoder: concat(z, label), dense 64,
+  dense to the image. Otherwise a dense layer makes a [*spatial / stride^n, channels[0]] map that
+  each transposed conv upsamples by `stride`, and a last stride-1 transposed conv gives the logits.
+  """
+  channels: Sequence[int]
+  kernel_size: int
+  stride: int
+  dense: int
+  data_shape: tuple[int, ...]
+  activation: Callable
+
+  @nn.compact
+  def __call__(self, z, c=None):
+    h = self.activation(nn.Dense(self.dense)(_concat(z, c)))
+    if not self.channels:
+      return nn.Dense(math.prod(self.data_shape))(h).reshape(z.shape[0], *self.data_shape)
+    *spatial, out_channels = self.data_shape
+    factor = self.stride ** len(self.channels)
+    start = [s // factor for s in spatial]
+    h = self.activation(nn.Dense(math.prod(start) * self.channels[0])(h))
+    h = h.reshape(z.shape[0], *start, self.channels[0])
+    kernel = (self.kernel_size,) * len(spatial)
+    for ch in self.channels:
+      h = self.activation(nn.ConvTranspose(ch, kernel, strides=(self.stride,) * len(spatial), padding="SAME")(h))
+    return nn.ConvTranspose(out_channels, kernel, padding="SAME")(h)
+
+
+class VAE(nn.Module):
+  """VAE (num_classes = 0) or CVAE (c = one-hot label, fed to encoder and decoder)."""
+  encoder: nn.Module
+  decoder: nn.Module
+  latent_size: int
+  num_classes: int = 0
+
+  def _condition(self, c):
+    if not self.num_classes:
+      return None
+    if c is None:
+      raise ValueError("a CVAE needs the condition c (one-hot labels)")
+    return c
+
+  def encode(self, x, c=None):
+    return self.encoder(x, self._condition(c))
+
+  def decode(self, z, c=None):
+    return self.decoder(z, self._condition(c))
+
+  def __call__(self, x, c, rng) -> VAEOutput:
+    mean, logvar = self.encode(x, c)
+    z = reparameterize(rng, mean, logvar)
+    return VAEOutput(mean=mean, logvar=logvar, z=z, logits=self.decode(z, c))
+
+  def generate(self, rng, c=None, num_samples: Optional[int] = None):
+    """Samples z from the prior N(0, I) and decodes it (under c for a CVAE): logits."""
+    n = c.shape[0] if c is not None else num_samples
+    z = jax.random.normal(rng, (n, self.latent_size))
+    return self.decode(z, c)
+
+
+def _build_mlp(cfg: ModelConfig, spec: DatasetSpec, activation: Callable):
+  return (MLPEncoder(tuple(cfg.hidden), cfg.latent_size, activation),
+          MLPDecoder(tuple(cfg.hidden), spec.image_shape, activation))
+
+
+def _build_conv(cfg: ModelConfig, spec: DatasetSpec, activation: Callable):
+  factor = cfg.conv_stride ** len(cfg.decoder_channels)
+  spatial = spec.image_shape[:-1]
+  if cfg.decoder_channels and any(s % factor for s in spatial):
+    raise ValueError(
+        f"model.decoder_channels={list(cfg.decoder_channels)} with model.conv_stride={cfg.conv_stride} "
+        f"upsample by {factor}, which does not divide the data's spatial shape {spatial}. "
+        "Use fewer transposed-conv layers or another stride.")
+  encoder = ConvEncoder(tuple(cfg.encoder_channels), cfg.kernel_size, cfg.conv_stride, cfg.dense,
+                        cfg.latent_size, activation)
+  decoder = ConvDecoder(tuple(cfg.decoder_channels), cfg.kernel_size, cfg.conv_stride, cfg.dense,
+                        spec.image_shape, activation)
+  return encoder, decoder
+
+
+# Architecture families by name: each builds (encoder, decoder) from the config and the data spec.
+ARCHITECTURES = {Arch.mlp: _build_mlp, Arch.conv: _build_conv}
+
+
+def create_model(cfg: ModelConfig, spec: DatasetSpec) -> VAE:
+  encoder, decoder = ARCHITECTURES[Arch(cfg.arch)](cfg, spec, getattr(nn, cfg.activation))
+  num_classes = spec.num_classes if Kind(cfg.kind) == Kind.cvae else 0
+  return VAE(encoder=encoder, decoder=decoder, latent_size=cfg.latent_size, num_classes=num_classes)

@@ -1,0 +1,132 @@
+"""The run directory describes itself: config, environment, metrics, results.
+
+  config.yaml     the resolved config (a rerun with a different config is refused)
+  env.jsonl       library versions and devices, one line per start (first run and each resume)
+  metrics.jsonl   one line per epoch: step, train and evaluation metrics, cumulative wall time
+  tb/             the same metrics for TensorBoard
+  checkpoints/    Orbax
+  figures/        PNGs written at the end
+  results.json    written last, atomically: its presence means the run finished
+"""
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import json
+import os
+import platform
+from pathlib import Path
+from typing import Any, Optional
+
+import jax
+import yaml
+
+PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "hydra-core", "tensorflow-datasets",
+            "tensorflow-cpu", "numpy")
+
+
+class RunDirError(RuntimeError):
+  """The run directory cannot be used as asked; the message says how to proceed."""
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+  tmp = path.with_suffix(path.suffix + ".tmp")
+  tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+  os.replace(tmp, path)
+
+
+def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:
+  keys = sorted(set(old) | set(new))
+  out = []
+  for k in keys:
+    a, b = old.get(k, "<absent>"), new.get(k, "<absent>")
+    if isinstance(a, dict) and isinstance(b, dict):
+      out += _diff(a, b, f"{prefix}{k}.")
+    elif a != b:
+      out.append(f"{prefix}{k}: {a!r} -> {b!r}")
+  return out
+
+
+def check_config(workdir: Path, config: dict) -> None:
+  """Refuses a run directory that holds a run of a different config. Reads only."""
+  path = workdir / "config.yaml"
+  if not path.exists():
+    return
+  changes = _diff(yaml.safe_load(path.read_text()) or {}, config)
+  if changes:
+    raise RunDirError(
+        f"Run directory {workdir} holds a run with a different config ({'; '.join(changes)}). "
+        "Nothing was changed. Rerun with the same config to resume it, or choose a new directory "
+        "with hydra.run.dir=... (or name=...).")
+
+
+def init(workdir: Path, config: dict) -> None:
+  """Creates the run directory (or checks the one there) and records config and environment."""
+  check_config(workdir, config)
+  workdir.mkdir(parents=True, exist_ok=True)
+  if not os.access(workdir, os.W_OK):
+    raise RunDirError(f"Run directory {workdir} is not writable. Choose another with hydra.run.dir=...")
+  path = workdir / "config.yaml"
+  if not path.exists():
+    tmp = path.with_suffix(".yaml.tmp")
+    tmp.write_text(yaml.safe_dump(config, sort_keys=False))
+    os.replace(tmp, path)
+  with open(workdir / "env.jsonl", "a") as f:
+    f.write(json.dumps(environment()) + "\n")
+
+
+def environment() -> dict:
+  versions = {}
+  for name in PACKAGES:
+    try:
+      versions[name] = importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+      pass
+  return {
+      "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      "python": platform.python_version(),
+      "platform": platform.platform(),
+      "backend": jax.default_backend(),
+      "devices": [d.device_kind for d in jax.devices()],
+      "versions": versions,
+  }
+
+
+class MetricsLog:
+  """metrics.jsonl plus TensorBoard. On resume, lines past the restored step are dropped: they came
+  from work after the last checkpoint, which the resumed run redoes."""
+
+  def __init__(self, workdir: Path, resume_step: int):
+    self.path = workdir / "metrics.jsonl"
+    self.rows = []
+    if self.path.exists():
+      lines = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+      self.rows = [r for r in lines if r["step"] <= resume_step]
+      if len(self.rows) != len(lines):
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
+        os.replace(tmp, self.path)
+    from tensorboardX import SummaryWriter
+    self._tb = SummaryWriter(str(workdir / "tb"), purge_step=resume_step + 1 if resume_step else None)
+
+  @property
+  def wall_time(self) -> float:
+    """Cumulative training wall time of the rows kept (earlier segments of a resumed run)."""
+    return self.rows[-1]["wall_time"] if self.rows else 0.0
+
+  def write(self, row: dict) -> None:
+    self.rows.append(row)
+    with open(self.path, "a") as f:
+      f.write(json.dumps(row) + "\n")
+    for key, value in row.items():
+      if "/" in key:
+        self._tb.add_scalar(key, value, row["step"])
+    self._tb.flush()
+
+  def close(self) -> None:
+    self._tb.close()
+
+
+def read_results(workdir: Path) -> Optional[dict]:
+  path = workdir / "results.json"
+  return json.loads(path.read_text()) if path.exists() else None

@@ -1,0 +1,183 @@
+"""Training: create_train_state, the jitted epoch (a lax.scan of train_step over on-device data),
+and train_and_evaluate(cfg, workdir), the one function the command line, tests and notebooks call."""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax.training import train_state
+from tqdm.auto import tqdm
+
+from cvae_jax import checkpoints, data, figures, rundir
+from cvae_jax.config import Config, ConfigError, OptimizerConfig, to_dict, validate
+from cvae_jax.data import Dataset, DatasetSpec, model_input
+from cvae_jax.evaluation import make_evaluate, one_hot_condition
+from cvae_jax.keys import Stream, stream_key
+from cvae_jax.models import VAE, create_model
+from cvae_jax.objectives import elbo_terms, loss_and_metrics
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+def create_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
+  adam = optax.adam(cfg.learning_rate, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)
+  if cfg.grad_clip_norm is None:
+    return adam
+  return optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm), adam)
+
+
+def create_train_state(cfg: Config, model: VAE, spec: DatasetSpec) -> train_state.TrainState:
+  """The one place the train state is built: parameters from the PARAMS stream, Adam state, step 0."""
+  x = jnp.zeros((1, *spec.image_shape), jnp.float32)
+  c = jnp.zeros((1, spec.num_classes), jnp.float32) if model.num_classes else None
+  key = stream_key(cfg.seed, Stream.PARAMS)
+  params = model.init({"params": key}, x, c, jax.random.fold_in(key, 1))["params"]
+  return train_state.TrainState.create(apply_fn=model.apply, params=params, tx=create_optimizer(cfg.optimizer))
+
+
+def make_train_epoch(cfg: Config, model: VAE, spec: DatasetSpec, num_train: int,
+                     on_trace: Optional[Callable[[], None]] = None) -> Callable:
+  """Returns train_epoch(state, images, labels, epoch) -> (state, per-step metrics), jitted once.
+
+  The epoch is one compiled lax.scan over minibatches of data already on the device: no host round
+  trip per step. Keys come from (seed, stream, step), so a resumed run draws the same numbers.
+  `on_trace` is called each time JAX traces the function (tests count retraces with it).
+  """
+  batch_size = cfg.training.batch_size
+  steps = num_train // batch_size
+  beta, likelihood = cfg.objective.beta, cfg.objective.likelihood
+  reparam_key = stream_key(cfg.seed, Stream.REPARAM)
+  binarize_key = stream_key(cfg.seed, Stream.BINARIZE)
+  order_key = stream_key(cfg.seed, Stream.DATA_ORDER)
+
+  def train_step(state, images, labels):
+    x = model_input(images, spec.pixels, jax.random.fold_in(binarize_key, state.step))  # [B, *shape]
+    c = one_hot_condition(model, labels)  # [B, K] or None
+    rng = jax.random.fold_in(reparam_key, state.step)
+
+    def loss_fn(params):
+      out = state.apply_fn({"params": params}, x, c, rng)
+      terms = elbo_terms(x, out.logits, out.mean, out.logvar, likelihood)
+      return loss_and_metrics(terms, beta, spec.num_pixels)
+
+    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    return state.apply_gradients(grads=grads), metrics
+
+  def train_epoch(state, images, labels, epoch):
+    if on_trace is not None:
+      on_trace()
+    order = jax.random.permutation(jax.random.fold_in(order_key, epoch), images.shape[0])
+    batches = order[: steps * batch_size].reshape(steps, batch_size)  # drop the last partial batch
+
+    def body(state, idx):
+      return train_step(state, images[idx], labels[idx])
+
+    return jax.lax.scan(body, state, batches)
+
+  return jax.jit(train_epoch, donate_argnums=0)
+
+
+def _check_finite(step_metrics: dict, first_step: int) -> None:
+  bad = np.flatnonzero(~np.isfinite(step_metrics["loss"]))
+  if bad.size:
+    raise NonFiniteLossError(
+        f"The loss became {step_metrics['loss'][bad[0]]} at step {first_step + int(bad[0]) + 1}. "
+        "The run stopped; the last good checkpoint is kept. Lower optimizer.learning_rate or set "
+        "optimizer.grad_clip_norm, then rerun.")
+
+
+def train_and_evaluate(cfg: Config, workdir: str | Path, dataset: Optional[Dataset] = None,
+                       on_trace: Optional[Callable[[], None]] = None) -> dict:
+  """Trains (resuming from workdir's latest checkpoint), evaluates, writes figures and results.json.
+
+  Returns the final results. A finished run (results.json present) is not retrained.
+  """
+  validate(cfg)
+  workdir, config = Path(workdir), to_dict(cfg)
+  rundir.check_config(workdir, config)
+  finished = rundir.read_results(workdir)
+  if finished is not None:
+    log.info("Run in %s already finished; results.json: %s", workdir, finished)
+    return finished
+
+  ds = dataset if dataset is not None else data.load(cfg.data)  # before writing: bad data writes nothing
+  rundir.init(workdir, config)
+  spec = ds.spec
+  batch_size, epochs = cfg.training.batch_size, cfg.training.epochs
+  steps_per_epoch = len(ds.train) // batch_size
+  if steps_per_epoch == 0:
+    raise ConfigError(f"training.batch_size={batch_size} is larger than the training set "
+                      f"({len(ds.train)} examples). Lower it.")
+  model = create_model(cfg.model, spec)
+  state = create_train_state(cfg, model, spec)
+  ckpt = checkpoints.Checkpointer(workdir / "checkpoints", cfg.training.max_checkpoints)
+  if ckpt.latest_step() is not None:
+    state = ckpt.restore(state)
+    log.info("Resumed from step %d in %s", int(state.step), workdir)
+  start_epoch = int(state.step) // steps_per_epoch
+  metrics_log = rundir.MetricsLog(workdir, int(state.step))
+
+  # The whole dataset lives on the device as uint8; each step converts its minibatch.
+  train_images, train_labels = jax.device_put(ds.train.images), jax.device_put(ds.train.labels)
+  eval_splits = {"test": ds.test} | ({"val": ds.validation} if ds.validation is not None else {})
+  eval_arrays = {k: (jax.device_put(s.images), jax.device_put(s.labels)) for k, s in eval_splits.items()}
+  train_epoch = make_train_epoch(cfg, model, spec, len(ds.train), on_trace)
+  evaluate = make_evaluate(model, spec, cfg.objective.likelihood, cfg.training.eval_batch_size)
+  eval_key = stream_key(cfg.seed, Stream.EVAL)
+
+  def evaluate_all(params) -> dict:
+    return {f"{name}/{k}": float(v) for name, (images, labels) in eval_arrays.items()
+            for k, v in jax.device_get(evaluate(params, images, labels, eval_key)).items()}
+
+  wall_offset, t0 = metrics_log.wall_time, time.perf_counter()
+  bar = tqdm(range(start_epoch, epochs), initial=start_epoch, total=epochs, unit="epoch",
+             disable=not cfg.training.progress, desc=f"train {workdir.name}")
+  try:
+    for epoch in bar:
+      first_step = int(state.step)
+      state, step_metrics = train_epoch(state, train_images, train_labels, epoch)
+      step_metrics = jax.device_get(step_metrics)
+      _check_finite(step_metrics, first_step)
+      row = {"step": int(state.step), "epoch": epoch + 1}
+      row |= {f"train/{k}": float(np.mean(v)) for k, v in step_metrics.items()}
+      row |= evaluate_all(state.params)
+      row["wall_time"] = wall_offset + time.perf_counter() - t0
+      metrics_log.write(row)
+      bar.set_postfix({"test/elbo": f"{row['test/elbo']:.2f}"})
+      log.info("epoch %d/%d step %d: train loss %.3f, test elbo %.3f (rec %.3f, kl %.3f)", epoch + 1,
+               epochs, row["step"], row["train/loss"], row["test/elbo"], row["test/rec"], row["test/kl"])
+      if (epoch + 1) % cfg.training.checkpoint_every_epochs == 0 or epoch + 1 == epochs:
+        ckpt.save(int(state.step), state)
+    ckpt.wait()
+  finally:
+    ckpt.close()
+    metrics_log.close()
+
+  final = evaluate_all(state.params)
+  figure_paths = []
+  if cfg.training.figures:
+    figure_paths = figures.write_all(workdir / "figures", model, state.params, spec, cfg.objective.likelihood,
+                                     ds.test, stream_key(cfg.seed, Stream.FIGURES))
+  results = {
+      "elbo": final["test/elbo"], "rec": final["test/rec"], "kl": final["test/kl"], "bpd": final["test/bpd"],
+      "normalized_likelihood": not (cfg.objective.likelihood.value == "bernoulli"
+                                    and spec.pixels.value == "grayscale"),
+      "metrics": final, "steps": int(state.step), "epochs": epochs,
+      "wall_time": metrics_log.wall_time, "figures": [p.name for p in figure_paths],
+      "num_params": int(sum(math.prod(p.shape) for p in jax.tree.leaves(state.params))),
+  }
+  rundir.write_json_atomic(workdir / "results.json", results)
+  log.info("Finished: test ELBO %.3f nats (rec %.3f, kl %.3f) after %d steps, %.1f s", results["elbo"],
+           results["rec"], results["kl"], results["steps"], results["wall_time"])
+  return results

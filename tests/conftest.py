@@ -1,0 +1,57 @@
+"""Shared fixtures: a small synthetic dataset for fast training tests, real MNIST loaded once."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cvae_jax.config import Config, DataConfig, Pixels
+from cvae_jax.data import Dataset, DatasetSpec, Split
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def synthetic_dataset(n_train: int = 256, n_test: int = 64, shape=(8, 8, 1), num_classes: int = 3,
+                      pixels: Pixels = Pixels.grayscale, seed: int = 0) -> Dataset:
+  """Class-dependent blobs: each class lights a different band of rows, plus noise."""
+  rng = np.random.default_rng(seed)
+
+  def split(n):
+    labels = rng.integers(0, num_classes, n).astype(np.int32)
+    images = rng.integers(0, 60, (n, *shape)).astype(np.float32)
+    band = shape[0] // num_classes
+    for k in range(num_classes):
+      images[labels == k, k * band:(k + 1) * band] += 180
+    return Split(images=np.clip(images, 0, 255).astype(np.uint8), labels=labels)
+
+  spec = DatasetSpec(name="synthetic", image_shape=tuple(shape), num_classes=num_classes, pixels=pixels)
+  return Dataset(spec, split(n_train), split(n_test))
+
+
+def small_config(**overrides) -> Config:
+  """A tiny MLP VAE config for fast tests; overrides are 'section.key' -> value."""
+  cfg = Config()
+  cfg.model.arch, cfg.model.kind, cfg.model.hidden, cfg.model.latent_size = "mlp", "vae", [32], 4
+  cfg.training.batch_size, cfg.training.epochs, cfg.training.progress = 32, 3, False
+  cfg.training.eval_batch_size = 50
+  cfg.training.figures = False
+  for key, value in overrides.items():
+    section, name = key.split(".")
+    setattr(getattr(cfg, section), name, value)
+  from omegaconf import OmegaConf  # round trip through the schema so enums and types are real
+  return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.structured(cfg)))
+
+
+@pytest.fixture(scope="session")
+def mnist():
+  from cvae_jax import data
+  return data.load(DataConfig(name="mnist"))
+
+
+@pytest.fixture
+def env_for_cli():
+  """Environment for running the command line in a subprocess (quiet TensorFlow, no progress bar)."""
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=str(REPO))
+  return env

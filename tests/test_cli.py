@@ -1,0 +1,97 @@
+"""The command line end to end on real MNIST: smoke run, kill -9 and resume, bad input, a sweep."""
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+import jax
+
+# A short run: 50 steps per epoch on 3,200 MNIST images.
+SHORT = ["+experiment=smoke", "data.train_limit=3200", "data.test_limit=500", "training.figures=false",
+         "training.progress=false"]
+
+
+def run_cli(args, env, cwd, timeout=300):
+  return subprocess.run([sys.executable, "-m", "cvae_jax.train", *args], env=env, cwd=cwd,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+def final_params(workdir):
+  step = max(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+  state = ocp.StandardCheckpointer().restore((workdir / "checkpoints" / str(step) / "default").absolute())
+  return step, state
+
+
+def test_smoke_experiment_end_to_end(tmp_path, env_for_cli):
+  workdir = tmp_path / "run"
+  start = time.perf_counter()
+  proc = run_cli(["+experiment=smoke", f"hydra.run.dir={workdir}", "training.progress=false"], env_for_cli, tmp_path)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert time.perf_counter() - start < 120
+  results = json.loads((workdir / "results.json").read_text())
+  assert results["steps"] == 200 and results["elbo"] < 0
+  assert sorted(results["figures"]) == ["latent_scatter.png", "manifold.png", "reconstructions.png", "samples.png"]
+  for name in results["figures"]:
+    assert (workdir / "figures" / name).stat().st_size > 5000
+  rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in rows] == [100, 200]
+
+
+def test_kill_9_then_rerun_resumes_to_the_same_parameters(tmp_path, env_for_cli):
+  args = SHORT + ["training.epochs=6"]
+  straight, killed = tmp_path / "straight", tmp_path / "killed"
+  proc = run_cli(args + [f"hydra.run.dir={straight}"], env_for_cli, tmp_path)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+
+  child = subprocess.Popen([sys.executable, "-m", "cvae_jax.train", *args, f"hydra.run.dir={killed}"],
+                           env=env_for_cli, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 240
+  while time.time() < deadline and not (killed / "checkpoints" / "100").exists():
+    time.sleep(0.05)
+  child.send_signal(signal.SIGKILL)
+  child.wait()
+  assert (killed / "checkpoints" / "100").exists(), "the run never reached its second checkpoint"
+  assert not (killed / "results.json").exists()  # killed mid-run, not after
+
+  proc = run_cli(args + [f"hydra.run.dir={killed}"], env_for_cli, tmp_path)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "Resumed from step" in proc.stderr + proc.stdout + (killed / "train.log").read_text()
+  (step_a, a), (step_b, b) = final_params(straight), final_params(killed)
+  assert step_a == step_b == 300
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(x, y)
+  res_a = json.loads((straight / "results.json").read_text())
+  res_b = json.loads((killed / "results.json").read_text())
+  assert res_a["metrics"] == res_b["metrics"]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.no_such_key=1", "no_such_key"),
+    ("model.latent_size=0", "model.latent_size=0 is invalid"),
+    ("objective.beta=-1", "objective.beta=-1.0 is invalid"),
+    ("data.name=no_such_dataset", "data.name='no_such_dataset' is not a TFDS dataset"),
+])
+def test_bad_values_stop_with_a_clear_message_and_write_nothing(tmp_path, env_for_cli, override, message):
+  workdir = tmp_path / "run"
+  proc = run_cli([override, f"hydra.run.dir={workdir}", "training.progress=false"], env_for_cli, tmp_path)
+  assert proc.returncode != 0
+  assert message in proc.stderr
+  assert "Traceback" not in proc.stderr
+  assert not workdir.exists()
+
+
+def test_beta_sweep_runs_with_no_extra_flag(tmp_path, env_for_cli):
+  sweep = tmp_path / "sweep"
+  proc = run_cli(["+experiment=beta_sweep", "objective.beta=1,8", f"hydra.sweep.dir={sweep}",
+                  "data.train_limit=1280", "data.test_limit=500", "training.epochs=2", "training.figures=false",
+                  "training.progress=false"], env_for_cli, tmp_path)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  runs = sorted(p for p in sweep.iterdir() if p.is_dir())  # one directory per beta, named by its overrides
+  assert len(runs) == 2 and "objective.beta=1," in runs[0].name and "objective.beta=8," in runs[1].name
+  kl = [json.loads((run / "results.json").read_text())["kl"] for run in runs]
+  assert kl[1] < kl[0]

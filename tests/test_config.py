@@ -1,0 +1,68 @@
+"""Every config composes; bad values stop at start-up with a clear message."""
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+
+import cvae_jax.train  # noqa: F401  registers the schema
+from cvae_jax.config import Config, ConfigError, validate
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+
+
+def compose_config(overrides, with_hydra=False):
+  with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+    return compose(config_name="config", overrides=overrides, return_hydra_config=with_hydra)
+
+
+def test_default_is_the_seed_article_cvae():
+  cfg: Config = validate(OmegaConf.to_object(compose_config([])))
+  assert (cfg.model.kind.value, cfg.model.arch.value, cfg.model.latent_size) == ("cvae", "conv", 2)
+  assert (cfg.data.name, cfg.data.pixels.value) == ("mnist", "grayscale")
+  assert (cfg.training.batch_size, cfg.training.epochs) == (32, 10)
+
+
+def test_experiments_are_found():
+  assert {"smoke", "beta_sweep", "latent_sweep", "arch_sweep", "flax_vae"} <= set(EXPERIMENTS)
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_composes_and_validates(experiment):
+  cfg = compose_config([f"+experiment={experiment}"])
+  validate(OmegaConf.to_object(cfg))
+
+
+@pytest.mark.parametrize("model", ["mlp", "conv", "conv_deep"])
+def test_every_model_composes(model):
+  validate(OmegaConf.to_object(compose_config([f"model={model}"])))
+
+
+def test_sweeps_cover_the_asked_values():
+  beta = compose_config(["+experiment=beta_sweep"], True).hydra.sweeper.params["objective.beta"]
+  assert {0.5, 1, 2, 4, 8} <= {float(v) for v in beta.split(",")}
+  latent = compose_config(["+experiment=latent_sweep"], True).hydra.sweeper.params["model.latent_size"]
+  assert {2, 5, 10, 20, 50} <= {int(v) for v in latent.split(",")}
+  arch = compose_config(["+experiment=arch_sweep"], True).hydra.sweeper.params
+  assert set(arch["model"].split(",")) >= {"mlp", "conv"} and set(arch["model.kind"].split(",")) == {"vae", "cvae"}
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.latent_size=0", "model.latent_size=0"),
+    ("objective.beta=-1", "objective.beta=-1"),
+    ("training.batch_size=0", "training.batch_size=0"),
+    ("optimizer.learning_rate=0", "optimizer.learning_rate"),
+    ("model.activation=nonsense", "model.activation"),
+])
+def test_bad_values_raise_config_error(override, message):
+  with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+    validate(OmegaConf.to_object(compose_config([override])))
+
+
+@pytest.mark.parametrize("override", ["model.no_such_key=1", "model.arch=transformer", "model.latent_size=two",
+                                      "data.pixels=color"])
+def test_unknown_keys_and_wrong_types_fail_at_composition(override):
+  with pytest.raises(ConfigCompositionException):
+    compose_config([override])

@@ -1,0 +1,75 @@
+"""TFDS loading from the official files, pixel modes, and the offline error."""
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cvae_jax import data
+from cvae_jax.config import DataConfig, Pixels
+
+MNIST_TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]  # data/mnist/README.md
+
+
+def test_mnist_loads_from_the_vendored_files(mnist):
+  assert mnist.spec.image_shape == (28, 28, 1) and mnist.spec.num_classes == 10
+  assert mnist.train.images.shape == (60000, 28, 28, 1) and mnist.test.images.shape == (10000, 28, 28, 1)
+  assert mnist.train.images.dtype == np.uint8
+  assert np.bincount(mnist.train.labels).tolist() == MNIST_TRAIN_COUNTS
+  assert mnist.train.images.mean() == pytest.approx(33.318, abs=1e-3)
+
+
+def test_static_binarization_is_one_fixed_sample(mnist):
+  images = mnist.test.images[:500]
+  a, b = data.static_binarize(images, seed=0), data.static_binarize(images, seed=0)
+  assert np.array_equal(a, b) and set(np.unique(a)) <= {0, 1}
+  assert a.mean() == pytest.approx(images.mean() / 255, abs=0.005)  # P(1) = intensity
+  assert not np.array_equal(a, data.static_binarize(images, seed=1))
+
+
+def test_pixel_modes():
+  import jax
+  images = np.array([[0, 128, 255]], dtype=np.uint8)
+  np.testing.assert_allclose(data.model_input(images, Pixels.grayscale), [[0, 128 / 255, 1]], rtol=1e-6)
+  key = jax.random.key(0)
+  many = np.repeat(np.array([[0, 51, 255]], dtype=np.uint8), 20000, axis=0)
+  dyn = np.asarray(data.model_input(many, Pixels.dynamic_binary, key))
+  assert set(np.unique(dyn)) <= {0.0, 1.0}
+  np.testing.assert_allclose(dyn.mean(0), [0, 0.2, 1], atol=0.01)
+  other = np.asarray(data.model_input(many, Pixels.dynamic_binary, jax.random.key(1)))
+  assert not np.array_equal(dyn, other)  # resampled with each key
+
+
+def test_validation_split_and_limits():
+  cfg = DataConfig(name="mnist", validation_size=5000, train_limit=1000, test_limit=300,
+                   pixels=Pixels.static_binary)
+  ds = data.load(cfg)
+  assert (len(ds.train), len(ds.validation), len(ds.test)) == (1000, 5000, 300)
+  assert set(np.unique(ds.train.images)) <= {0, 1}
+
+
+def test_fashion_mnist_through_the_manual_dir_setting():
+  if data.find_manual_dir("fashion_mnist", None)[0] is None:
+    if os.environ.get("CI"):
+      pytest.fail(f"CI must point {data.MANUAL_DIR_ENV} at a folder holding fashion_mnist/")
+    pytest.skip(f"set {data.MANUAL_DIR_ENV} to a folder holding fashion_mnist/ to run this test")
+  ds = data.load(DataConfig(name="fashion_mnist", test_limit=100))
+  assert ds.spec.image_shape == (28, 28, 1) and ds.spec.class_names[0] == "T-shirt/top"
+  assert len(ds.train) == 60000
+
+
+def test_missing_offline_files_say_where_to_put_them(tmp_path, monkeypatch):
+  monkeypatch.delenv(data.MANUAL_DIR_ENV, raising=False)
+  monkeypatch.setattr(data, "VENDORED_DATA_DIR", tmp_path / "nowhere")
+  cfg = DataConfig(name="fashion_mnist", data_dir=str(tmp_path / "tfds"), manual_dir=str(tmp_path / "manual"))
+  with pytest.raises(data.DataError, match="train-images-idx3-ubyte.gz.*manual/fashion_mnist"):
+    data.load(cfg)
+  (tmp_path / "manual" / "fashion_mnist").mkdir(parents=True)
+  (tmp_path / "manual" / "fashion_mnist" / "train-images-idx3-ubyte.gz").write_bytes(b"")
+  with pytest.raises(data.DataError, match="lacks train-labels-idx1-ubyte.gz"):
+    data.load(cfg)
+
+
+def test_unknown_dataset_is_a_clear_error():
+  with pytest.raises(data.DataError, match="not a TFDS dataset"):
+    data.load(DataConfig(name="no_such_dataset_xyz"))

@@ -1,0 +1,75 @@
+"""Model interface: every family and kind gives the right shapes; shapes come from the data spec."""
+import jax
+import jax.numpy as jnp
+import pytest
+
+from cvae_jax.config import Arch, Kind, ModelConfig, Pixels
+from cvae_jax.data import DatasetSpec
+from cvae_jax.models import VAE, create_model
+
+MNIST = DatasetSpec("mnist", (28, 28, 1), 10, Pixels.grayscale)
+CIFAR = DatasetSpec("cifar10", (32, 32, 3), 10, Pixels.grayscale)
+
+CONFIGS = {
+    "mlp": ModelConfig(arch=Arch.mlp, hidden=[64, 32], latent_size=5),
+    "seed_conv": ModelConfig(arch=Arch.conv, latent_size=2),
+    "deep_conv": ModelConfig(arch=Arch.conv, latent_size=6, encoder_channels=[8, 16], decoder_channels=[16, 8],
+                             conv_stride=2, kernel_size=4, dense=32),
+}
+
+
+@pytest.mark.parametrize("spec", [MNIST, CIFAR], ids=["mnist", "cifar"])
+@pytest.mark.parametrize("kind", [Kind.vae, Kind.cvae])
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_interface_shapes(name, kind, spec):
+  cfg = CONFIGS[name]
+  cfg.kind = kind
+  model = create_model(cfg, spec)
+  batch = 3
+  x = jnp.ones((batch, *spec.image_shape))
+  c = jax.nn.one_hot(jnp.array([0, 1, 9]), spec.num_classes) if kind == Kind.cvae else None
+  params = model.init({"params": jax.random.key(0)}, x, c, jax.random.key(1))["params"]
+  out = model.apply({"params": params}, x, c, jax.random.key(2))
+  assert out.mean.shape == out.logvar.shape == out.z.shape == (batch, cfg.latent_size)
+  assert out.logits.shape == (batch, *spec.image_shape)
+  mean, logvar = model.apply({"params": params}, x, c, method=VAE.encode)
+  assert mean.shape == (batch, cfg.latent_size)
+  assert model.apply({"params": params}, mean, c, method=VAE.decode).shape == (batch, *spec.image_shape)
+  samples = model.apply({"params": params}, jax.random.key(3), c, batch, method=VAE.generate)
+  assert samples.shape == (batch, *spec.image_shape)
+
+
+def test_cvae_uses_the_condition_and_vae_ignores_it():
+  cvae = create_model(ModelConfig(arch=Arch.mlp, kind=Kind.cvae, hidden=[16], latent_size=2), MNIST)
+  x = jnp.ones((2, 28, 28, 1))
+  c0, c1 = jax.nn.one_hot(jnp.array([0, 0]), 10), jax.nn.one_hot(jnp.array([3, 3]), 10)
+  params = cvae.init({"params": jax.random.key(0)}, x, c0, jax.random.key(1))["params"]
+  z = jnp.zeros((2, 2))
+  decoded = [cvae.apply({"params": params}, z, c, method=VAE.decode) for c in (c0, c1)]
+  assert not jnp.allclose(decoded[0], decoded[1])  # same z, another label: another image
+  with pytest.raises(ValueError, match="condition"):
+    cvae.apply({"params": params}, x, None, jax.random.key(1))
+  vae = create_model(ModelConfig(arch=Arch.mlp, kind=Kind.vae, hidden=[16], latent_size=2), MNIST)
+  vparams = vae.init({"params": jax.random.key(0)}, x, None, jax.random.key(1))["params"]
+  same = [vae.apply({"params": vparams}, z, c, method=VAE.decode) for c in (c0, c1)]
+  assert jnp.array_equal(same[0], same[1])
+
+
+def test_seed_article_conv_cvae_layers():
+  model = create_model(ModelConfig(), MNIST)  # the defaults are the seed article's CVAE
+  x = jnp.ones((1, 28, 28, 1))
+  c = jax.nn.one_hot(jnp.array([4]), 10)
+  params = model.init({"params": jax.random.key(0)}, x, c, jax.random.key(1))["params"]
+  shapes = jax.tree.map(lambda a: a.shape, params)
+  enc, dec = shapes["encoder"], shapes["decoder"]
+  assert enc["Conv_0"]["kernel"] == (3, 3, 1, 32)
+  assert enc["Dense_0"]["kernel"] == (28 * 28 * 32, 64)  # 'same' padding, stride 1, then flatten
+  assert enc["mean"]["kernel"] == (64 + 10, 2)             # label concatenated after dense 64
+  assert dec["Dense_0"]["kernel"] == (2 + 10, 64)          # concat(z, label), dense 64
+  assert dec["Dense_1"]["kernel"] == (64, 784)             # dense to the image
+
+
+def test_decoder_upsampling_must_divide_the_image():
+  cfg = ModelConfig(arch=Arch.conv, encoder_channels=[8], decoder_channels=[8, 8, 8], conv_stride=2)
+  with pytest.raises(ValueError, match="does not divide"):
+    create_model(cfg, MNIST)  # 28 is not divisible by 2^3

@@ -1,0 +1,107 @@
+"""Known-answer tests for every likelihood, the KL and the loss."""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import integrate
+
+from cvae_jax import objectives
+from cvae_jax.config import Likelihood
+
+jax.config.update("jax_enable_x64", False)
+
+
+def test_gaussian_kl_closed_form_by_hand():
+  # KL(N(1, 1) || N(0, 1)) = 1/2; KL(N(0, 4) || N(0, 1)) = 1/2 (4 - 1 - log 4).
+  mean = jnp.array([[1.0, 0.0]])
+  logvar = jnp.array([[0.0, math.log(4.0)]])
+  expected = 0.5 + 0.5 * (3.0 - math.log(4.0))
+  np.testing.assert_allclose(objectives.gaussian_kl(mean, logvar), [expected], rtol=1e-6)
+  np.testing.assert_allclose(objectives.gaussian_kl_per_dim(mean, logvar).sum(-1), [expected], rtol=1e-6)
+  np.testing.assert_allclose(objectives.gaussian_kl(jnp.zeros((3, 5)), jnp.zeros((3, 5))), np.zeros(3), atol=1e-7)
+
+
+def test_gaussian_kl_matches_monte_carlo():
+  key = jax.random.key(0)
+  mean = jnp.array([[0.7, -1.2, 0.1]])
+  logvar = jnp.array([[-0.5, 0.3, -2.0]])
+  z = objectives.reparameterize(key, jnp.broadcast_to(mean, (400_000, 3)), jnp.broadcast_to(logvar, (400_000, 3)))
+  std = jnp.exp(0.5 * logvar)
+  log_q = jax.scipy.stats.norm.logpdf(z, mean, std).sum(-1)
+  log_p = jax.scipy.stats.norm.logpdf(z).sum(-1)
+  monte_carlo = float(jnp.mean(log_q - log_p))
+  standard_error = float(jnp.std(log_q - log_p)) / math.sqrt(z.shape[0])
+  closed = float(objectives.gaussian_kl(mean, logvar)[0])
+  assert abs(monte_carlo - closed) < 4 * standard_error + 1e-4
+
+
+def test_bernoulli_log_prob_by_hand():
+  x = jnp.array([[1.0, 0.0, 1.0, 0.3]])
+  logits = jnp.array([[0.0, 2.0, -1.0, 0.5]])
+  p = 1 / (1 + np.exp(-np.array([0.0, 2.0, -1.0, 0.5])))
+  xs = np.array([1.0, 0.0, 1.0, 0.3])
+  expected = np.sum(xs * np.log(p) + (1 - xs) * np.log(1 - p))
+  np.testing.assert_allclose(objectives.bernoulli_log_prob(x, logits), [expected], rtol=1e-6)
+
+
+def test_bernoulli_log_prob_is_stable_for_large_logits():
+  x = jnp.array([[1.0, 0.0]])
+  value = objectives.bernoulli_log_prob(x, jnp.array([[100.0, -100.0]]))
+  assert np.isfinite(value).all() and abs(float(value[0])) < 1e-6
+  np.testing.assert_allclose(objectives.bernoulli_log_prob(x, jnp.array([[-100.0, 0.0]])), [-100.0 - math.log(2)],
+                             rtol=1e-6)
+
+
+@pytest.mark.parametrize("logit", [0.0, 1e-5, 5e-3, 0.2, -1.5, 4.0, -12.0, 30.0])
+def test_continuous_bernoulli_is_normalized(logit):
+  # The density integrates to 1 over [0, 1]: C(lambda) is the right normalizer at every logit.
+  def density(x):
+    return math.exp(float(objectives.continuous_bernoulli_log_prob(jnp.array([[x]]), jnp.array([[logit]]))[0]))
+  total, _ = integrate.quad(density, 0.0, 1.0)
+  assert total == pytest.approx(1.0, abs=2e-5)
+
+
+@pytest.mark.parametrize("logit", [0.0, 1e-3, 0.3, -2.0, 8.0])
+def test_continuous_bernoulli_norm_and_mean_against_paper_formulas(logit):
+  lam = 1 / (1 + math.exp(-logit))
+  if abs(lam - 0.5) < 1e-9:
+    log_c, mean = math.log(2.0), 0.5
+  else:
+    log_c = math.log(2 * math.atanh(1 - 2 * lam) / (1 - 2 * lam))  # eq. 7 of Loaiza-Ganem & Cunningham
+    mean = lam / (2 * lam - 1) + 1 / (2 * math.atanh(1 - 2 * lam))
+  logits = jnp.array([logit])
+  assert float(objectives.continuous_bernoulli_log_norm(logits)[0]) == pytest.approx(log_c, abs=2e-5)
+  assert float(objectives.continuous_bernoulli_mean(logits)[0]) == pytest.approx(mean, abs=2e-5)
+
+
+def test_gradients_flow_through_the_reparameterized_sample():
+  key = jax.random.key(1)
+  mean = jnp.array([[0.5, -0.3]])
+  logvar = jnp.array([[0.2, -1.0]])
+  eps = jax.random.normal(key, mean.shape)
+
+  def f(mean, logvar):
+    return jnp.sum(objectives.reparameterize(key, mean, logvar) ** 2)
+
+  g_mean, g_logvar = jax.grad(f, argnums=(0, 1))(mean, logvar)
+  z = mean + jnp.exp(0.5 * logvar) * eps
+  np.testing.assert_allclose(g_mean, 2 * z, rtol=1e-5)
+  np.testing.assert_allclose(g_logvar, 2 * z * 0.5 * jnp.exp(0.5 * logvar) * eps, rtol=1e-5)
+
+
+def test_beta_weights_only_the_loss():
+  x = jnp.array([[1.0, 0.0, 1.0]] * 2)
+  logits = jnp.array([[0.3, -0.2, 1.0], [2.0, 0.0, -1.0]])
+  mean, logvar = jnp.array([[0.5], [1.0]]), jnp.array([[0.1], [-0.4]])
+  terms = objectives.elbo_terms(x, logits, mean, logvar, Likelihood.bernoulli)
+  rec = -np.asarray(objectives.bernoulli_log_prob(x, logits)).mean()
+  kl = np.asarray(objectives.gaussian_kl(mean, logvar)).mean()
+  for beta in (0.0, 1.0, 4.0):
+    loss, metrics = objectives.loss_and_metrics(terms, beta, num_dims=3)
+    assert float(loss) == pytest.approx(rec + beta * kl, rel=1e-6)
+    assert float(metrics["elbo"]) == pytest.approx(-(rec + kl), rel=1e-6)  # unweighted, whatever beta
+    assert float(metrics["rec"]) == pytest.approx(rec, rel=1e-6)
+    assert float(metrics["kl"]) == pytest.approx(kl, rel=1e-6)
+    assert float(metrics["bpd"]) == pytest.approx((rec + kl) / (3 * math.log(2)), rel=1e-6)

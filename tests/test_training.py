@@ -1,0 +1,122 @@
+"""Training on a small synthetic dataset: results, metrics, jit-once, bit-identical resume, guards."""
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from cvae_jax import checkpoints, rundir
+from cvae_jax.config import ConfigError, Pixels
+from cvae_jax.models import create_model
+from cvae_jax.rundir import RunDirError
+from cvae_jax.training import NonFiniteLossError, create_train_state, train_and_evaluate
+from conftest import small_config, synthetic_dataset
+
+
+def final_state(cfg, ds, workdir):
+  model = create_model(cfg.model, ds.spec)
+  ckpt = checkpoints.Checkpointer(workdir / "checkpoints", 3)
+  state = ckpt.restore(create_train_state(cfg, model, ds.spec))
+  ckpt.close()
+  return state
+
+
+def read_metrics(workdir):
+  return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("kind, arch", [("vae", "mlp"), ("cvae", "mlp"), ("cvae", "conv")])
+def test_training_learns_and_reports_consistent_numbers(tmp_path, kind, arch):
+  cfg = small_config(**{"model.kind": kind, "model.arch": arch, "training.epochs": 4})
+  ds = synthetic_dataset()
+  results = train_and_evaluate(cfg, tmp_path, dataset=ds)
+  rows = read_metrics(tmp_path)
+  assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
+  assert [r["step"] for r in rows] == [8, 16, 24, 32]  # 256 // 32 steps per epoch
+  assert rows[-1]["test/elbo"] > rows[0]["test/elbo"]  # it learns
+  assert results["elbo"] < 0 and results["rec"] > 0 and results["kl"] >= 0
+  assert results["elbo"] == pytest.approx(-(results["rec"] + results["kl"]), rel=1e-5)
+  assert results["bpd"] == pytest.approx(-results["elbo"] / (64 * np.log(2)), rel=1e-5)
+  assert results["steps"] == 32
+  assert json.loads((tmp_path / "results.json").read_text()) == results
+  assert (tmp_path / "config.yaml").exists() and (tmp_path / "env.jsonl").exists()
+  assert list((tmp_path / "tb").iterdir())
+
+
+def test_beta_changes_the_loss_not_the_reported_elbo_scale(tmp_path):
+  ds = synthetic_dataset()
+  low = train_and_evaluate(small_config(**{"objective.beta": 0.0}), tmp_path / "b0", dataset=ds)
+  high = train_and_evaluate(small_config(**{"objective.beta": 8.0}), tmp_path / "b8", dataset=ds)
+  assert high["kl"] < low["kl"]
+  row = read_metrics(tmp_path / "b8")[-1]
+  assert row["train/loss"] == pytest.approx(row["train/rec"] + 8.0 * row["train/kl"], rel=1e-4)
+
+
+def test_the_epoch_is_traced_once(tmp_path):
+  traces = []
+  train_and_evaluate(small_config(**{"training.epochs": 3}), tmp_path, dataset=synthetic_dataset(),
+                     on_trace=lambda: traces.append(1))
+  assert len(traces) == 1
+
+
+def test_resume_is_bit_identical(tmp_path, monkeypatch):
+  ds = synthetic_dataset(pixels=Pixels.dynamic_binary)
+  cfg = small_config(**{"training.epochs": 4, "data.pixels": Pixels.dynamic_binary, "model.kind": "cvae"})
+  train_and_evaluate(cfg, tmp_path / "straight", dataset=ds)
+
+  original_write = rundir.MetricsLog.write
+
+  def interrupt_at_epoch_3(self, row):
+    if row["epoch"] == 3:
+      raise KeyboardInterrupt  # stands in for a kill: epoch 3's checkpoint is never written
+    original_write(self, row)
+
+  monkeypatch.setattr(rundir.MetricsLog, "write", interrupt_at_epoch_3)
+  with pytest.raises(KeyboardInterrupt):
+    train_and_evaluate(cfg, tmp_path / "resumed", dataset=ds)
+  monkeypatch.setattr(rundir.MetricsLog, "write", original_write)
+  assert not (tmp_path / "resumed" / "results.json").exists()
+  train_and_evaluate(cfg, tmp_path / "resumed", dataset=ds)
+
+  a, b = final_state(cfg, ds, tmp_path / "straight"), final_state(cfg, ds, tmp_path / "resumed")
+  assert int(a.step) == int(b.step) == 32
+  for x, y in zip(jax.tree.leaves((a.params, a.opt_state)), jax.tree.leaves((b.params, b.opt_state))):
+    np.testing.assert_array_equal(x, y)
+  strip = lambda rows: [{k: v for k, v in r.items() if k != "wall_time"} for r in rows]
+  assert strip(read_metrics(tmp_path / "straight")) == strip(read_metrics(tmp_path / "resumed"))
+
+
+def test_a_finished_run_is_not_retrained(tmp_path):
+  cfg, ds = small_config(), synthetic_dataset()
+  first = train_and_evaluate(cfg, tmp_path, dataset=ds)
+  traces = []
+  again = train_and_evaluate(cfg, tmp_path, dataset=ds, on_trace=lambda: traces.append(1))
+  assert again == first and not traces
+
+
+def test_a_run_directory_with_another_config_is_refused(tmp_path):
+  ds = synthetic_dataset()
+  train_and_evaluate(small_config(), tmp_path, dataset=ds)
+  before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
+  with pytest.raises(RunDirError, match=r"objective\.beta: 1\.0 -> 2\.0"):
+    train_and_evaluate(small_config(**{"objective.beta": 2.0}), tmp_path, dataset=ds)
+  assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == before  # nothing touched
+
+
+def test_non_finite_loss_stops_with_the_step(tmp_path):
+  cfg = small_config(**{"optimizer.learning_rate": 1e9, "training.epochs": 2})
+  with pytest.raises(NonFiniteLossError, match=r"at step \d+"):
+    train_and_evaluate(cfg, tmp_path, dataset=synthetic_dataset())
+  assert not (tmp_path / "results.json").exists()
+
+
+def test_batch_larger_than_the_data_is_a_config_error(tmp_path):
+  with pytest.raises(ConfigError, match="training.batch_size=512"):
+    train_and_evaluate(small_config(**{"training.batch_size": 512}), tmp_path, dataset=synthetic_dataset())
+
+
+def test_gradient_clipping_is_applied(tmp_path):
+  ds = synthetic_dataset()
+  clipped = train_and_evaluate(small_config(**{"optimizer.grad_clip_norm": 1e-6}), tmp_path / "c", dataset=ds)
+  free = train_and_evaluate(small_config(), tmp_path / "f", dataset=ds)
+  assert clipped["elbo"] != free["elbo"]
