@@ -98,6 +98,7 @@ def _missing_help(name: str, looked: list[Path]) -> str:
 
 def _builder(cfg: DataConfig):
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up chatter
+  os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")  # TF only decodes images here; silences its notice
   import tensorflow_datasets as tfds
   try:
     builder = tfds.builder(cfg.name, data_dir=cfg.data_dir)

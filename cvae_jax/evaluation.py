@@ -1,6 +1,8 @@
-"""Evaluation on a whole split: the test ELBO and its terms, jitted and chunked.
+"""Evaluation on a whole split, jitted and chunked so memory stays bounded for any split size:
+the ELBO and its terms, KL per latent dimension, active units, and the importance-weighted bound.
 
-Training calls the same functions each epoch and at the end.
+Training calls the same functions each epoch and at the end; `python -m cvae_jax.evaluate` calls them on
+a restored checkpoint.
 """
 from __future__ import annotations
 
@@ -9,11 +11,14 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from cvae_jax.config import Likelihood, Pixels
+from cvae_jax.config import Likelihood
 from cvae_jax.data import DatasetSpec, model_input
 from cvae_jax.models import VAE
-from cvae_jax.objectives import elbo_terms
+from cvae_jax.objectives import LOG_PROB, elbo_terms, gaussian_kl_per_dim
+
+ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. 2016: unit u is active when Cov_x(E_q[z_u]) > 0.01
 
 
 def one_hot_condition(model: VAE, labels: jax.Array):
@@ -21,33 +26,111 @@ def one_hot_condition(model: VAE, labels: jax.Array):
   return jax.nn.one_hot(labels, model.num_classes) if model.num_classes else None
 
 
-def make_evaluate(model: VAE, spec: DatasetSpec, likelihood: Likelihood, batch_size: int) -> Callable:
-  """Returns evaluate(params, images, labels, key) -> {elbo, rec, kl, bpd}, means over all examples.
-
-  The split is padded to whole chunks of `batch_size` and the padding masked out, so the result is
-  exact for any split size and memory stays bounded by one chunk.
-  """
-  num_dims = spec.num_pixels
-
-  def chunk_sums(params, images, labels, mask, key):
-    x = model_input(images, spec.pixels, jax.random.fold_in(key, 1))
-    out = model.apply({"params": params}, x, one_hot_condition(model, labels), jax.random.fold_in(key, 0))
-    terms = elbo_terms(x, out.logits, out.mean, out.logvar, likelihood)  # each [b]
-    return {k: jnp.sum(v * mask) for k, v in terms.items()}
+def map_over_split(per_batch: Callable, batch_size: int) -> Callable:
+  """Lifts per_batch(params, x_uint8 [b, ...], labels [b], key) -> pytree of [b, ...] arrays to a
+  jitted function of a whole split: padded to whole chunks, lax.map over chunks, padding removed.
+  Chunk i gets key fold_in(key, i), so results do not depend on anything but the key and batch_size."""
 
   @jax.jit
-  def evaluate(params, images, labels, key):
+  def over_split(params, images, labels, key):
     n = images.shape[0]
     num_chunks = math.ceil(n / batch_size)
     pad = num_chunks * batch_size - n
     images = jnp.pad(images, [(0, pad)] + [(0, 0)] * (images.ndim - 1))
     labels = jnp.pad(labels, (0, pad))
-    mask = (jnp.arange(num_chunks * batch_size) < n).astype(jnp.float32)
-    chunked = jax.tree.map(lambda a: a.reshape(num_chunks, batch_size, *a.shape[1:]), (images, labels, mask))
-    keys = jax.random.split(key, num_chunks)
-    sums = jax.lax.map(lambda args: chunk_sums(params, *args[0], args[1]), (chunked, keys))
-    means = {k: jnp.sum(v) / n for k, v in sums.items()}
+    chunked = jax.tree.map(lambda a: a.reshape(num_chunks, batch_size, *a.shape[1:]), (images, labels))
+    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(num_chunks))
+    out = jax.lax.map(lambda args: per_batch(params, *args[0], args[1]), (chunked, keys))
+    return jax.tree.map(lambda a: a.reshape(num_chunks * batch_size, *a.shape[2:])[:n], out)
+
+  return over_split
+
+
+def make_evaluate(model: VAE, spec: DatasetSpec, likelihood: Likelihood, batch_size: int) -> Callable:
+  """Returns evaluate(params, images, labels, key) -> {elbo, rec, kl, bpd}, means over the split.
+
+  One sample of z per example (the reparameterized ELBO estimate), from the fixed `key`.
+  """
+  num_dims = spec.num_pixels
+
+  def per_batch(params, images, labels, key):
+    x = model_input(images, spec.pixels, jax.random.fold_in(key, 1))
+    out = model.apply({"params": params}, x, one_hot_condition(model, labels), jax.random.fold_in(key, 0))
+    return elbo_terms(x, out.logits, out.mean, out.logvar, likelihood)  # each [b]
+
+  per_example = map_over_split(per_batch, batch_size)
+
+  @jax.jit
+  def evaluate(params, images, labels, key):
+    means = {k: jnp.mean(v) for k, v in per_example(params, images, labels, key).items()}
     means["bpd"] = -means["elbo"] / (num_dims * math.log(2.0))
     return means
 
   return evaluate
+
+
+def make_posterior_stats(model: VAE, spec: DatasetSpec, batch_size: int) -> Callable:
+  """Returns stats(params, images, labels, key) -> {mean [N, Z], kl_per_dim [N, Z]} of q(z | x[, c])."""
+
+  def per_batch(params, images, labels, key):
+    x = model_input(images, spec.pixels, jax.random.fold_in(key, 1))
+    mean, logvar = model.apply({"params": params}, x, one_hot_condition(model, labels), method=VAE.encode)
+    return {"mean": mean, "kl_per_dim": gaussian_kl_per_dim(mean, logvar)}
+
+  return map_over_split(per_batch, batch_size)
+
+
+def active_units(posterior_means: np.ndarray, threshold: float = ACTIVE_UNIT_THRESHOLD) -> tuple[int, np.ndarray]:
+  """Number of units u with Cov_x(E_q[z_u | x]) > threshold, and that covariance per unit.  [N, Z] -> int, [Z]"""
+  variance = np.var(np.asarray(posterior_means, np.float64), axis=0)
+  return int(np.sum(variance > threshold)), variance
+
+
+def log_importance_weights(model: VAE, params, x, c, mean, logvar, key, num_samples: int,
+                           likelihood: Likelihood) -> jax.Array:
+  """log w_s = log p(x | z_s[, c]) + log p(z_s) - log q(z_s | x[, c]), z_s ~ q.  [S, B]"""
+  std = jnp.exp(0.5 * logvar)
+  eps = jax.random.normal(key, (num_samples, *mean.shape))  # [S, B, Z]
+  z = mean + std * eps
+  flat = z.reshape(-1, z.shape[-1])  # [S * B, Z]
+  c_rep = None if c is None else jnp.tile(c, (num_samples, 1))
+  logits = model.apply({"params": params}, flat, c_rep, method=VAE.decode)
+  x_rep = jnp.broadcast_to(x, (num_samples, *x.shape)).reshape(-1, *x.shape[1:])
+  log_px = LOG_PROB[likelihood](x_rep, logits).reshape(num_samples, -1)
+  log_pz = jnp.sum(jax.scipy.stats.norm.logpdf(z), axis=-1)
+  # log q(z | x) with z - mean = std * eps exactly: no cancellation error.
+  log_qz = jnp.sum(-0.5 * eps**2 - 0.5 * logvar - 0.5 * math.log(2 * math.pi), axis=-1)
+  return log_px + log_pz - log_qz
+
+
+def iwae_bound(model: VAE, params, x, c, key, num_samples: int, chunk: int, likelihood: Likelihood) -> jax.Array:
+  """L_k = log (1/k) sum_s w_s (Burda et al. 2016, eq. 8), streamed in chunks of samples.  [B]
+
+  A running log-sum-exp over sample chunks keeps memory at one chunk for k up to thousands;
+  samples past k in the last chunk are masked to weight zero.
+  """
+  mean, logvar = model.apply({"params": params}, x, c, method=VAE.encode)
+  chunk = min(chunk, num_samples)
+  num_chunks = math.ceil(num_samples / chunk)
+
+  def body(running, i):
+    log_w = log_importance_weights(model, params, x, c, mean, logvar, jax.random.fold_in(key, i), chunk,
+                                   likelihood)  # [chunk, B]
+    valid = (i * chunk + jnp.arange(chunk)) < num_samples
+    log_w = jnp.where(valid[:, None], log_w, -jnp.inf)
+    return jnp.logaddexp(running, jax.scipy.special.logsumexp(log_w, axis=0)), None
+
+  total, _ = jax.lax.scan(body, jnp.full(x.shape[0], -jnp.inf), jnp.arange(num_chunks))
+  return total - math.log(num_samples)
+
+
+def make_iwae(model: VAE, spec: DatasetSpec, likelihood: Likelihood, num_samples: int, batch_size: int,
+              sample_chunk: int) -> Callable:
+  """Returns iwae(params, images, labels, key) -> per-example L_k [N] over a whole split."""
+
+  def per_batch(params, images, labels, key):
+    x = model_input(images, spec.pixels, jax.random.fold_in(key, 1))
+    return iwae_bound(model, params, x, one_hot_condition(model, labels), jax.random.fold_in(key, 0),
+                      num_samples, sample_chunk, likelihood)
+
+  return map_over_split(per_batch, batch_size)

@@ -16,7 +16,7 @@ from flax.training import train_state
 from tqdm.auto import tqdm
 
 from cvae_jax import checkpoints, data, figures, rundir
-from cvae_jax.config import Config, ConfigError, OptimizerConfig, to_dict, validate
+from cvae_jax.config import Config, ConfigError, Likelihood, OptimizerConfig, Pixels, to_dict, validate
 from cvae_jax.data import Dataset, DatasetSpec, model_input
 from cvae_jax.evaluation import make_evaluate, one_hot_condition
 from cvae_jax.keys import Stream, stream_key
@@ -171,8 +171,9 @@ def train_and_evaluate(cfg: Config, workdir: str | Path, dataset: Optional[Datas
                                      ds.test, stream_key(cfg.seed, Stream.FIGURES))
   results = {
       "elbo": final["test/elbo"], "rec": final["test/rec"], "kl": final["test/kl"], "bpd": final["test/bpd"],
-      "normalized_likelihood": not (cfg.objective.likelihood.value == "bernoulli"
-                                    and spec.pixels.value == "grayscale"),
+      # Bernoulli cross-entropy on grayscale pixels is not a density: its "ELBO" bounds nothing.
+      "normalized_likelihood": not (cfg.objective.likelihood == Likelihood.bernoulli
+                                    and spec.pixels == Pixels.grayscale),
       "metrics": final, "steps": int(state.step), "epochs": epochs,
       "wall_time": metrics_log.wall_time, "figures": [p.name for p in figure_paths],
       "num_params": int(sum(math.prod(p.shape) for p in jax.tree.leaves(state.params))),
