@@ -87,6 +87,15 @@ class TrainingConfig:
 
 
 @dataclass
+class EvaluationConfig:
+  iwae_samples: int = 100        # k of the importance-weighted bound at the end of training (0: skip);
+                                 # `python -m cvae_jax.evaluate` defaults to the paper's 5000
+  sample_accuracy: bool = False  # at the end of training, judge CVAE samples with a trained classifier
+  batch_size: int = 100          # examples per chunk of the importance-weighted bound
+  sample_chunk: int = 500        # importance samples per chunk (memory ~ batch_size * sample_chunk * D)
+
+
+@dataclass
 class Config:
   name: str = "default"  # run family; runs go to outputs/<name>/<overrides>, sweeps to multirun/<name>/
   seed: int = 0          # every random stream derives from it (params, reparameterization, data order, ...)
@@ -95,6 +104,7 @@ class Config:
   objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
   optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
   training: TrainingConfig = field(default_factory=TrainingConfig)
+  evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
 
 
 class ConfigError(ValueError):
@@ -126,6 +136,10 @@ def validate(cfg: Config) -> Config:
   _check(t.checkpoint_every_epochs >= 1, "training.checkpoint_every_epochs", t.checkpoint_every_epochs,
          "must be at least 1")
   _check(t.max_checkpoints >= 1, "training.max_checkpoints", t.max_checkpoints, "must be at least 1")
+  ev = cfg.evaluation
+  _check(ev.iwae_samples >= 0, "evaluation.iwae_samples", ev.iwae_samples, "must be >= 0 (0 skips the bound)")
+  _check(ev.batch_size >= 1, "evaluation.batch_size", ev.batch_size, "must be at least 1")
+  _check(ev.sample_chunk >= 1, "evaluation.sample_chunk", ev.sample_chunk, "must be at least 1")
   _check(d.validation_size >= 0, "data.validation_size", d.validation_size, "must be >= 0")
   for key in ("train_limit", "test_limit"):
     value = getattr(d, key)

@@ -86,42 +86,46 @@ def active_units(posterior_means: np.ndarray, threshold: float = ACTIVE_UNIT_THR
   return int(np.sum(variance > threshold)), variance
 
 
-def log_importance_weights(model: VAE, params, x, c, mean, logvar, key, num_samples: int,
-                           likelihood: Likelihood) -> jax.Array:
-  """log w_s = log p(x | z_s[, c]) + log p(z_s) - log q(z_s | x[, c]), z_s ~ q.  [S, B]"""
-  std = jnp.exp(0.5 * logvar)
-  eps = jax.random.normal(key, (num_samples, *mean.shape))  # [S, B, Z]
-  z = mean + std * eps
-  flat = z.reshape(-1, z.shape[-1])  # [S * B, Z]
-  c_rep = None if c is None else jnp.tile(c, (num_samples, 1))
-  logits = model.apply({"params": params}, flat, c_rep, method=VAE.decode)
-  x_rep = jnp.broadcast_to(x, (num_samples, *x.shape)).reshape(-1, *x.shape[1:])
-  log_px = LOG_PROB[likelihood](x_rep, logits).reshape(num_samples, -1)
-  log_pz = jnp.sum(jax.scipy.stats.norm.logpdf(z), axis=-1)
-  # log q(z | x) with z - mean = std * eps exactly: no cancellation error.
-  log_qz = jnp.sum(-0.5 * eps**2 - 0.5 * logvar - 0.5 * math.log(2 * math.pi), axis=-1)
-  return log_px + log_pz - log_qz
+def importance_weighted_bound(log_likelihood: Callable, mean: jax.Array, logvar: jax.Array, key: jax.Array,
+                              num_samples: int, chunk: int) -> jax.Array:
+  """L_k = log (1/k) sum_s w_s, w_s = p(x | z_s) p(z_s) / q(z_s | x), z_s ~ q = N(mean, exp(logvar))
+  (Burda et al. 2016, eq. 8), for a standard normal prior.  [B]
 
-
-def iwae_bound(model: VAE, params, x, c, key, num_samples: int, chunk: int, likelihood: Likelihood) -> jax.Array:
-  """L_k = log (1/k) sum_s w_s (Burda et al. 2016, eq. 8), streamed in chunks of samples.  [B]
-
-  A running log-sum-exp over sample chunks keeps memory at one chunk for k up to thousands;
-  samples past k in the last chunk are masked to weight zero.
+  `log_likelihood(z [S, B, Z]) -> log p(x | z) [S, B]`. Samples are drawn `chunk` at a time and
+  folded into a running log-sum-exp, so memory stays at one chunk for k in the thousands; samples past
+  k in the last chunk are masked to weight zero.
   """
-  mean, logvar = model.apply({"params": params}, x, c, method=VAE.encode)
   chunk = min(chunk, num_samples)
   num_chunks = math.ceil(num_samples / chunk)
+  std = jnp.exp(0.5 * logvar)
 
   def body(running, i):
-    log_w = log_importance_weights(model, params, x, c, mean, logvar, jax.random.fold_in(key, i), chunk,
-                                   likelihood)  # [chunk, B]
+    eps = jax.random.normal(jax.random.fold_in(key, i), (chunk, *mean.shape))  # [S, B, Z]
+    z = mean + std * eps
+    log_pz = jnp.sum(jax.scipy.stats.norm.logpdf(z), axis=-1)
+    # log q(z | x), using z - mean = std * eps exactly: no cancellation error.
+    log_qz = jnp.sum(-0.5 * eps**2 - 0.5 * logvar - 0.5 * math.log(2 * math.pi), axis=-1)
+    log_w = log_likelihood(z) + log_pz - log_qz  # [S, B]
     valid = (i * chunk + jnp.arange(chunk)) < num_samples
     log_w = jnp.where(valid[:, None], log_w, -jnp.inf)
     return jnp.logaddexp(running, jax.scipy.special.logsumexp(log_w, axis=0)), None
 
-  total, _ = jax.lax.scan(body, jnp.full(x.shape[0], -jnp.inf), jnp.arange(num_chunks))
+  total, _ = jax.lax.scan(body, jnp.full(mean.shape[0], -jnp.inf), jnp.arange(num_chunks))
   return total - math.log(num_samples)
+
+
+def iwae_bound(model: VAE, params, x, c, key, num_samples: int, chunk: int, likelihood: Likelihood) -> jax.Array:
+  """L_k of the model's log p(x) (log p(x | c) for a CVAE), with its encoder as the proposal.  [B]"""
+  mean, logvar = model.apply({"params": params}, x, c, method=VAE.encode)
+
+  def log_likelihood(z):  # [S, B, Z] -> [S, B]
+    s, b = z.shape[:2]
+    c_rep = None if c is None else jnp.tile(c, (s, 1))
+    logits = model.apply({"params": params}, z.reshape(s * b, -1), c_rep, method=VAE.decode)
+    x_rep = jnp.broadcast_to(x, (s, *x.shape)).reshape(s * b, *x.shape[1:])
+    return LOG_PROB[likelihood](x_rep, logits).reshape(s, b)
+
+  return importance_weighted_bound(log_likelihood, mean, logvar, key, num_samples, chunk)
 
 
 def make_iwae(model: VAE, spec: DatasetSpec, likelihood: Likelihood, num_samples: int, batch_size: int,

@@ -13,6 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from scipy.stats import norm  # noqa: E402
 
+from cvae_jax import generation  # noqa: E402
 from cvae_jax.config import Likelihood  # noqa: E402
 from cvae_jax.data import DatasetSpec, Split, model_input  # noqa: E402
 from cvae_jax.evaluation import one_hot_condition  # noqa: E402
@@ -50,27 +51,34 @@ def reconstruction_grid(path, model, params, spec, likelihood, split: Split, key
   plt.close(fig)
 
 
+def grid_figure(path, images, title: str, row_labels=None, col_labels=None, cell: float = 0.8):
+  """One labelled PNG of images [R, C, H, W, ch]: rows and columns named by tick labels."""
+  images = np.asarray(images)
+  rows, cols, h, w = images.shape[:4]
+  fig, ax = plt.subplots(figsize=(cols * cell + 1.5, rows * cell + 0.8))
+  _show(ax, tile(images.reshape(rows * cols, *images.shape[2:]), rows, cols))
+  if row_labels is not None:
+    ax.set_yticks([h * (k + 0.5) for k in range(rows)])
+    ax.set_yticklabels(row_labels)
+  if col_labels is not None:
+    ax.set_xticks([w * (k + 0.5) for k in range(cols)])
+    ax.set_xticklabels(col_labels, rotation=90 if max(len(str(c)) for c in col_labels) > 3 else 0)
+    ax.xaxis.tick_top()
+  ax.set_title(title, pad=24 if col_labels is not None else 6)
+  fig.savefig(path, bbox_inches="tight", dpi=80)
+  plt.close(fig)
+
+
 def sample_grid(path, model, params, spec, likelihood, key, per_row: int = 10):
   """CVAE: one labelled row per class, z ~ N(0, I). VAE: a square of prior samples."""
   if model.num_classes:
-    rows = model.num_classes
-    labels = jnp.repeat(jnp.arange(rows), per_row)
-    logits = model.apply({"params": params}, key, jax.nn.one_hot(labels, rows), method=VAE.generate)
+    images = generation.class_conditional(model, params, key, np.arange(model.num_classes), per_row, likelihood)
+    grid_figure(path, images, "samples, one row per class",
+                row_labels=[_class_name(spec, k) for k in range(model.num_classes)])
   else:
-    rows = per_row
-    logits = model.apply({"params": params}, key, None, rows * per_row, method=VAE.generate)
-  images = np.asarray(MEAN[likelihood](logits))
-  h = spec.image_shape[0]
-  fig, ax = plt.subplots(figsize=(per_row * 0.8 + 1.5, rows * 0.8))
-  _show(ax, tile(images, rows, per_row))
-  if model.num_classes:
-    ax.set_yticks([h * (k + 0.5) for k in range(rows)])
-    ax.set_yticklabels([_class_name(spec, k) for k in range(rows)])
-    ax.set_title("samples, one row per class")
-  else:
-    ax.set_title("samples from the prior")
-  fig.savefig(path, bbox_inches="tight", dpi=80)
-  plt.close(fig)
+    logits = model.apply({"params": params}, key, None, per_row * per_row, method=VAE.generate)
+    images = np.asarray(MEAN[likelihood](logits)).reshape(per_row, per_row, *spec.image_shape)
+    grid_figure(path, images, "samples from the prior")
 
 
 def latent_scatter(path, model, params, spec, split: Split, key, n: int = 5000):
@@ -112,6 +120,68 @@ def manifold(path, model, params, spec, likelihood, n: int = 15):
   fig.suptitle("decoded 2-D latent manifold (z at N(0,1) quantiles 0.05 to 0.95)")
   fig.savefig(path, bbox_inches="tight", dpi=80)
   plt.close(fig)
+
+
+def translation_figure(path, model, params, spec, likelihood, split: Split, key, n: int = 8):
+  """Rows: test images; first column the input, then its code decoded under every class."""
+  x = model_input(jnp.asarray(split.images[:n]), spec.pixels, key)
+  labels = split.labels[:n]
+  out = generation.translate(model, params, x, labels, likelihood, spec.num_classes)
+  images = np.concatenate([np.asarray(x)[:, None], np.asarray(out)], axis=1)
+  grid_figure(path, images, "image-to-image translation: each input's code decoded as every class",
+              row_labels=[f"a {_class_name(spec, k)}" for k in labels],
+              col_labels=["input"] + [_class_name(spec, k) for k in range(spec.num_classes)])
+
+
+def style_transfer_figure(path, model, params, spec, likelihood, split: Split, key, n_style: int = 8,
+                          n_content: int = 10):
+  """Top row: content images (their class is used); left column: style images (their code is used)."""
+  x = np.asarray(model_input(jnp.asarray(split.images[:n_style + n_content]), spec.pixels, key))
+  labels = split.labels[:n_style + n_content]
+  style_x, style_labels = x[:n_style], labels[:n_style]
+  content_x, content_labels = x[n_style:], labels[n_style:]
+  out = np.asarray(generation.style_transfer(model, params, jnp.asarray(style_x), style_labels, content_labels,
+                                             likelihood))
+  blank = np.zeros_like(x[:1])
+  top = np.concatenate([blank, content_x])[None]                               # [1, 1 + C, ...]
+  body = np.concatenate([style_x[:, None], out], axis=1)                       # [S, 1 + C, ...]
+  grid_figure(path, np.concatenate([top, body]),
+              "style transfer: the style (left) of one image, the class of another (top)",
+              row_labels=["class from"] + [f"style of a {_class_name(spec, k)}" for k in style_labels],
+              col_labels=["style from"] + [_class_name(spec, k) for k in content_labels])
+
+
+def interpolation_figure(path, model, params, spec, likelihood, split: Split, key, pairs: int = 6, steps: int = 10):
+  """Each row: decoded points between the codes (and labels) of two test images, the inputs at the ends."""
+  x = model_input(jnp.asarray(split.images[:2 * pairs]), spec.pixels, key)
+  labels = split.labels[:2 * pairs]
+  rows = []
+  for p in range(pairs):
+    a, b = 2 * p, 2 * p + 1
+    path_images = np.asarray(generation.interpolate(model, params, x[a], labels[a], x[b], labels[b], steps,
+                                                    likelihood))
+    rows.append(np.concatenate([np.asarray(x[a])[None], path_images, np.asarray(x[b])[None]]))
+  grid_figure(path, np.stack(rows), "interpolation between two test images (inputs at both ends)",
+              row_labels=[f"{_class_name(spec, labels[2 * p])} to {_class_name(spec, labels[2 * p + 1])}"
+                          for p in range(pairs)],
+              col_labels=["input"] + [f"{t:.2f}" for t in np.linspace(0, 1, steps)] + ["input"])
+
+
+def traversal_figure(path, model, params, spec, likelihood, split: Split, key, values=np.linspace(-3, 3, 11),
+                     max_dims: int = 20):
+  """Row d: the code of one test image with dimension d set to each value (others unchanged)."""
+  x = model_input(jnp.asarray(split.images[:1]), spec.pixels, key)[0]
+  images = np.asarray(generation.traverse(model, params, x, int(split.labels[0]), values, likelihood))[:max_dims]
+  grid_figure(path, images, f"latent traversal around a test image (a {_class_name(spec, int(split.labels[0]))})",
+              row_labels=[f"z[{d}]" for d in range(len(images))], col_labels=[f"{v:+.1f}" for v in values])
+
+
+USE_FIGURES = {
+    "translation": translation_figure,
+    "style_transfer": style_transfer_figure,
+    "interpolation": interpolation_figure,
+    "traversal": traversal_figure,
+}
 
 
 def write_all(directory: Path, model: VAE, params, spec: DatasetSpec, likelihood: Likelihood,

@@ -16,8 +16,9 @@ from flax.training import train_state
 from tqdm.auto import tqdm
 
 from cvae_jax import checkpoints, data, figures, rundir
-from cvae_jax.config import Config, ConfigError, Likelihood, OptimizerConfig, Pixels, to_dict, validate
+from cvae_jax.config import Config, ConfigError, OptimizerConfig, to_dict, validate
 from cvae_jax.data import Dataset, DatasetSpec, model_input
+from cvae_jax.evaluate import evaluate_model
 from cvae_jax.evaluation import make_evaluate, one_hot_condition
 from cvae_jax.keys import Stream, stream_key
 from cvae_jax.models import VAE, create_model
@@ -169,15 +170,18 @@ def train_and_evaluate(cfg: Config, workdir: str | Path, dataset: Optional[Datas
   if cfg.training.figures:
     figure_paths = figures.write_all(workdir / "figures", model, state.params, spec, cfg.objective.likelihood,
                                      ds.test, stream_key(cfg.seed, Stream.FIGURES))
+  evaluated = evaluate_model(cfg, ds, model, state.params, workdir, cfg.evaluation.iwae_samples,
+                             cfg.evaluation.sample_accuracy)
   results = {
       "elbo": final["test/elbo"], "rec": final["test/rec"], "kl": final["test/kl"], "bpd": final["test/bpd"],
-      # Bernoulli cross-entropy on grayscale pixels is not a density: its "ELBO" bounds nothing.
-      "normalized_likelihood": not (cfg.objective.likelihood == Likelihood.bernoulli
-                                    and spec.pixels == Pixels.grayscale),
+      "normalized_likelihood": evaluated["normalized_likelihood"],
+      "active_units": evaluated["active_units"],
       "metrics": final, "steps": int(state.step), "epochs": epochs,
       "wall_time": metrics_log.wall_time, "figures": [p.name for p in figure_paths],
       "num_params": int(sum(math.prod(p.shape) for p in jax.tree.leaves(state.params))),
   }
+  if "iwae" in evaluated:
+    results |= {"nll": evaluated["iwae"]["nll"], "iwae_samples": evaluated["iwae"]["k"]}
   rundir.write_json_atomic(workdir / "results.json", results)
   log.info("Finished: test ELBO %.3f nats (rec %.3f, kl %.3f) after %d steps, %.1f s", results["elbo"],
            results["rec"], results["kl"], results["steps"], results["wall_time"])

@@ -37,6 +37,7 @@ def small_config(**overrides) -> Config:
   cfg.training.batch_size, cfg.training.epochs, cfg.training.progress = 32, 3, False
   cfg.training.eval_batch_size = 50
   cfg.training.figures = False
+  cfg.evaluation.iwae_samples, cfg.evaluation.batch_size, cfg.evaluation.sample_chunk = 8, 32, 8
   for key, value in overrides.items():
     section, name = key.split(".")
     setattr(getattr(cfg, section), name, value)

@@ -1,0 +1,214 @@
+"""`python -m cvae_jax.report MULTIRUN_DIR`: one table and a few plots for a whole sweep.
+
+Writes into MULTIRUN_DIR (or --out): `report.csv`, `report.md` (the overrides that vary, status, test
+ELBO, rec, KL, active units, NLL where computed, wall time) and plots of ELBO, rec and KL against each
+numeric hyperparameter that varies (beta gives the rate-distortion view) and per architecture.
+Every job the sweep defines appears: finished, failed (with its error), incomplete, or not started.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import yaml  # noqa: E402
+
+METRICS = ("elbo", "rec", "kl", "nll", "active_units", "steps", "wall_time")
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      out |= _flatten(v, f"{prefix}{k}.")
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def expected_jobs(sweep_dir: Path) -> Optional[list[str]]:
+  """Directory names of every job the sweep defines, computed as Hydra does (None if unknown)."""
+  path = sweep_dir / "multirun.yaml"
+  if not path.exists():
+    return None
+  from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+  from hydra.core.override_parser.overrides_parser import OverridesParser
+  cfg = yaml.safe_load(path.read_text())["hydra"]
+  params = cfg.get("sweeper", {}).get("params") or {}
+  given = list(cfg["overrides"]["task"])
+  given_keys = {line.split("=", 1)[0].lstrip("+~") for line in given}
+  lines = given + [f"{k}={v}" for k, v in params.items() if k not in given_keys]  # the command line wins
+  parser = OverridesParser.create()
+  batches = BasicSweeper.split_arguments(parser.parse_overrides(lines), None)
+  exclude = set(cfg["job"]["config"]["override_dirname"]["exclude_keys"])
+  names = []
+  for job in (job for batch in batches for job in batch):
+    kept = [o.input_line for o in parser.parse_overrides(job) if o.key_or_group not in exclude]
+    names.append(",".join(sorted(kept)))
+  return names
+
+
+def collect(sweep_dir: Path) -> list[dict]:
+  """One row per job: status, its flattened config (where written) and its results."""
+  dirs = {p.name: p for p in sorted(sweep_dir.iterdir()) if p.is_dir() and not p.name.startswith(".")}
+  names = expected_jobs(sweep_dir)
+  names = names + [n for n in dirs if n not in names] if names is not None else list(dirs)
+  rows = []
+  for name in names:
+    run = dirs.get(name)
+    row: dict[str, Any] = {"run": name}
+    if run is None:
+      rows.append(row | {"status": "not started"})
+      continue
+    if (run / "config.yaml").exists():
+      row["config"] = _flatten(yaml.safe_load((run / "config.yaml").read_text()))
+    if (run / "results.json").exists():
+      results = json.loads((run / "results.json").read_text())
+      row |= {"status": "finished"} | {k: results.get(k) for k in METRICS}
+      if (run / "eval.json").exists():  # python -m cvae_jax.evaluate: a larger k than training's
+        evaluated = json.loads((run / "eval.json").read_text())
+        if "iwae" in evaluated:
+          row["nll"], row["iwae_k"] = evaluated["iwae"]["nll"], evaluated["iwae"]["k"]
+    elif (run / "failed.json").exists():
+      row |= {"status": "failed", "error": json.loads((run / "failed.json").read_text()).get("error", "")}
+    else:
+      row["status"] = "incomplete"
+    rows.append(row)
+  return rows
+
+
+def varying_keys(rows: list[dict]) -> list[str]:
+  configs = [r["config"] for r in rows if "config" in r]
+  keys = sorted({k for c in configs for k in c})
+  return [k for k in keys if len({json.dumps(c.get(k), sort_keys=True) for c in configs}) > 1]
+
+
+def write_tables(rows: list[dict], keys: list[str], out: Path) -> tuple[Path, Path]:
+  columns = ["run", *keys, "status", *METRICS]
+  csv_path, md_path = out / "report.csv", out / "report.md"
+  with open(csv_path, "w", newline="") as f:
+    writer = csv.writer(f)
+    writer.writerow(columns + ["error"])
+    for r in rows:
+      writer.writerow([r.get("config", {}).get(k, "") if k in keys else r.get(k, "") for k in columns]
+                      + [r.get("error", "")])
+
+  def fmt(v):
+    if v is None or v == "":
+      return ""
+    return f"{v:.2f}" if isinstance(v, float) else str(v)
+
+  lines = ["| " + " | ".join(columns[1:]) + " |", "|" + " --- |" * (len(columns) - 1)]
+  for r in rows:
+    cells = [fmt(r.get("config", {}).get(k)) for k in keys] + [r["status"]] + [fmt(r.get(m)) for m in METRICS]
+    lines.append("| " + " | ".join(cells) + " |")
+  failed = [r for r in rows if r["status"] == "failed"]
+  note = "".join(f"\n- `{r['run']}` failed: {r.get('error', '')}" for r in failed)
+  md_path.write_text(f"# Sweep report: {out.name}\n\nNats per image on the test split; elbo is the bound "
+                     "(negative), nll = -L_k where computed.\n\n" + "\n".join(lines) + "\n" + note + "\n")
+  return csv_path, md_path
+
+
+def _is_number(v) -> bool:
+  return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def plot_against(rows: list[dict], key: str, keys: list[str], out: Path) -> Optional[Path]:
+  """ELBO, rec and KL against one numeric hyperparameter, one line per setting of the other keys."""
+  done = [r for r in rows if r["status"] == "finished"]
+  if len(done) < 2 or not all(_is_number(r["config"].get(key)) for r in done):
+    return None
+  others = [k for k in keys if k != key]
+  groups: dict[str, list[dict]] = {}
+  for r in done:
+    groups.setdefault(", ".join(f"{k}={r['config'].get(k)}" for k in others), []).append(r)
+  panels = ["elbo", "rec", "kl"] + (["rate-distortion"] if key == "objective.beta" else [])
+  fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.8))
+  for label, group in groups.items():
+    group.sort(key=lambda r: r["config"][key])
+    xs = [r["config"][key] for r in group]
+    for ax, metric in zip(axes, panels):
+      if metric == "rate-distortion":
+        ax.plot([r["kl"] for r in group], [r["rec"] for r in group], "o-", label=label or None)
+        for r in group:
+          ax.annotate(f"{r['config'][key]:g}", (r["kl"], r["rec"]), fontsize=8)
+        ax.set_xlabel("rate: KL (nats)")
+        ax.set_ylabel("distortion: rec (nats)")
+        ax.set_title("rate-distortion (labels: beta)")
+      else:
+        ax.plot(xs, [r[metric] for r in group], "o-", label=label or None)
+        ax.set_xlabel(key)
+        ax.set_title(f"test {metric} (nats)")
+        if max(xs) / max(min(xs), 1e-12) >= 10:
+          ax.set_xscale("log")
+  if any(groups):
+    axes[0].legend(fontsize=7)
+  fig.tight_layout()
+  path = out / f"report_{key.split('.')[-1]}.png"
+  fig.savefig(path, dpi=90)
+  plt.close(fig)
+  return path
+
+
+def plot_per_architecture(rows: list[dict], keys: list[str], out: Path) -> Optional[Path]:
+  """Bars of ELBO, rec and KL per setting of the non-numeric model keys that vary (arch, kind, widths)."""
+  done = [r for r in rows if r["status"] == "finished"]
+  arch_keys = [k for k in keys if k.startswith("model.") and not all(_is_number(r["config"].get(k)) for r in done)]
+  if not arch_keys or len(done) < 2:
+    return None
+  labels = [", ".join(str(r["config"].get(k)) for k in arch_keys) for r in done]
+  fig, axes = plt.subplots(1, 3, figsize=(13.5, 3.8))
+  for ax, metric in zip(axes, ("elbo", "rec", "kl")):
+    ax.barh(range(len(done)), [r[metric] for r in done])
+    ax.set_yticks(range(len(done)))
+    ax.set_yticklabels(labels, fontsize=7)
+    ax.set_title(f"test {metric} (nats)")
+  fig.suptitle("per architecture: " + ", ".join(arch_keys), fontsize=9)
+  fig.tight_layout()
+  path = out / "report_architecture.png"
+  fig.savefig(path, dpi=90)
+  plt.close(fig)
+  return path
+
+
+def write_report(sweep_dir: Path, out: Optional[Path] = None) -> dict:
+  sweep_dir = Path(sweep_dir)
+  if not sweep_dir.is_dir():
+    raise FileNotFoundError(f"{sweep_dir} is not a folder: pass a sweep directory such as multirun/beta_sweep")
+  out = Path(out or sweep_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  rows = collect(sweep_dir)
+  if not rows:
+    raise FileNotFoundError(f"{sweep_dir} holds no runs: pass the folder a --multirun or sweep experiment wrote")
+  keys = varying_keys(rows)
+  csv_path, md_path = write_tables(rows, keys, out)
+  plots = [p for p in (plot_against(rows, k, keys, out) for k in keys) if p]
+  arch = plot_per_architecture(rows, keys, out)
+  plots += [arch] if arch else []
+  return {"rows": rows, "varying": keys, "csv": csv_path, "markdown": md_path, "plots": plots}
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("sweep_dir", type=Path, help="a sweep directory, e.g. multirun/beta_sweep")
+  parser.add_argument("--out", type=Path, help="where to write (default: the sweep directory)")
+  args = parser.parse_args(argv)
+  try:
+    report = write_report(args.sweep_dir, args.out)
+  except FileNotFoundError as e:
+    sys.exit(f"error: {e}")
+  print(report["markdown"].read_text())
+  for path in [report["csv"], report["markdown"], *report["plots"]]:
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+  main()
