@@ -5,13 +5,17 @@ train_and_evaluate. Nothing below this module imports Hydra.
 """
 from __future__ import annotations
 
+import json
 import logging
 import sys
+import traceback
 from pathlib import Path
 
 import hydra
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from cvae_jax.config import Config, ConfigError, validate
@@ -34,16 +38,42 @@ def _remove_if_empty(path: Path) -> None:
     folder.rmdir()
 
 
+FAILED = "failed.json"  # in a sweep job's directory: why the job failed (the report lists it)
+
+
+class SweepStatus(Callback):
+  """At the end of a sweep: name the failed jobs and exit non-zero if there are any."""
+
+  def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+    failed = sorted(Path(config.hydra.sweep.dir).glob(f"*/{FAILED}"))
+    if failed:
+      print(f"error: {len(failed)} job(s) of the sweep failed; the others' results are kept:", file=sys.stderr)
+      for path in failed:
+        print(f"  {path.parent}: {json.loads(path.read_text())['error']}", file=sys.stderr)
+      sys.exit(1)
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(dict_cfg: DictConfig) -> float:
   workdir = Path(HydraConfig.get().runtime.output_dir)
+  in_sweep = HydraConfig.get().mode == RunMode.MULTIRUN
   try:
     cfg: Config = validate(OmegaConf.to_object(dict_cfg))
     results = train_and_evaluate(cfg, workdir)
-  except USER_ERRORS as e:
+  except Exception as e:  # noqa: BLE001  a sweep goes on past one failed job; a single run stops
+    if in_sweep:
+      # Record the failure where the report finds it; the other jobs keep running.
+      workdir.mkdir(parents=True, exist_ok=True)
+      detail = str(e) if isinstance(e, USER_ERRORS) else traceback.format_exc(limit=-3)
+      (workdir / FAILED).write_text(json.dumps({"error": f"{type(e).__name__}: {e}", "detail": detail}) + "\n")
+      log.error("job failed: %s", e)
+      return float("nan")
+    if not isinstance(e, USER_ERRORS):
+      raise
     _remove_if_empty(workdir)
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
+  (workdir / FAILED).unlink(missing_ok=True)  # a rerun that succeeded clears an earlier failure
   return results["elbo"]  # what a hyperparameter sweeper (e.g. Optuna) would maximize
 
 
