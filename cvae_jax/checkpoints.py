@@ -1,21 +1,36 @@
 """Orbax checkpoints: one CheckpointManager per run directory, keeping the newest few.
 
-Orbax writes each step to a temporary folder and renames it when complete, so a kill during a
-save leaves the previous checkpoint as the latest complete one.
+Orbax writes each step to a temporary folder and renames it when complete, so a kill during a save
+leaves the previous checkpoint as the latest complete one (leftover temporary folders are removed when
+the manager opens). A finalized checkpoint that cannot be read (a damaged disk, a truncated copy) is
+renamed `<step>.corrupt`, named in a warning, and the previous one is used instead.
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any, Optional
 
 import jax
 import orbax.checkpoint as ocp
 
+log = logging.getLogger(__name__)
+
+
+class CheckpointMismatchError(RuntimeError):
+  """The checkpoint holds parameters of another model; the message says which and what to do."""
+
+
+def _shapes(tree) -> dict:
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {jax.tree_util.keystr(path): tuple(leaf.shape) for path, leaf in leaves}
+
 
 class Checkpointer:
   def __init__(self, directory: Path, max_to_keep: int):
-    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
-    self._manager = ocp.CheckpointManager(Path(directory).absolute(), options=options)
+    self.directory = Path(directory).absolute()
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True, cleanup_tmp_directories=True)
+    self._manager = ocp.CheckpointManager(self.directory, options=options)
 
   def latest_step(self) -> Optional[int]:
     return self._manager.latest_step()
@@ -29,6 +44,42 @@ class Checkpointer:
     step = self.latest_step() if step is None else step
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
     return self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
+
+  def _check_architecture(self, step: int, like: Any) -> None:
+    """Raises CheckpointMismatchError when the saved parameter shapes differ from the model's."""
+    metadata = ocp.StandardCheckpointer().metadata(self.directory / str(step) / "default")
+    tree = getattr(metadata, "item_metadata", metadata)
+    saved, expected = _shapes(getattr(tree, "tree", tree)["params"]), _shapes(like.params)
+    if saved != expected:
+      diff = sorted(set(saved.items()) ^ set(expected.items()))[:4]
+      raise CheckpointMismatchError(
+          f"The checkpoint {self.directory / str(step)} holds parameters of another model (differences: "
+          f"{diff}). It was not changed. Use a run directory whose config matches that checkpoint, or a new "
+          "one (hydra.run.dir=...).")
+
+  def restore_latest_good(self, like: Any) -> Optional[Any]:
+    """The newest readable checkpoint restored into `like`'s structure, or None when there is none.
+
+    An unreadable checkpoint is renamed `<step>.corrupt` (kept for inspection, ignored from then on)
+    with a warning naming it; one of another architecture stops the run instead.
+    """
+    for step in sorted(self._manager.all_steps(), reverse=True):
+      try:
+        self._check_architecture(step, like)
+        return self.restore(like, step)
+      except CheckpointMismatchError:
+        raise
+      except Exception as e:  # noqa: BLE001  any read failure means this checkpoint is unusable
+        path = self.directory / str(step)
+        quarantine = path.with_name(f"{step}.corrupt")
+        n = 1
+        while quarantine.exists():
+          quarantine, n = path.with_name(f"{step}.corrupt{n}"), n + 1
+        path.rename(quarantine)
+        log.warning("Checkpoint %s is unreadable (%s: %s); renamed it %s and trying the previous one.",
+                    path, type(e).__name__, str(e)[:200], quarantine.name)
+        self._manager.reload()
+    return None
 
   def wait(self) -> None:
     self._manager.wait_until_finished()

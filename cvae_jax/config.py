@@ -82,6 +82,8 @@ class TrainingConfig:
   eval_batch_size: int = 1000         # evaluation runs in chunks of this size
   checkpoint_every_epochs: int = 1    # save a checkpoint every N epochs (and always at the end)
   max_checkpoints: int = 3            # keep the newest N checkpoints
+  skip_nonfinite: bool = False        # skip updates with a NaN/inf loss or gradient (counted in train/skipped)
+                                      # instead of stopping the run at the first one
   progress: bool = True               # show a progress bar
   figures: bool = True                # write the figures at the end of training
 

@@ -17,7 +17,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from cvae_jax.config import Arch, Kind, ModelConfig
+from cvae_jax.config import Arch, ConfigError, Kind, ModelConfig
 from cvae_jax.data import DatasetSpec
 from cvae_jax.objectives import reparameterize
 
@@ -157,7 +157,7 @@ def _build_conv(cfg: ModelConfig, spec: DatasetSpec, activation: Callable):
   factor = cfg.conv_stride ** len(cfg.decoder_channels)
   spatial = spec.image_shape[:-1]
   if cfg.decoder_channels and any(s % factor for s in spatial):
-    raise ValueError(
+    raise ConfigError(
         f"model.decoder_channels={list(cfg.decoder_channels)} with model.conv_stride={cfg.conv_stride} "
         f"upsample by {factor}, which does not divide the data's spatial shape {spatial}. "
         "Use fewer transposed-conv layers or another stride.")

@@ -34,8 +34,9 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
   return out
 
 
-def expected_jobs(sweep_dir: Path) -> Optional[list[str]]:
-  """Directory names of every job the sweep defines, computed as Hydra does (None if unknown)."""
+def expected_jobs(sweep_dir: Path) -> Optional[dict[str, dict]]:
+  """Every job the sweep defines: its directory name, computed as Hydra does, and its override values
+  ({key: value}); None when the sweep has no multirun.yaml."""
   path = sweep_dir / "multirun.yaml"
   if not path.exists():
     return None
@@ -49,22 +50,22 @@ def expected_jobs(sweep_dir: Path) -> Optional[list[str]]:
   parser = OverridesParser.create()
   batches = BasicSweeper.split_arguments(parser.parse_overrides(lines), None)
   exclude = set(cfg["job"]["config"]["override_dirname"]["exclude_keys"])
-  names = []
+  jobs = {}
   for job in (job for batch in batches for job in batch):
-    kept = [o.input_line for o in parser.parse_overrides(job) if o.key_or_group not in exclude]
-    names.append(",".join(sorted(kept)))
-  return names
+    kept = [o for o in parser.parse_overrides(job) if o.key_or_group not in exclude]
+    jobs[",".join(sorted(o.input_line for o in kept))] = {o.key_or_group: o.value() for o in kept}
+  return jobs
 
 
 def collect(sweep_dir: Path) -> list[dict]:
   """One row per job: status, its flattened config (where written) and its results."""
   dirs = {p.name: p for p in sorted(sweep_dir.iterdir()) if p.is_dir() and not p.name.startswith(".")}
-  names = expected_jobs(sweep_dir)
-  names = names + [n for n in dirs if n not in names] if names is not None else list(dirs)
+  jobs = expected_jobs(sweep_dir) or {}
+  names = list(jobs) + [n for n in dirs if n not in jobs]
   rows = []
   for name in names:
     run = dirs.get(name)
-    row: dict[str, Any] = {"run": name}
+    row: dict[str, Any] = {"run": name, "overrides": jobs.get(name, {})}
     if run is None:
       rows.append(row | {"status": "not started"})
       continue
@@ -86,9 +87,17 @@ def collect(sweep_dir: Path) -> list[dict]:
 
 
 def varying_keys(rows: list[dict]) -> list[str]:
+  """Config keys whose value differs between runs, plus the keys the sweep itself varies."""
   configs = [r["config"] for r in rows if "config" in r]
   keys = sorted({k for c in configs for k in c})
-  return [k for k in keys if len({json.dumps(c.get(k), sort_keys=True) for c in configs}) > 1]
+  varying = {k for k in keys if len({json.dumps(c.get(k), sort_keys=True) for c in configs}) > 1}
+  swept = {k for r in rows for k in r["overrides"] if k in keys or not configs}
+  return sorted(varying | {k for k in swept if len({json.dumps(r["overrides"].get(k)) for r in rows}) > 1})
+
+
+def _value(row: dict, key: str):
+  """A row's value of a config key: from its config.yaml, else from the sweep's overrides."""
+  return row.get("config", {}).get(key, row["overrides"].get(key, ""))
 
 
 def write_tables(rows: list[dict], keys: list[str], out: Path) -> tuple[Path, Path]:
@@ -98,7 +107,7 @@ def write_tables(rows: list[dict], keys: list[str], out: Path) -> tuple[Path, Pa
     writer = csv.writer(f)
     writer.writerow(columns + ["error"])
     for r in rows:
-      writer.writerow([r.get("config", {}).get(k, "") if k in keys else r.get(k, "") for k in columns]
+      writer.writerow([_value(r, k) if k in keys else r.get(k, "") for k in columns]
                       + [r.get("error", "")])
 
   def fmt(v):
@@ -108,7 +117,7 @@ def write_tables(rows: list[dict], keys: list[str], out: Path) -> tuple[Path, Pa
 
   lines = ["| " + " | ".join(columns[1:]) + " |", "|" + " --- |" * (len(columns) - 1)]
   for r in rows:
-    cells = [fmt(r.get("config", {}).get(k)) for k in keys] + [r["status"]] + [fmt(r.get(m)) for m in METRICS]
+    cells = [fmt(_value(r, k)) for k in keys] + [r["status"]] + [fmt(r.get(m)) for m in METRICS]
     lines.append("| " + " | ".join(cells) + " |")
   failed = [r for r in rows if r["status"] == "failed"]
   note = "".join(f"\n- `{r['run']}` failed: {r.get('error', '')}" for r in failed)

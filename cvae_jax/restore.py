@@ -52,7 +52,9 @@ def restore_run(workdir: Path, dataset: Optional[Dataset] = None) -> Restored:
       raise RestoreError(f"{ckpt_dir} holds no checkpoint: train the run first (rerun its training command).")
     ds = dataset if dataset is not None else data.load(cfg.data)
     model = create_model(cfg.model, ds.spec)
-    state = ckpt.restore(create_train_state(cfg, model, ds.spec))
+    state = ckpt.restore_latest_good(create_train_state(cfg, model, ds.spec))
+    if state is None:
+      raise RestoreError(f"No checkpoint in {ckpt_dir} is readable (see the warnings above): retrain the run.")
   finally:
     ckpt.close()
   return Restored(cfg, ds, model, state)

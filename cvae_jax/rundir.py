@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime
 import importlib.metadata
 import json
+import logging
 import os
 import platform
 from pathlib import Path
@@ -20,6 +21,8 @@ from typing import Any, Optional
 
 import jax
 import yaml
+
+log = logging.getLogger(__name__)
 
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "hydra-core", "tensorflow-datasets",
             "tensorflow-cpu", "numpy")
@@ -100,9 +103,15 @@ class MetricsLog:
     self.path = workdir / "metrics.jsonl"
     self.rows = []
     if self.path.exists():
-      lines = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
-      self.rows = [r for r in lines if r["step"] <= resume_step]
-      if len(self.rows) != len(lines):
+      lines = self.path.read_text().splitlines()
+      parsed = []
+      for number, line in enumerate(lines, 1):
+        try:
+          parsed.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut short by a kill: its epoch is redone from the checkpoint
+          log.warning("Dropping unreadable line %d of %s: %r", number, self.path, line[:80])
+      self.rows = [r for r in parsed if r["step"] <= resume_step]
+      if len(self.rows) != len(lines):  # rewrite atomically: the dropped lines were work the resume redoes
         tmp = self.path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
         os.replace(tmp, self.path)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -18,6 +19,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from cvae_jax.checkpoints import CheckpointMismatchError
 from cvae_jax.config import Config, ConfigError, validate
 from cvae_jax.data import DataError
 from cvae_jax.rundir import RunDirError
@@ -27,7 +29,7 @@ log = logging.getLogger(__name__)
 ConfigStore.instance().store(name="config_schema", node=Config)
 
 # Errors that come from the user's input or environment: one clear line, exit code 2, no traceback.
-USER_ERRORS = (ConfigError, DataError, RunDirError, NonFiniteLossError)
+USER_ERRORS = (ConfigError, DataError, RunDirError, NonFiniteLossError, CheckpointMismatchError)
 
 
 def _remove_if_empty(path: Path) -> None:
@@ -41,8 +43,25 @@ def _remove_if_empty(path: Path) -> None:
 FAILED = "failed.json"  # in a sweep job's directory: why the job failed (the report lists it)
 
 
-class SweepStatus(Callback):
-  """At the end of a sweep: name the failed jobs and exit non-zero if there are any."""
+def _check_output_dir(path: Path) -> None:
+  """Stops with one line when the run or sweep directory cannot be created or written."""
+  existing = next(p for p in (path, *path.parents) if p.exists())
+  if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+    what = "is not a directory" if not existing.is_dir() else "is not writable"
+    print(f"error: cannot create the output directory {path}: {existing} {what}. Choose another with "
+          "hydra.run.dir=... (hydra.sweep.dir=... for sweeps).", file=sys.stderr)
+    sys.exit(2)
+
+
+class RunChecks(Callback):
+  """Before Hydra creates the output directory: check it can. After a sweep: name the failed jobs and
+  exit non-zero if there are any."""
+
+  def on_run_start(self, config: DictConfig, **kwargs) -> None:
+    _check_output_dir(Path(config.hydra.run.dir))
+
+  def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+    _check_output_dir(Path(config.hydra.sweep.dir))
 
   def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
     failed = sorted(Path(config.hydra.sweep.dir).glob(f"*/{FAILED}"))

@@ -61,6 +61,7 @@ def make_train_epoch(cfg: Config, model: VAE, spec: DatasetSpec, num_train: int,
   reparam_key = stream_key(cfg.seed, Stream.REPARAM)
   binarize_key = stream_key(cfg.seed, Stream.BINARIZE)
   order_key = stream_key(cfg.seed, Stream.DATA_ORDER)
+  skip_nonfinite = cfg.training.skip_nonfinite
 
   def train_step(state, images, labels):
     x = model_input(images, spec.pixels, jax.random.fold_in(binarize_key, state.step))  # [B, *shape]
@@ -72,8 +73,15 @@ def make_train_epoch(cfg: Config, model: VAE, spec: DatasetSpec, num_train: int,
       terms = elbo_terms(x, out.logits, out.mean, out.logvar, likelihood)
       return loss_and_metrics(terms, beta, spec.num_pixels)
 
-    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    return state.apply_gradients(grads=grads), metrics
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    new_state = state.apply_gradients(grads=grads)
+    if skip_nonfinite:  # keep the old parameters and optimizer state when this step's numbers are not finite
+      finite = jnp.isfinite(loss) & jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+      keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+      new_state = new_state.replace(params=keep(new_state.params, state.params),
+                                    opt_state=keep(new_state.opt_state, state.opt_state))
+      metrics["skipped"] = 1.0 - finite.astype(jnp.float32)
+    return new_state, metrics
 
   def train_epoch(state, images, labels, epoch):
     if on_trace is not None:
@@ -90,12 +98,13 @@ def make_train_epoch(cfg: Config, model: VAE, spec: DatasetSpec, num_train: int,
 
 
 def _check_finite(step_metrics: dict, first_step: int) -> None:
-  bad = np.flatnonzero(~np.isfinite(step_metrics["loss"]))
+  skipped = step_metrics.get("skipped", np.zeros_like(step_metrics["loss"])) > 0
+  bad = np.flatnonzero(~np.isfinite(step_metrics["loss"]) & ~skipped)
   if bad.size:
     raise NonFiniteLossError(
         f"The loss became {step_metrics['loss'][bad[0]]} at step {first_step + int(bad[0]) + 1}. "
         "The run stopped; the last good checkpoint is kept. Lower optimizer.learning_rate or set "
-        "optimizer.grad_clip_norm, then rerun.")
+        "optimizer.grad_clip_norm, then rerun (or set training.skip_nonfinite=true to skip such updates).")
 
 
 def train_and_evaluate(cfg: Config, workdir: str | Path, dataset: Optional[Dataset] = None,
@@ -123,8 +132,9 @@ def train_and_evaluate(cfg: Config, workdir: str | Path, dataset: Optional[Datas
   model = create_model(cfg.model, spec)
   state = create_train_state(cfg, model, spec)
   ckpt = checkpoints.Checkpointer(workdir / "checkpoints", cfg.training.max_checkpoints)
-  if ckpt.latest_step() is not None:
-    state = ckpt.restore(state)
+  restored = ckpt.restore_latest_good(state)
+  if restored is not None:
+    state = restored
     log.info("Resumed from step %d in %s", int(state.step), workdir)
   start_epoch = int(state.step) // steps_per_epoch
   metrics_log = rundir.MetricsLog(workdir, int(state.step))
@@ -151,7 +161,11 @@ def train_and_evaluate(cfg: Config, workdir: str | Path, dataset: Optional[Datas
       step_metrics = jax.device_get(step_metrics)
       _check_finite(step_metrics, first_step)
       row = {"step": int(state.step), "epoch": epoch + 1}
-      row |= {f"train/{k}": float(np.mean(v)) for k, v in step_metrics.items()}
+      applied = step_metrics.get("skipped", np.zeros_like(step_metrics["loss"])) == 0
+      row |= {f"train/{k}": float(np.mean(v[applied])) if applied.any() else float("nan")
+              for k, v in step_metrics.items() if k != "skipped"}
+      if "skipped" in step_metrics:
+        row["train/skipped"] = int(step_metrics["skipped"].sum())
       row |= evaluate_all(state.params)
       row["wall_time"] = wall_offset + time.perf_counter() - t0
       metrics_log.write(row)

@@ -39,8 +39,8 @@ def small_config(**overrides) -> Config:
   cfg.training.figures = False
   cfg.evaluation.iwae_samples, cfg.evaluation.batch_size, cfg.evaluation.sample_chunk = 8, 32, 8
   for key, value in overrides.items():
-    section, name = key.split(".")
-    setattr(getattr(cfg, section), name, value)
+    *section, name = key.split(".")
+    setattr(getattr(cfg, section[0]) if section else cfg, name, value)
   from omegaconf import OmegaConf  # round trip through the schema so enums and types are real
   return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.structured(cfg)))
 

@@ -1,0 +1,127 @@
+"""Faults and guards on a small synthetic run: corrupt checkpoints, another architecture's checkpoint,
+divergence (stop or skip), a truncated metrics line, determinism."""
+import json
+import logging
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cvae_jax import rundir, training
+from cvae_jax.checkpoints import CheckpointMismatchError
+from cvae_jax.training import NonFiniteLossError, train_and_evaluate
+from conftest import small_config, synthetic_dataset
+from test_training import final_state, read_metrics
+
+
+def interrupted_run(cfg, ds, workdir, monkeypatch, at_epoch=3):
+  """Trains until epoch `at_epoch` would be logged, then stops as a kill would (no checkpoint for it)."""
+  original_write = rundir.MetricsLog.write
+
+  def stop(self, row):
+    if row["epoch"] == at_epoch:
+      raise KeyboardInterrupt
+    original_write(self, row)
+
+  monkeypatch.setattr(rundir.MetricsLog, "write", stop)
+  with pytest.raises(KeyboardInterrupt):
+    train_and_evaluate(cfg, workdir, dataset=ds)
+  monkeypatch.setattr(rundir.MetricsLog, "write", original_write)
+
+
+def test_corrupt_latest_checkpoint_is_skipped_with_a_warning(tmp_path, monkeypatch, caplog):
+  cfg, ds = small_config(**{"training.epochs": 4}), synthetic_dataset()
+  train_and_evaluate(cfg, tmp_path / "straight", dataset=ds)
+  run = tmp_path / "run"
+  interrupted_run(cfg, ds, run, monkeypatch)
+  latest = run / "checkpoints" / "16"
+  for path in latest.rglob("*"):  # damage every data file of the newest checkpoint
+    if path.is_file() and path.stat().st_size > 0 and "d" in path.parent.name:
+      path.write_bytes(b"\0" * 7)
+  (latest / "default" / "_METADATA").write_text("{not json")
+  with caplog.at_level(logging.WARNING):
+    train_and_evaluate(cfg, run, dataset=ds)
+  assert any("checkpoints/16" in r.getMessage() and "unreadable" in r.getMessage() for r in caplog.records)
+  assert (run / "checkpoints" / "16.corrupt").is_dir()  # kept for inspection, not deleted
+  a, b = final_state(cfg, ds, tmp_path / "straight"), final_state(cfg, ds, run)
+  for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
+    np.testing.assert_array_equal(x, y)  # resumed from step 8 and reached the same parameters
+
+
+def test_a_checkpoint_of_another_architecture_is_refused_untouched(tmp_path, monkeypatch):
+  ds = synthetic_dataset()
+  interrupted_run(small_config(**{"model.hidden": [32]}), ds, tmp_path / "a", monkeypatch)
+  other = tmp_path / "b"
+  shutil.copytree(tmp_path / "a" / "checkpoints", other / "checkpoints")
+  before = sorted(p.name for p in (other / "checkpoints").iterdir())
+  with pytest.raises(CheckpointMismatchError, match="another model"):
+    train_and_evaluate(small_config(**{"model.hidden": [16]}), other, dataset=ds)
+  assert sorted(p.name for p in (other / "checkpoints").iterdir()) == before
+
+
+def poison_after(monkeypatch, epoch_index):
+  """Makes the epoch function return a NaN loss from epoch `epoch_index` on, as a diverging run would."""
+  original = training.make_train_epoch
+
+  def make(*args, **kwargs):
+    epoch_fn = original(*args, **kwargs)
+    def poisoned(state, images, labels, epoch):
+      state, metrics = epoch_fn(state, images, labels, epoch)
+      if int(epoch) >= epoch_index:
+        metrics = dict(metrics, loss=metrics["loss"].at[3].set(jnp.nan))
+      return state, metrics
+    return poisoned
+
+  monkeypatch.setattr(training, "make_train_epoch", make)
+
+
+def test_divergence_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+  poison_after(monkeypatch, epoch_index=2)
+  with pytest.raises(NonFiniteLossError, match="at step 20"):  # epoch 3 starts after step 16; 4th step
+    train_and_evaluate(small_config(**{"training.epochs": 4}), tmp_path, dataset=synthetic_dataset())
+  steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+  assert steps == [8, 16] and not (tmp_path / "results.json").exists()
+  assert [r["step"] for r in read_metrics(tmp_path)] == [8, 16]
+
+
+def test_skip_nonfinite_skips_and_counts_the_bad_updates(tmp_path, monkeypatch):
+  # One training image makes the loss NaN whenever its batch is drawn: exactly once per epoch.
+  ds = synthetic_dataset()
+  ds.train.images[5] = 255
+  original = training.elbo_terms
+
+  def poisoned_terms(x, logits, mean, logvar, likelihood):
+    terms = original(x, logits, mean, logvar, likelihood)
+    bad = jnp.all(x.reshape(x.shape[0], -1) == 1.0, axis=-1)
+    return dict(terms, rec=jnp.where(bad, jnp.nan, terms["rec"]))
+
+  monkeypatch.setattr(training, "elbo_terms", poisoned_terms)
+  with pytest.raises(NonFiniteLossError):
+    train_and_evaluate(small_config(), tmp_path / "stop", dataset=ds)
+  results = train_and_evaluate(small_config(**{"training.skip_nonfinite": True}), tmp_path / "skip", dataset=ds)
+  rows = read_metrics(tmp_path / "skip")
+  assert [r["train/skipped"] for r in rows] == [1, 1, 1]
+  assert all(np.isfinite(r["train/loss"]) for r in rows) and np.isfinite(results["elbo"])
+
+
+def test_a_metrics_line_cut_by_a_kill_is_dropped_on_resume(tmp_path, monkeypatch):
+  cfg, ds = small_config(**{"training.epochs": 4}), synthetic_dataset()
+  interrupted_run(cfg, ds, tmp_path, monkeypatch)
+  with open(tmp_path / "metrics.jsonl", "a") as f:
+    f.write('{"step": 24, "epoch": 3, "train/lo')  # a write cut short
+  train_and_evaluate(cfg, tmp_path, dataset=ds)
+  assert [r["step"] for r in read_metrics(tmp_path)] == [8, 16, 24, 32]
+
+
+def test_same_seed_and_config_give_identical_metrics(tmp_path):
+  ds = synthetic_dataset()
+  cfg = small_config(**{"model.kind": "cvae"})
+  a = train_and_evaluate(cfg, tmp_path / "a", dataset=ds)
+  b = train_and_evaluate(cfg, tmp_path / "b", dataset=ds)
+  strip = lambda rows: [{k: v for k, v in r.items() if k != "wall_time"} for r in rows]
+  assert strip(read_metrics(tmp_path / "a")) == strip(read_metrics(tmp_path / "b"))
+  assert a["metrics"] == b["metrics"]
+  c = train_and_evaluate(small_config(**{"model.kind": "cvae", "seed": 1}), tmp_path / "c", dataset=ds)
+  assert c["metrics"] != a["metrics"]  # another seed differs: the comparison can fail
