@@ -84,7 +84,8 @@ def static_binarize(images: np.ndarray, seed: int) -> np.ndarray:
 
 def find_manual_dir(name: str, manual_dir: Optional[str]) -> tuple[Optional[Path], list[Path]]:
   """The first `<root>/<name>` folder that exists, and every folder that was looked at."""
-  roots = [r for r in (manual_dir, os.environ.get(MANUAL_DIR_ENV), VENDORED_DATA_DIR) if r]
+  # An explicit data.manual_dir is the only place looked at; otherwise the environment, then the repository.
+  roots = [manual_dir] if manual_dir else [r for r in (os.environ.get(MANUAL_DIR_ENV), VENDORED_DATA_DIR) if r]
   looked = [Path(r).expanduser() / name for r in roots]
   return next((p for p in looked if p.is_dir()), None), looked
 

@@ -55,7 +55,15 @@ def check_config(workdir: Path, config: dict) -> None:
   path = workdir / "config.yaml"
   if not path.exists():
     return
-  changes = _diff(yaml.safe_load(path.read_text()) or {}, config)
+  try:
+    old = yaml.safe_load(path.read_text())
+  except yaml.YAMLError as e:
+    raise RunDirError(f"{path} is unreadable ({str(e).splitlines()[0]}). Nothing was changed. Restore or move "
+                      "that file, or choose a new run directory with hydra.run.dir=....") from e
+  if not isinstance(old, dict):
+    raise RunDirError(f"{path} does not hold a config. Nothing was changed. Move it away, or choose a new run "
+                      "directory with hydra.run.dir=....")
+  changes = _diff(old, config)
   if changes:
     raise RunDirError(
         f"Run directory {workdir} holds a run with a different config ({'; '.join(changes)}). "

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import sys
 import traceback
 from pathlib import Path
@@ -32,10 +33,16 @@ ConfigStore.instance().store(name="config_schema", node=Config)
 USER_ERRORS = (ConfigError, DataError, RunDirError, NonFiniteLossError, CheckpointMismatchError)
 
 
-def _remove_if_empty(path: Path) -> None:
-  """Hydra creates the run directory before we can validate; leave no empty folders behind."""
-  for folder in (path, *path.parents):
-    if folder == Path.cwd() or not folder.is_dir() or any(folder.iterdir()):
+_created_by_this_run: set[Path] = set()  # output folders that did not exist before this process
+
+
+def _clean_up(path: Path) -> None:
+  """A run that failed before it started leaves nothing behind: the folders Hydra created for it (and
+  the log file in them) are removed; a folder that existed before is never touched."""
+  if path.resolve() in _created_by_this_run and not (path / "config.yaml").exists():
+    shutil.rmtree(path, ignore_errors=True)
+  for folder in path.parents:  # the empty parents Hydra made (outputs/<name>/)
+    if folder.resolve() not in _created_by_this_run or not folder.is_dir() or any(folder.iterdir()):
       return
     folder.rmdir()
 
@@ -46,6 +53,7 @@ FAILED = "failed.json"  # in a sweep job's directory: why the job failed (the re
 def _check_output_dir(path: Path) -> None:
   """Stops with one line when the run or sweep directory cannot be created or written."""
   existing = next(p for p in (path, *path.parents) if p.exists())
+  _created_by_this_run.update(p.resolve() for p in (path, *path.parents) if not p.exists())
   if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
     what = "is not a directory" if not existing.is_dir() else "is not writable"
     print(f"error: cannot create the output directory {path}: {existing} {what}. Choose another with "
@@ -72,7 +80,10 @@ class RunChecks(Callback):
       sys.exit(1)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")  # the repository's conf/, wherever it is cloned
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(dict_cfg: DictConfig) -> float:
   workdir = Path(HydraConfig.get().runtime.output_dir)
   in_sweep = HydraConfig.get().mode == RunMode.MULTIRUN
@@ -89,7 +100,7 @@ def main(dict_cfg: DictConfig) -> float:
       return float("nan")
     if not isinstance(e, USER_ERRORS):
       raise
-    _remove_if_empty(workdir)
+    _clean_up(workdir)
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   (workdir / FAILED).unlink(missing_ok=True)  # a rerun that succeeded clears an earlier failure
@@ -97,4 +108,7 @@ def main(dict_cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
-  main()
+  # Run the function of the imported module, not of __main__: Hydra's callbacks (RunChecks) import
+  # cvae_jax.train by name, and both must share _created_by_this_run.
+  from cvae_jax import train
+  train.main()

@@ -122,7 +122,6 @@ def train_and_evaluate(cfg: Config, workdir: str | Path, dataset: Optional[Datas
     return finished
 
   ds = dataset if dataset is not None else data.load(cfg.data)  # before writing: bad data writes nothing
-  rundir.init(workdir, config)
   spec = ds.spec
   batch_size, epochs = cfg.training.batch_size, cfg.training.epochs
   steps_per_epoch = len(ds.train) // batch_size
@@ -132,7 +131,12 @@ def train_and_evaluate(cfg: Config, workdir: str | Path, dataset: Optional[Datas
   model = create_model(cfg.model, spec)
   state = create_train_state(cfg, model, spec)
   ckpt = checkpoints.Checkpointer(workdir / "checkpoints", cfg.training.max_checkpoints)
-  restored = ckpt.restore_latest_good(state)
+  try:
+    restored = ckpt.restore_latest_good(state)  # a checkpoint of another model stops us here
+  except BaseException:
+    ckpt.close()
+    raise
+  rundir.init(workdir, config)
   if restored is not None:
     state = restored
     log.info("Resumed from step %d in %s", int(state.step), workdir)

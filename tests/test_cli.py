@@ -156,3 +156,23 @@ def test_beta_sweep_runs_with_no_extra_flag(tmp_path, env_for_cli):
   assert [(r["objective.beta"], r["status"]) for r in rows] == [("1.0", "finished"), ("8", "not started")]
   assert float(rows[0]["elbo"]) == pytest.approx(json.loads((runs[0] / "results.json").read_text())["elbo"])
   assert "| objective.beta | status |" in (sweep / "report.md").read_text()
+
+
+def test_a_two_job_sweep_through_the_joblib_launcher_with_one_failing_job(tmp_path, env_for_cli):
+  """Two jobs in parallel processes (hydra-joblib-launcher); a third fails: the sweep exits non-zero,
+  names it, and the report lists it as failed beside the finished ones."""
+  sweep = tmp_path / "sweep"
+  proc = run_cli(["--multirun", "hydra/launcher=local", "hydra.launcher.n_jobs=2", "objective.beta=1,4,-1",
+                  f"hydra.sweep.dir={sweep}", *SHORT, "data.train_limit=640", "training.epochs=1",
+                  "evaluation.iwae_samples=0"], env_for_cli, tmp_path)
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  assert "1 job(s) of the sweep failed" in proc.stderr and "objective.beta=-1.0 is invalid" in proc.stderr
+  assert "Joblib.Parallel" in proc.stdout + proc.stderr  # it really went through the launcher
+  done = sorted(p.name for p in sweep.iterdir() if (p / "results.json").exists())
+  assert len(done) == 2 and all("objective.beta=1," in n or "objective.beta=4," in n for n in done)
+  failed = [p for p in sweep.iterdir() if (p / "failed.json").exists()]
+  assert len(failed) == 1 and "objective.beta=-1" in failed[0].name
+  proc = run_cli([str(sweep)], env_for_cli, tmp_path, module="cvae_jax.report")
+  with open(sweep / "report.csv") as f:
+    statuses = sorted(r["status"] for r in csv.DictReader(f))
+  assert statuses == ["failed", "finished", "finished"]
