@@ -47,20 +47,15 @@ def create_train_state(cfg: Config, model: VAE, spec: DatasetSpec) -> train_stat
   return train_state.TrainState.create(apply_fn=model.apply, params=params, tx=create_optimizer(cfg.optimizer))
 
 
-def make_train_epoch(cfg: Config, model: VAE, spec: DatasetSpec, num_train: int,
-                     on_trace: Optional[Callable[[], None]] = None) -> Callable:
-  """Returns train_epoch(state, images, labels, epoch) -> (state, per-step metrics), jitted once.
+def make_train_step(cfg: Config, model: VAE, spec: DatasetSpec) -> Callable:
+  """Returns train_step(state, images uint8 [B, ...], labels [B]) -> (state, metrics), not jitted.
 
-  The epoch is one compiled lax.scan over minibatches of data already on the device: no host round
-  trip per step. Keys come from (seed, stream, step), so a resumed run draws the same numbers.
-  `on_trace` is called each time JAX traces the function (tests count retraces with it).
+  Pure: the reparameterization and binarization keys are folded with state.step, so the same step
+  of a resumed run draws the same numbers.
   """
-  batch_size = cfg.training.batch_size
-  steps = num_train // batch_size
   beta, likelihood = cfg.objective.beta, cfg.objective.likelihood
   reparam_key = stream_key(cfg.seed, Stream.REPARAM)
   binarize_key = stream_key(cfg.seed, Stream.BINARIZE)
-  order_key = stream_key(cfg.seed, Stream.DATA_ORDER)
   skip_nonfinite = cfg.training.skip_nonfinite
 
   def train_step(state, images, labels):
@@ -82,6 +77,22 @@ def make_train_epoch(cfg: Config, model: VAE, spec: DatasetSpec, num_train: int,
                                     opt_state=keep(new_state.opt_state, state.opt_state))
       metrics["skipped"] = 1.0 - finite.astype(jnp.float32)
     return new_state, metrics
+
+  return train_step
+
+
+def make_train_epoch(cfg: Config, model: VAE, spec: DatasetSpec, num_train: int,
+                     on_trace: Optional[Callable[[], None]] = None) -> Callable:
+  """Returns train_epoch(state, images, labels, epoch) -> (state, per-step metrics), jitted once.
+
+  The epoch is one compiled lax.scan of train_step over minibatches of data already on the device:
+  no host round trip per step. `on_trace` is called each time JAX traces the function (tests count
+  retraces with it).
+  """
+  batch_size = cfg.training.batch_size
+  steps = num_train // batch_size
+  order_key = stream_key(cfg.seed, Stream.DATA_ORDER)
+  train_step = make_train_step(cfg, model, spec)
 
   def train_epoch(state, images, labels, epoch):
     if on_trace is not None:
