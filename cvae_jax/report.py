@@ -91,12 +91,18 @@ def varying_keys(rows: list[dict]) -> list[str]:
   configs = [r["config"] for r in rows if "config" in r]
   keys = sorted({k for c in configs for k in c})
   varying = {k for k in keys if len({json.dumps(c.get(k), sort_keys=True) for c in configs}) > 1}
-  swept = {k for r in rows for k in r["overrides"] if k in keys or not configs}
-  return sorted(varying | {k for k in swept if len({json.dumps(r["overrides"].get(k)) for r in rows}) > 1})
+  return sorted(varying | swept_keys(rows))
+
+
+def swept_keys(rows: list[dict]) -> set[str]:
+  """Override keys (config keys or group choices such as `model`) that take several values."""
+  keys = {k for r in rows for k in r["overrides"]}
+  return {k for k in keys if len({json.dumps(r["overrides"].get(k)) for r in rows}) > 1}
 
 
 def _value(row: dict, key: str):
-  """A row's value of a config key: from its config.yaml, else from the sweep's overrides."""
+  """A row's value of a key: from its config.yaml, else from the sweep's overrides (group choices such as
+  `model=conv` and jobs that never started live only there)."""
   return row.get("config", {}).get(key, row["overrides"].get(key, ""))
 
 
@@ -138,7 +144,7 @@ def plot_against(rows: list[dict], key: str, keys: list[str], out: Path) -> Opti
   others = [k for k in keys if k != key]
   groups: dict[str, list[dict]] = {}
   for r in done:
-    groups.setdefault(", ".join(f"{k}={r['config'].get(k)}" for k in others), []).append(r)
+    groups.setdefault(", ".join(f"{k}={_value(r, k)}" for k in others), []).append(r)
   panels = ["elbo", "rec", "kl"] + (["rate-distortion"] if key == "objective.beta" else [])
   fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.8))
   for label, group in groups.items():
@@ -170,10 +176,11 @@ def plot_against(rows: list[dict], key: str, keys: list[str], out: Path) -> Opti
 def plot_per_architecture(rows: list[dict], keys: list[str], out: Path) -> Optional[Path]:
   """Bars of ELBO, rec and KL per setting of the non-numeric model keys that vary (arch, kind, widths)."""
   done = [r for r in rows if r["status"] == "finished"]
-  arch_keys = [k for k in keys if k.startswith("model.") and not all(_is_number(r["config"].get(k)) for r in done)]
+  candidates = [k for k in keys if k in swept_keys(rows)] or keys  # what the sweep chose, if known
+  arch_keys = [k for k in candidates if k.startswith("model") and not all(_is_number(_value(r, k)) for r in done)]
   if not arch_keys or len(done) < 2:
     return None
-  labels = [", ".join(str(r["config"].get(k)) for k in arch_keys) for r in done]
+  labels = [", ".join(str(_value(r, k)) for k in arch_keys) for r in done]
   fig, axes = plt.subplots(1, 3, figsize=(13.5, 3.8))
   for ax, metric in zip(axes, ("elbo", "rec", "kl")):
     ax.barh(range(len(done)), [r[metric] for r in done])
@@ -199,7 +206,9 @@ def write_report(sweep_dir: Path, out: Optional[Path] = None) -> dict:
     raise FileNotFoundError(f"{sweep_dir} holds no runs: pass the folder a --multirun or sweep experiment wrote")
   keys = varying_keys(rows)
   csv_path, md_path = write_tables(rows, keys, out)
-  plots = [p for p in (plot_against(rows, k, keys, out) for k in keys) if p]
+  # Plot against the numeric keys the sweep varies (not those that change only with the architecture).
+  plotted = swept_keys(rows) or set(keys)
+  plots = [p for p in (plot_against(rows, k, keys, out) for k in keys if k in plotted) if p]
   arch = plot_per_architecture(rows, keys, out)
   plots += [arch] if arch else []
   return {"rows": rows, "varying": keys, "csv": csv_path, "markdown": md_path, "plots": plots}
