@@ -194,7 +194,8 @@ def train_and_evaluate(cfg: Config, workdir: str | Path, dataset: Optional[Datas
     ckpt.close()
     metrics_log.close()
 
-  final = evaluate_all(state.params)
+  # The last epoch's row already holds the test (and validation) metrics of the final parameters.
+  final = {k: v for k, v in metrics_log.rows[-1].items() if k.startswith(("test/", "val/"))}
   figure_paths = []
   if cfg.training.figures:
     figure_paths = figures.write_all(workdir / "figures", model, state.params, spec, cfg.objective.likelihood,
