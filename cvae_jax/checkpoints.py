@@ -29,6 +29,9 @@ def _shapes(tree) -> dict:
 class Checkpointer:
   def __init__(self, directory: Path, max_to_keep: int):
     self.directory = Path(directory).absolute()
+    if self.directory.is_dir():
+      for leftover in sorted(self.directory.glob("*.orbax-checkpoint-tmp*")):
+        log.warning("Checkpoint %s is incomplete (a save was interrupted); it is ignored and removed.", leftover)
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True, cleanup_tmp_directories=True)
     self._manager = ocp.CheckpointManager(self.directory, options=options)
 

@@ -50,6 +50,19 @@ def test_corrupt_latest_checkpoint_is_skipped_with_a_warning(tmp_path, monkeypat
     np.testing.assert_array_equal(x, y)  # resumed from step 8 and reached the same parameters
 
 
+def test_an_incomplete_checkpoint_is_ignored_with_a_warning(tmp_path, monkeypatch, caplog):
+  cfg, ds = small_config(**{"training.epochs": 4}), synthetic_dataset()
+  interrupted_run(cfg, ds, tmp_path, monkeypatch)
+  partial = tmp_path / "checkpoints" / "24.orbax-checkpoint-tmp-1795651799"  # what a kill during a save leaves
+  (partial / "default").mkdir(parents=True)
+  (partial / "default" / "_METADATA").write_text("{")
+  with caplog.at_level(logging.WARNING):
+    train_and_evaluate(cfg, tmp_path, dataset=ds)
+  assert any("24.orbax-checkpoint-tmp" in r.getMessage() and "incomplete" in r.getMessage() for r in caplog.records)
+  assert not partial.exists()
+  assert [r["step"] for r in read_metrics(tmp_path)] == [8, 16, 24, 32]  # resumed from 16
+
+
 def test_a_checkpoint_of_another_architecture_is_refused_untouched(tmp_path, monkeypatch):
   ds = synthetic_dataset()
   interrupted_run(small_config(**{"model.hidden": [32]}), ds, tmp_path / "a", monkeypatch)
