@@ -11,6 +11,8 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+import flax.linen as nn
+
 
 class Pixels(str, enum.Enum):
   grayscale = "grayscale"            # intensities in [0, 1]
@@ -146,12 +148,8 @@ def validate(cfg: Config) -> Config:
   for key in ("train_limit", "test_limit"):
     value = getattr(d, key)
     _check(value is None or value >= 1, f"data.{key}", value, "must be at least 1, or null for all")
-  try:
-    import flax.linen as nn
-    _check(callable(getattr(nn, m.activation, None)), "model.activation", m.activation,
-           "use a flax.linen activation name such as relu, tanh, gelu, elu")
-  except ImportError:  # pragma: no cover
-    pass
+  _check(callable(getattr(nn, m.activation, None)), "model.activation", m.activation,
+         "use a flax.linen activation name such as relu, tanh, gelu, elu")
   return cfg
 
 

@@ -41,9 +41,8 @@ def _class_name(spec: DatasetSpec, k: int) -> str:
 def reconstruction_grid(path, model, params, spec, likelihood, split: Split, key, n: int = 10):
   """Top row: inputs as the model sees them; bottom row: the decoder's mean for their encoded mean."""
   x = model_input(jnp.asarray(split.images[:n]), spec.pixels, key)
-  c = one_hot_condition(model, jnp.asarray(split.labels[:n]))
-  mean, _ = model.apply({"params": params}, x, c, method=VAE.encode)
-  recon = MEAN[likelihood](model.apply({"params": params}, mean, c, method=VAE.decode))
+  labels = split.labels[:n]
+  recon = generation.decode_mean(model, params, generation.encode_mean(model, params, x, labels), labels, likelihood)
   fig, ax = plt.subplots(figsize=(n, 2.2))
   _show(ax, tile(np.concatenate([np.asarray(x), np.asarray(recon)]), 2, n))
   ax.set_title("inputs (top) and reconstructions (bottom)")

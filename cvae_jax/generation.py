@@ -15,12 +15,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from cvae_jax.config import Likelihood
+from cvae_jax.evaluation import one_hot_condition
 from cvae_jax.models import VAE
 from cvae_jax.objectives import MEAN
 
 
 def _one_hot(model: VAE, labels):
-  return jax.nn.one_hot(jnp.asarray(labels), model.num_classes) if model.num_classes else None
+  return one_hot_condition(model, jnp.asarray(labels))
 
 
 def encode_mean(model: VAE, params, x, labels) -> jax.Array:
