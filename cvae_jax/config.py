@@ -18,11 +18,13 @@ class Pixels(str, enum.Enum):
   grayscale = "grayscale"            # intensities in [0, 1]
   static_binary = "static_binary"    # one fixed Bernoulli(intensity) sample per image, drawn once
   dynamic_binary = "dynamic_binary"  # resampled every time a batch is drawn (Burda et al. 2016)
+  real = "real"                      # real-valued signals used as they are (1-D sequences; Gaussian likelihood)
 
 
 class Kind(str, enum.Enum):
   vae = "vae"    # p(x|z) p(z)
   cvae = "cvae"  # p(x|z,c) p(z); c = one-hot class label fed to encoder and decoder
+  ae = "ae"      # plain autoencoder of the same size: z = encoder mean, loss = reconstruction only (baseline)
 
 
 class Arch(str, enum.Enum):
@@ -33,6 +35,13 @@ class Arch(str, enum.Enum):
 class Likelihood(str, enum.Enum):
   bernoulli = "bernoulli"                        # exact on binary pixels; on grayscale = BCE (unnormalized)
   continuous_bernoulli = "continuous_bernoulli"  # normalized density on [0, 1] (Loaiza-Ganem & Cunningham 2019)
+  gaussian = "gaussian"                          # N(mean, sigma^2) per dimension, both from the decoder (real data)
+
+
+class KLSchedule(str, enum.Enum):
+  constant = "constant"  # the KL weight is beta throughout
+  linear = "linear"      # 0 -> beta over objective.kl_warmup_epochs, then beta (Bowman et al. 2016)
+  cyclical = "cyclical"  # objective.kl_cycles ramps 0 -> beta, each rising over kl_cycle_ratio of its cycle (Fu et al. 2019)
 
 
 @dataclass
@@ -43,6 +52,8 @@ class DataConfig:
   train_limit: Optional[int] = None  # use only the first N training examples (tests, smoke runs)
   test_limit: Optional[int] = None   # use only the first N test examples
   binarization_seed: int = 0         # seed of the fixed sample for static binarization
+  exclude_classes: list[int] = field(default_factory=list)  # labels left out of train and validation (anomaly
+                                                           # detection: the test split keeps them)
   manual_dir: Optional[str] = None   # folder holding <name>/ with the official files (env CVAE_JAX_MANUAL_DIR)
   data_dir: Optional[str] = None     # TFDS data_dir for prepared datasets (env TFDS_DATA_DIR, ~/tensorflow_datasets)
   download: bool = False             # allow TFDS to download when no manual files are found
@@ -66,6 +77,12 @@ class ModelConfig:
 class ObjectiveConfig:
   likelihood: Likelihood = Likelihood.bernoulli
   beta: float = 1.0  # weight of the KL in the optimized loss only; the reported ELBO is unweighted
+  kl_schedule: KLSchedule = KLSchedule.constant  # how the KL weight reaches beta (posterior-collapse remedies)
+  kl_warmup_epochs: float = 0.0  # linear: epochs over which the weight rises from 0 to beta
+  kl_cycles: int = 4             # cyclical: number of cycles over the whole run
+  kl_cycle_ratio: float = 0.5    # cyclical: fraction of each cycle spent rising (the rest at beta)
+  free_bits: float = 0.0         # nats per latent dimension below which the KL is not penalized (Kingma
+                                 # et al. 2016): loss KL = sum_j max(free_bits, batch mean KL_j); 0: off
 
 
 @dataclass
@@ -97,6 +114,11 @@ class EvaluationConfig:
   sample_accuracy: bool = False  # at the end of training, judge CVAE samples with a trained classifier
   batch_size: int = 100          # examples per chunk of the importance-weighted bound
   sample_chunk: int = 500        # importance samples per chunk (memory ~ batch_size * sample_chunk * D)
+  diagnostics: bool = True       # every epoch: KL per dimension, active units and I(x; z) on the test split
+  mi_examples: int = 1000        # test examples for the I(x; z) estimate (its maximum is log of this)
+  anomaly: bool = False          # at the end of training, score the test split for anomaly detection
+  anomaly_samples: int = 100     # k of the importance-weighted anomaly score
+  anomaly_dataset: Optional[str] = None  # also score this dataset's test split as anomalies (cross-dataset)
 
 
 @dataclass
@@ -131,6 +153,11 @@ def validate(cfg: Config) -> Config:
   _check(m.conv_stride >= 1, "model.conv_stride", m.conv_stride, "must be at least 1")
   _check(m.dense >= 1, "model.dense", m.dense, "must be at least 1")
   _check(o.beta >= 0, "objective.beta", o.beta, "beta weights the KL term and must be >= 0")
+  _check(o.kl_schedule != KLSchedule.linear or o.kl_warmup_epochs > 0, "objective.kl_warmup_epochs",
+         o.kl_warmup_epochs, "a linear KL schedule needs a warm-up of more than 0 epochs")
+  _check(o.kl_cycles >= 1, "objective.kl_cycles", o.kl_cycles, "must be at least 1")
+  _check(0 < o.kl_cycle_ratio <= 1, "objective.kl_cycle_ratio", o.kl_cycle_ratio, "must be in (0, 1]")
+  _check(o.free_bits >= 0, "objective.free_bits", o.free_bits, "must be >= 0 nats per dimension (0: off)")
   _check(opt.learning_rate > 0, "optimizer.learning_rate", opt.learning_rate, "must be > 0")
   _check(opt.grad_clip_norm is None or opt.grad_clip_norm > 0, "optimizer.grad_clip_norm",
          opt.grad_clip_norm, "must be > 0, or null for no clipping")
@@ -144,6 +171,15 @@ def validate(cfg: Config) -> Config:
   _check(ev.iwae_samples >= 0, "evaluation.iwae_samples", ev.iwae_samples, "must be >= 0 (0 skips the bound)")
   _check(ev.batch_size >= 1, "evaluation.batch_size", ev.batch_size, "must be at least 1")
   _check(ev.sample_chunk >= 1, "evaluation.sample_chunk", ev.sample_chunk, "must be at least 1")
+  _check(ev.mi_examples >= 2, "evaluation.mi_examples", ev.mi_examples, "must be at least 2")
+  _check(ev.anomaly_samples >= 1, "evaluation.anomaly_samples", ev.anomaly_samples, "must be at least 1")
+  _check(ev.anomaly_dataset is None or ev.anomaly, "evaluation.anomaly_dataset", ev.anomaly_dataset,
+         "scoring another dataset needs evaluation.anomaly=true")
+  _check(all(k >= 0 for k in d.exclude_classes), "data.exclude_classes", d.exclude_classes,
+         "class labels are >= 0")
+  _check(d.pixels != Pixels.real or o.likelihood == Likelihood.gaussian, "objective.likelihood",
+         getattr(o.likelihood, "value", o.likelihood),
+         "real-valued data (data.pixels=real) needs objective=gaussian; Bernoulli likelihoods need [0, 1] data")
   _check(d.validation_size >= 0, "data.validation_size", d.validation_size, "must be >= 0")
   for key in ("train_limit", "test_limit"):
     value = getattr(d, key)

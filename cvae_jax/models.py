@@ -6,6 +6,8 @@ Interface (every variant):
   __call__(x, c, rng) -> VAEOutput     mean, logvar, a reparameterized z, logits
   generate(rng, c, num_samples)        z ~ p(z) = N(0, I), decoded under c
 For a VAE the condition c is ignored (pass None). Shapes come from the DatasetSpec, never constants.
+A plain autoencoder (kind ae, the anomaly-detection baseline) is the same module with z = mean and no
+logvar in its output.
 """
 from __future__ import annotations
 
@@ -17,17 +19,17 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from cvae_jax.config import Arch, ConfigError, Kind, ModelConfig
+from cvae_jax.config import Arch, ConfigError, Kind, Likelihood, ModelConfig
 from cvae_jax.data import DatasetSpec
-from cvae_jax.objectives import reparameterize
+from cvae_jax.objectives import OUTPUTS_PER_CHANNEL, reparameterize
 
 
 @flax.struct.dataclass
 class VAEOutput:
   mean: jax.Array    # [B, Z]
-  logvar: jax.Array  # [B, Z]
+  logvar: jax.Array | None  # [B, Z]; None for a plain autoencoder
   z: jax.Array       # [B, Z]
-  logits: jax.Array  # [B, *data_shape]
+  logits: jax.Array  # [B, *data_shape[:-1], channels * outputs per channel]
 
 
 def _concat(h: jax.Array, c: Optional[jax.Array]) -> jax.Array:
@@ -122,6 +124,7 @@ class VAE(nn.Module):
   decoder: nn.Module
   latent_size: int
   num_classes: int = 0
+  stochastic: bool = True  # False: a plain autoencoder (z = encoder mean, no KL)
 
   def _condition(self, c):
     if not self.num_classes:
@@ -138,6 +141,8 @@ class VAE(nn.Module):
 
   def __call__(self, x, c, rng) -> VAEOutput:
     mean, logvar = self.encode(x, c)
+    if not self.stochastic:
+      return VAEOutput(mean=mean, logvar=None, z=mean, logits=self.decode(mean, c))
     z = reparameterize(rng, mean, logvar)
     return VAEOutput(mean=mean, logvar=logvar, z=z, logits=self.decode(z, c))
 
@@ -148,14 +153,14 @@ class VAE(nn.Module):
     return self.decode(z, c)
 
 
-def _build_mlp(cfg: ModelConfig, spec: DatasetSpec, activation: Callable):
+def _build_mlp(cfg: ModelConfig, output_shape: tuple[int, ...], activation: Callable):
   return (MLPEncoder(tuple(cfg.hidden), cfg.latent_size, activation),
-          MLPDecoder(tuple(cfg.hidden), spec.image_shape, activation))
+          MLPDecoder(tuple(cfg.hidden), output_shape, activation))
 
 
-def _build_conv(cfg: ModelConfig, spec: DatasetSpec, activation: Callable):
+def _build_conv(cfg: ModelConfig, output_shape: tuple[int, ...], activation: Callable):
   factor = cfg.conv_stride ** len(cfg.decoder_channels)
-  spatial = spec.image_shape[:-1]
+  spatial = output_shape[:-1]
   if cfg.decoder_channels and any(s % factor for s in spatial):
     raise ConfigError(
         f"model.decoder_channels={list(cfg.decoder_channels)} with model.conv_stride={cfg.conv_stride} "
@@ -164,15 +169,19 @@ def _build_conv(cfg: ModelConfig, spec: DatasetSpec, activation: Callable):
   encoder = ConvEncoder(tuple(cfg.encoder_channels), cfg.kernel_size, cfg.conv_stride, cfg.dense,
                         cfg.latent_size, activation)
   decoder = ConvDecoder(tuple(cfg.decoder_channels), cfg.kernel_size, cfg.conv_stride, cfg.dense,
-                        spec.image_shape, activation)
+                        output_shape, activation)
   return encoder, decoder
 
 
-# Architecture families by name: each builds (encoder, decoder) from the config and the data spec.
+# Architecture families by name: each builds (encoder, decoder) from the config and the decoder's
+# output shape (the data shape, with one or two outputs per channel).
 ARCHITECTURES = {Arch.mlp: _build_mlp, Arch.conv: _build_conv}
 
 
-def create_model(cfg: ModelConfig, spec: DatasetSpec) -> VAE:
-  encoder, decoder = ARCHITECTURES[Arch(cfg.arch)](cfg, spec, getattr(nn, cfg.activation))
-  num_classes = spec.num_classes if Kind(cfg.kind) == Kind.cvae else 0
-  return VAE(encoder=encoder, decoder=decoder, latent_size=cfg.latent_size, num_classes=num_classes)
+def create_model(cfg: ModelConfig, spec: DatasetSpec, likelihood: Likelihood = Likelihood.bernoulli) -> VAE:
+  *spatial, channels = spec.image_shape
+  output_shape = (*spatial, channels * OUTPUTS_PER_CHANNEL[Likelihood(likelihood)])
+  encoder, decoder = ARCHITECTURES[Arch(cfg.arch)](cfg, output_shape, getattr(nn, cfg.activation))
+  kind = Kind(cfg.kind)
+  return VAE(encoder=encoder, decoder=decoder, latent_size=cfg.latent_size,
+             num_classes=spec.num_classes if kind == Kind.cvae else 0, stochastic=kind != Kind.ae)

@@ -58,16 +58,36 @@ def continuous_bernoulli_mean(logits: jax.Array) -> jax.Array:
   return jnp.where(small, 0.5 + logits / 12, exact)
 
 
+GAUSSIAN_MIN_SCALE = 1e-3  # keeps the density bounded when a dimension is reconstructed exactly
+
+
+def gaussian_mean_scale(outputs: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Decoder outputs [..., 2C] -> (mean [..., C], sigma [..., C]), sigma = softplus(raw) + 1e-3."""
+  mean, raw = jnp.split(outputs, 2, axis=-1)
+  return mean, jax.nn.softplus(raw) + GAUSSIAN_MIN_SCALE
+
+
+def gaussian_log_prob(x: jax.Array, outputs: jax.Array) -> jax.Array:
+  """log N(x | mean, sigma^2) summed over dimensions, mean and sigma from the decoder outputs.  [B]"""
+  mean, sigma = gaussian_mean_scale(outputs)
+  return _sum_except_batch(-0.5 * jnp.square((x - mean) / sigma) - jnp.log(sigma) - 0.5 * math.log(2 * math.pi))
+
+
 LOG_PROB = {
     Likelihood.bernoulli: bernoulli_log_prob,
     Likelihood.continuous_bernoulli: continuous_bernoulli_log_prob,
+    Likelihood.gaussian: gaussian_log_prob,
 }
 
-# The image a decoder "means": used for reconstructions and samples in figures.
+# The data a decoder "means": used for reconstructions and samples in figures.
 MEAN = {
     Likelihood.bernoulli: jax.nn.sigmoid,
     Likelihood.continuous_bernoulli: continuous_bernoulli_mean,
+    Likelihood.gaussian: lambda outputs: gaussian_mean_scale(outputs)[0],
 }
+
+# Decoder outputs per data channel: logits (1), or mean and scale (2).
+OUTPUTS_PER_CHANNEL = {Likelihood.bernoulli: 1, Likelihood.continuous_bernoulli: 1, Likelihood.gaussian: 2}
 
 
 def gaussian_kl(mean: jax.Array, logvar: jax.Array) -> jax.Array:
@@ -88,24 +108,34 @@ def reparameterize(rng: jax.Array, mean: jax.Array, logvar: jax.Array) -> jax.Ar
   return mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape, mean.dtype)
 
 
-def elbo_terms(x: jax.Array, logits: jax.Array, mean: jax.Array, logvar: jax.Array,
+def elbo_terms(x: jax.Array, logits: jax.Array, mean: jax.Array, logvar: jax.Array | None,
                likelihood: Likelihood) -> dict[str, jax.Array]:
   """Per-example ELBO = E_q[log p(x|z)] - KL(q(z|x) || p(z)), one-sample estimate of the first term.
 
-  Returns [B] arrays: rec = -log p(x|z) (nats), kl, elbo = -(rec + kl).
+  Returns [B] arrays: rec = -log p(x|z) (nats), kl, elbo = -(rec + kl). A plain autoencoder (logvar
+  None) has no KL: its "elbo" is minus the reconstruction loss, not a bound.
   """
   rec = -LOG_PROB[likelihood](x, logits)
-  kl = gaussian_kl(mean, logvar)
+  kl = gaussian_kl(mean, logvar) if logvar is not None else jnp.zeros_like(rec)
   return {"rec": rec, "kl": kl, "elbo": -(rec + kl)}
 
 
-def loss_and_metrics(terms: dict[str, jax.Array], beta: float, num_dims: int) -> tuple[jax.Array, dict]:
+def free_bits_kl(kl_per_dim: jax.Array, free_bits: float) -> jax.Array:
+  """sum_j max(free_bits, mean_batch KL_j): the KL term with free bits (Kingma et al. 2016, eq. 15,
+  one group per latent dimension). A dimension whose batch-mean KL is below free_bits gets no gradient
+  from it, so the encoder may use up to free_bits nats of it at no cost.  [B, Z] -> scalar"""
+  return jnp.sum(jnp.maximum(free_bits, jnp.mean(kl_per_dim, axis=0)))
+
+
+def loss_and_metrics(terms: dict[str, jax.Array], beta, num_dims: int,
+                     kl_penalty: jax.Array | None = None) -> tuple[jax.Array, dict]:
   """Batch means of the per-example terms; loss = rec + beta * kl, the only place beta enters.
 
-  bpd = -elbo / (D ln 2): bits per dimension of the same bound.
+  beta may be a traced scalar (a KL schedule). `kl_penalty` replaces the batch-mean KL in the loss
+  (free bits); the reported kl and elbo stay the true ones. bpd = -elbo / (D ln 2).
   """
   metrics = {k: jnp.mean(v) for k, v in terms.items()}
-  loss = metrics["rec"] + beta * metrics["kl"]
+  loss = metrics["rec"] + beta * (metrics["kl"] if kl_penalty is None else kl_penalty)
   metrics["loss"] = loss
   metrics["bpd"] = -metrics["elbo"] / (num_dims * math.log(2.0))
   return loss, metrics

@@ -51,7 +51,7 @@ def restore_run(workdir: Path, dataset: Optional[Dataset] = None) -> Restored:
     if ckpt.latest_step() is None:
       raise RestoreError(f"{ckpt_dir} holds no checkpoint: train the run first (rerun its training command).")
     ds = dataset if dataset is not None else data.load(cfg.data)
-    model = create_model(cfg.model, ds.spec)
+    model = create_model(cfg.model, ds.spec, cfg.objective.likelihood)
     state = ckpt.restore_latest_good(create_train_state(cfg, model, ds.spec))
     if state is None:
       raise RestoreError(f"No checkpoint in {ckpt_dir} is readable (see the warnings above): retrain the run.")

@@ -22,6 +22,8 @@ from typing import Any, Optional
 import jax
 import yaml
 
+from cvae_jax.config import Config, to_dict
+
 log = logging.getLogger(__name__)
 
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "hydra-core", "tensorflow-datasets",
@@ -38,14 +40,19 @@ def write_json_atomic(path: Path, obj: Any) -> None:
   os.replace(tmp, path)
 
 
-def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:
+ABSENT = "<absent>"
+
+
+def _diff(old: dict, new: dict, defaults: dict, prefix: str = "") -> list[str]:
+  """Differences old -> new. A key absent from old whose new value is the schema default is no
+  difference: the run predates that option and ran as its default does."""
   keys = sorted(set(old) | set(new))
   out = []
   for k in keys:
-    a, b = old.get(k, "<absent>"), new.get(k, "<absent>")
+    a, b, d = old.get(k, ABSENT), new.get(k, ABSENT), defaults.get(k, ABSENT) if isinstance(defaults, dict) else ABSENT
     if isinstance(a, dict) and isinstance(b, dict):
-      out += _diff(a, b, f"{prefix}{k}.")
-    elif a != b:
+      out += _diff(a, b, d if isinstance(d, dict) else {}, f"{prefix}{k}.")
+    elif a != b and not (a == ABSENT and b == d):
       out.append(f"{prefix}{k}: {a!r} -> {b!r}")
   return out
 
@@ -63,7 +70,7 @@ def check_config(workdir: Path, config: dict) -> None:
   if not isinstance(old, dict):
     raise RunDirError(f"{path} does not hold a config. Nothing was changed. Move it away, or choose a new run "
                       "directory with hydra.run.dir=....")
-  changes = _diff(old, config)
+  changes = _diff(old, config, to_dict(Config()))
   if changes:
     raise RunDirError(
         f"Run directory {workdir} holds a run with a different config ({'; '.join(changes)}). "
@@ -136,7 +143,7 @@ class MetricsLog:
     with open(self.path, "a") as f:
       f.write(json.dumps(row) + "\n")
     for key, value in row.items():
-      if "/" in key:
+      if "/" in key and isinstance(value, (int, float)):  # lists (KL per dimension) stay in metrics.jsonl
         self._tb.add_scalar(key, value, row["step"])
     self._tb.flush()
 

@@ -15,14 +15,14 @@ import optax
 from flax.training import train_state
 from tqdm.auto import tqdm
 
-from cvae_jax import checkpoints, data, figures, rundir
+from cvae_jax import annealing, checkpoints, data, figures, rundir
 from cvae_jax.config import Config, ConfigError, OptimizerConfig, to_dict, validate
 from cvae_jax.data import Dataset, DatasetSpec, model_input
 from cvae_jax.evaluate import evaluate_model
-from cvae_jax.evaluation import make_evaluate, one_hot_condition
+from cvae_jax.evaluation import make_diagnostics, make_evaluate, one_hot_condition
 from cvae_jax.keys import Stream, stream_key
 from cvae_jax.models import VAE, create_model
-from cvae_jax.objectives import elbo_terms, loss_and_metrics
+from cvae_jax.objectives import elbo_terms, free_bits_kl, gaussian_kl_per_dim, loss_and_metrics
 
 log = logging.getLogger(__name__)
 
@@ -47,13 +47,14 @@ def create_train_state(cfg: Config, model: VAE, spec: DatasetSpec) -> train_stat
   return train_state.TrainState.create(apply_fn=model.apply, params=params, tx=create_optimizer(cfg.optimizer))
 
 
-def make_train_step(cfg: Config, model: VAE, spec: DatasetSpec) -> Callable:
+def make_train_step(cfg: Config, model: VAE, spec: DatasetSpec, steps_per_epoch: int = 1) -> Callable:
   """Returns train_step(state, images uint8 [B, ...], labels [B]) -> (state, metrics), not jitted.
 
-  Pure: the reparameterization and binarization keys are folded with state.step, so the same step
-  of a resumed run draws the same numbers.
+  Pure: the reparameterization and binarization keys and the KL weight are functions of state.step,
+  so the same step of a resumed run draws the same numbers.
   """
-  beta, likelihood = cfg.objective.beta, cfg.objective.likelihood
+  likelihood, free_bits = cfg.objective.likelihood, cfg.objective.free_bits
+  kl_weight = annealing.kl_weight_schedule(cfg.objective, steps_per_epoch, steps_per_epoch * cfg.training.epochs)
   reparam_key = stream_key(cfg.seed, Stream.REPARAM)
   binarize_key = stream_key(cfg.seed, Stream.BINARIZE)
   skip_nonfinite = cfg.training.skip_nonfinite
@@ -62,13 +63,18 @@ def make_train_step(cfg: Config, model: VAE, spec: DatasetSpec) -> Callable:
     x = model_input(images, spec.pixels, jax.random.fold_in(binarize_key, state.step))  # [B, *shape]
     c = one_hot_condition(model, labels)  # [B, K] or None
     rng = jax.random.fold_in(reparam_key, state.step)
+    beta = kl_weight(state.step)
 
     def loss_fn(params):
       out = state.apply_fn({"params": params}, x, c, rng)
       terms = elbo_terms(x, out.logits, out.mean, out.logvar, likelihood)
-      return loss_and_metrics(terms, beta, spec.num_pixels)
+      penalty = None
+      if free_bits > 0 and out.logvar is not None:
+        penalty = free_bits_kl(gaussian_kl_per_dim(out.mean, out.logvar), free_bits)
+      return loss_and_metrics(terms, beta, spec.num_pixels, penalty)
 
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    metrics["kl_weight"] = jnp.asarray(beta, jnp.float32)
     new_state = state.apply_gradients(grads=grads)
     if skip_nonfinite:  # keep the old parameters and optimizer state when this step's numbers are not finite
       finite = jnp.isfinite(loss) & jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
@@ -92,7 +98,7 @@ def make_train_epoch(cfg: Config, model: VAE, spec: DatasetSpec, num_train: int,
   batch_size = cfg.training.batch_size
   steps = num_train // batch_size
   order_key = stream_key(cfg.seed, Stream.DATA_ORDER)
-  train_step = make_train_step(cfg, model, spec)
+  train_step = make_train_step(cfg, model, spec, steps)
 
   def train_epoch(state, images, labels, epoch):
     if on_trace is not None:
@@ -139,7 +145,7 @@ def train_and_evaluate(cfg: Config, workdir: str | Path, dataset: Optional[Datas
   if steps_per_epoch == 0:
     raise ConfigError(f"training.batch_size={batch_size} is larger than the training set "
                       f"({len(ds.train)} examples). Lower it.")
-  model = create_model(cfg.model, spec)
+  model = create_model(cfg.model, spec, cfg.objective.likelihood)
   state = create_train_state(cfg, model, spec)
   ckpt = checkpoints.Checkpointer(workdir / "checkpoints", cfg.training.max_checkpoints)
   try:
@@ -162,9 +168,16 @@ def train_and_evaluate(cfg: Config, workdir: str | Path, dataset: Optional[Datas
   evaluate = make_evaluate(model, spec, cfg.objective.likelihood, cfg.training.eval_batch_size)
   eval_key = stream_key(cfg.seed, Stream.EVAL)
 
+  diagnose = None
+  if cfg.evaluation.diagnostics and model.stochastic:
+    diagnose = make_diagnostics(model, spec, cfg.training.eval_batch_size, cfg.evaluation.mi_examples)
+
   def evaluate_all(params) -> dict:
-    return {f"{name}/{k}": float(v) for name, (images, labels) in eval_arrays.items()
-            for k, v in jax.device_get(evaluate(params, images, labels, eval_key)).items()}
+    row = {f"{name}/{k}": float(v) for name, (images, labels) in eval_arrays.items()
+           for k, v in jax.device_get(evaluate(params, images, labels, eval_key)).items()}
+    if diagnose is not None:  # posterior-collapse diagnostics on the test split
+      row |= {f"test/{k}": v for k, v in diagnose(params, *eval_arrays["test"], eval_key).items()}
+    return row
 
   wall_offset, t0 = metrics_log.wall_time, time.perf_counter()
   bar = tqdm(range(start_epoch, epochs), initial=start_epoch, total=epochs, unit="epoch",
@@ -205,13 +218,17 @@ def train_and_evaluate(cfg: Config, workdir: str | Path, dataset: Optional[Datas
   results = {
       "elbo": final["test/elbo"], "rec": final["test/rec"], "kl": final["test/kl"], "bpd": final["test/bpd"],
       "normalized_likelihood": evaluated["normalized_likelihood"],
-      "active_units": evaluated["active_units"],
+      "active_units": evaluated.get("active_units"),
       "metrics": final, "steps": int(state.step), "epochs": epochs,
       "wall_time": metrics_log.wall_time, "figures": [p.name for p in figure_paths],
       "num_params": int(sum(math.prod(p.shape) for p in jax.tree.leaves(state.params))),
   }
   if "iwae" in evaluated:
     results |= {"nll": evaluated["iwae"]["nll"], "iwae_samples": evaluated["iwae"]["k"]}
+  if "anomaly_auroc" in evaluated:
+    results["anomaly_auroc"] = evaluated["anomaly_auroc"]
+  if "test/mutual_information" in final:
+    results["mutual_information"] = final["test/mutual_information"]
   rundir.write_json_atomic(workdir / "results.json", results)
   log.info("Finished: test ELBO %.3f nats (rec %.3f, kl %.3f) after %d steps, %.1f s", results["elbo"],
            results["rec"], results["kl"], results["steps"], results["wall_time"])

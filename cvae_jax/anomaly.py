@@ -1,0 +1,147 @@
+"""Anomaly detection by likelihood: a score per test input, AUROC and AUPRC (scikit-learn), histograms.
+
+Scores (higher = more anomalous), by model kind:
+  vae   neg_elbo             -ELBO, averaged over k samples of q(z|x)
+        nll                  -L_k, the k-sample importance-weighted bound (Burda et al. 2016)
+  cvae  marginal_nll         -log sum_c p(c) p(x|c), each p(x|c) by L_k; p(c) = training label frequencies
+        best_label_nll       -max_c L_k(x|c): the label that explains x best
+        marginal_neg_elbo, best_label_neg_elbo: the same with the ELBO in place of L_k
+  ae    reconstruction       -log p(x | decode(encode(x))): the baseline of An & Cho (2015)
+Protocols: held_out (the test images of data.exclude_classes, never trained on, against the test images
+of the other classes) and cross_dataset (evaluation.anomaly_dataset's test split against ours).
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cvae_jax import data, rundir
+from cvae_jax.config import Config, Likelihood
+from cvae_jax.data import Dataset, DatasetSpec, DataError, model_input
+from cvae_jax.evaluation import iwae_bound, map_over_split, one_hot_condition
+from cvae_jax.keys import Stream, stream_key
+from cvae_jax.models import VAE
+from cvae_jax.objectives import LOG_PROB
+
+
+def make_scores(model: VAE, spec: DatasetSpec, likelihood: Likelihood, num_samples: int, batch_size: int,
+                sample_chunk: int, class_log_prior: np.ndarray | None = None) -> Callable:
+  """Returns scores(params, images, labels, key) -> {score name: [N]} over a whole split.
+
+  `class_log_prior` [K]: log p(c) for the CVAE marginal, -inf for classes never trained on (they are
+  skipped). Labels are not used: an anomaly detector does not know them.
+  """
+  if model.num_classes:
+    classes = jnp.asarray(np.flatnonzero(np.isfinite(class_log_prior)))
+    log_prior = jnp.asarray(class_log_prior)[classes]
+
+  def per_batch(params, images, labels, key):
+    x = model_input(images, spec.pixels, jax.random.fold_in(key, 1))
+    key = jax.random.fold_in(key, 0)
+    if not model.stochastic:
+      out = model.apply({"params": params}, x, None, key)
+      return {"reconstruction": -LOG_PROB[likelihood](x, out.logits)}
+    if not model.num_classes:
+      bound, elbo = iwae_bound(model, params, x, None, key, num_samples, sample_chunk, likelihood, with_elbo=True)
+      return {"neg_elbo": -elbo, "nll": -bound}
+
+    def under_class(k):  # [b], [b]: the bounds on log p(x | c = k)
+      c = jax.nn.one_hot(jnp.full(x.shape[0], k), model.num_classes)
+      return iwae_bound(model, params, x, c, key, num_samples, sample_chunk, likelihood, with_elbo=True)
+
+    bound, elbo = jax.lax.map(under_class, classes)  # [C, b] each
+    lse = lambda a: jax.scipy.special.logsumexp(a + log_prior[:, None], axis=0)
+    return {"marginal_nll": -lse(bound), "best_label_nll": -bound.max(axis=0),
+            "marginal_neg_elbo": -lse(elbo), "best_label_neg_elbo": -elbo.max(axis=0)}
+
+  return map_over_split(per_batch, batch_size)
+
+
+def detection_metrics(scores: np.ndarray, is_anomaly: np.ndarray) -> dict:
+  """AUROC and AUPRC (average precision, the anomalies as the positive class) of one score."""
+  from sklearn.metrics import average_precision_score, roc_auc_score
+  return {"auroc": float(roc_auc_score(is_anomaly, scores)), "auprc": float(average_precision_score(is_anomaly, scores)),
+          "anomaly_fraction": float(np.mean(is_anomaly))}
+
+
+def histogram_figure(path: Path, protocols: dict[str, tuple[dict, np.ndarray]], title: str) -> None:
+  """One panel per (protocol, score): histograms of the score for normal and anomalous inputs."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  panels = [(p, name, s[name], y) for p, (s, y) in protocols.items() for name in s]
+  fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3), squeeze=False)
+  for ax, (protocol, name, score, y) in zip(axes[0], panels):
+    finite = np.isfinite(score)
+    lo, hi = np.percentile(score[finite], [0.5, 99.5])
+    bins = np.linspace(lo, hi, 60)
+    ax.hist(score[(y == 0) & finite], bins, alpha=0.6, density=True, label="normal")
+    ax.hist(score[(y == 1) & finite], bins, alpha=0.6, density=True, label="anomalous")
+    ax.set_title(f"{protocol}: {name}", fontsize=9)
+    ax.set_xlabel("score (nats)")
+  axes[0, 0].legend(fontsize=8)
+  fig.suptitle(title, fontsize=10)
+  fig.tight_layout()
+  fig.savefig(path, dpi=80)
+  plt.close(fig)
+
+
+def score_anomalies(cfg: Config, ds: Dataset, model: VAE, params, workdir: Path) -> dict:
+  """Scores the test split (and evaluation.anomaly_dataset's), writes anomaly.json, anomaly_scores.npz
+  and figures/anomaly_scores.png; returns the anomaly.json content."""
+  t0 = time.perf_counter()
+  ev, spec = cfg.evaluation, ds.spec
+  log_prior = None
+  if model.num_classes:
+    counts = np.bincount(ds.train.labels, minlength=spec.num_classes).astype(np.float64)
+    with np.errstate(divide="ignore"):
+      log_prior = np.log(counts / counts.sum())
+  scores_fn = make_scores(model, spec, cfg.objective.likelihood, ev.anomaly_samples, ev.batch_size,
+                          ev.sample_chunk, log_prior)
+  key = stream_key(cfg.seed, Stream.EVAL)
+  score = lambda split: {k: np.asarray(v, np.float64) for k, v in jax.device_get(
+      scores_fn(params, jax.device_put(split.images), jax.device_put(split.labels), key)).items()}
+  test_scores = score(ds.test)
+  held_out = np.isin(ds.test.labels, list(cfg.data.exclude_classes))
+  protocols = {}
+  if held_out.any():
+    protocols["held_out"] = (test_scores, held_out.astype(np.int32))
+  if ev.anomaly_dataset:
+    other = data.load(dataclasses.replace(cfg.data, name=ev.anomaly_dataset, exclude_classes=[], train_limit=1,
+                                          validation_size=0))
+    if other.spec.image_shape != spec.image_shape:
+      raise DataError(f"evaluation.anomaly_dataset={ev.anomaly_dataset!r} has inputs of shape "
+                      f"{other.spec.image_shape}, the model takes {spec.image_shape}; choose a dataset of the same shape.")
+    other_scores = score(other.test)
+    normal = {k: v[~held_out] for k, v in test_scores.items()}  # only classes the model was trained on
+    protocols["cross_dataset"] = ({k: np.concatenate([normal[k], other_scores[k]]) for k in normal},
+                                  np.r_[np.zeros((~held_out).sum(), np.int32), np.ones(len(other.test), np.int32)])
+  result = {"k": ev.anomaly_samples, "exclude_classes": list(cfg.data.exclude_classes),
+            "anomaly_dataset": ev.anomaly_dataset, "protocols": {}}
+  for name, (scores, is_anomaly) in protocols.items():
+    result["protocols"][name] = {
+        "num_normal": int((is_anomaly == 0).sum()), "num_anomalous": int(is_anomaly.sum()),
+        "scores": {k: detection_metrics(v, is_anomaly) for k, v in scores.items()}}
+  np.savez_compressed(workdir / "anomaly_scores.npz", **{f"{p}/{k}": v for p, (s, _) in protocols.items()
+                                                          for k, v in s.items()},
+                      **{f"{p}/is_anomaly": y for p, (_, y) in protocols.items()})
+  if protocols:
+    (workdir / "figures").mkdir(exist_ok=True)
+    histogram_figure(workdir / "figures" / "anomaly_scores.png", protocols,
+                     f"{spec.name}, {'ae' if not model.stochastic else 'cvae' if model.num_classes else 'vae'}, "
+                     f"held out {list(cfg.data.exclude_classes)}")
+  result["wall_time"] = time.perf_counter() - t0
+  rundir.write_json_atomic(workdir / "anomaly.json", result)
+  return result
+
+
+def auroc_summary(result: dict) -> dict:
+  """{"<protocol>/<score>": AUROC}: the flat form results.json and sweep reports carry."""
+  return {f"{p}/{k}": round(v["auroc"], 4) for p, block in result["protocols"].items()
+          for k, v in block["scores"].items()}
