@@ -103,6 +103,8 @@ class TrainingConfig:
   max_checkpoints: int = 3            # keep the newest N checkpoints
   skip_nonfinite: bool = False        # skip updates with a NaN/inf loss or gradient (counted in train/skipped)
                                       # instead of stopping the run at the first one
+  data_parallel: bool = False         # split each minibatch over all local devices (a 1-D mesh, axis "data");
+                                      # batch_size must be a multiple of the device count
   progress: bool = True               # show a progress bar
   figures: bool = True                # write the figures at the end of training
 

@@ -21,7 +21,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import yaml  # noqa: E402
 
-METRICS = ("elbo", "rec", "kl", "nll", "active_units", "steps", "wall_time")
+METRICS = ("elbo", "rec", "kl", "nll", "active_units", "mutual_information", "steps", "wall_time")
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:

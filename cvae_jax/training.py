@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax.training import train_state
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from cvae_jax import annealing, checkpoints, data, figures, rundir
@@ -87,13 +88,19 @@ def make_train_step(cfg: Config, model: VAE, spec: DatasetSpec, steps_per_epoch:
   return train_step
 
 
+def data_parallel_mesh() -> Mesh:
+  """A 1-D mesh over every local device; axis "data" splits the batch."""
+  return jax.make_mesh((jax.local_device_count(),), ("data",), axis_types=(AxisType.Auto,))
+
+
 def make_train_epoch(cfg: Config, model: VAE, spec: DatasetSpec, num_train: int,
-                     on_trace: Optional[Callable[[], None]] = None) -> Callable:
+                     on_trace: Optional[Callable[[], None]] = None, mesh: Optional[Mesh] = None) -> Callable:
   """Returns train_epoch(state, images, labels, epoch) -> (state, per-step metrics), jitted once.
 
   The epoch is one compiled lax.scan of train_step over minibatches of data already on the device:
   no host round trip per step. `on_trace` is called each time JAX traces the function (tests count
-  retraces with it).
+  retraces with it). With a `mesh` (data parallelism), state and data are replicated and each
+  minibatch is split over the mesh's "data" axis; XLA partitions the step and all-reduces the gradients.
   """
   batch_size = cfg.training.batch_size
   steps = num_train // batch_size
@@ -107,7 +114,12 @@ def make_train_epoch(cfg: Config, model: VAE, spec: DatasetSpec, num_train: int,
     batches = order[: steps * batch_size].reshape(steps, batch_size)  # drop the last partial batch
 
     def body(state, idx):
-      return train_step(state, images[idx], labels[idx])
+      batch_images, batch_labels = images[idx], labels[idx]
+      if mesh is not None:
+        split = NamedSharding(mesh, PartitionSpec("data"))
+        batch_images = jax.lax.with_sharding_constraint(batch_images, split)
+        batch_labels = jax.lax.with_sharding_constraint(batch_labels, split)
+      return train_step(state, batch_images, batch_labels)
 
     return jax.lax.scan(body, state, batches)
 
@@ -145,6 +157,10 @@ def train_and_evaluate(cfg: Config, workdir: str | Path, dataset: Optional[Datas
   if steps_per_epoch == 0:
     raise ConfigError(f"training.batch_size={batch_size} is larger than the training set "
                       f"({len(ds.train)} examples). Lower it.")
+  mesh = data_parallel_mesh() if cfg.training.data_parallel else None
+  if mesh is not None and batch_size % mesh.size:
+    raise ConfigError(f"training.batch_size={batch_size} does not split over {mesh.size} devices "
+                      "(training.data_parallel=true): use a multiple of the device count.")
   model = create_model(cfg.model, spec, cfg.objective.likelihood)
   state = create_train_state(cfg, model, spec)
   ckpt = checkpoints.Checkpointer(workdir / "checkpoints", cfg.training.max_checkpoints)
@@ -160,11 +176,14 @@ def train_and_evaluate(cfg: Config, workdir: str | Path, dataset: Optional[Datas
   start_epoch = int(state.step) // steps_per_epoch
   metrics_log = rundir.MetricsLog(workdir, int(state.step))
 
-  # The whole dataset lives on the device as uint8; each step converts its minibatch.
-  train_images, train_labels = jax.device_put(ds.train.images), jax.device_put(ds.train.labels)
+  # The whole dataset lives on the device as uint8; each step converts its minibatch. Data parallel:
+  # data and state are replicated on every device of the mesh.
+  put = jax.device_put if mesh is None else lambda x: jax.device_put(x, NamedSharding(mesh, PartitionSpec()))
+  state = put(state)
+  train_images, train_labels = put(ds.train.images), put(ds.train.labels)
   eval_splits = {"test": ds.test} | ({"val": ds.validation} if ds.validation is not None else {})
-  eval_arrays = {k: (jax.device_put(s.images), jax.device_put(s.labels)) for k, s in eval_splits.items()}
-  train_epoch = make_train_epoch(cfg, model, spec, len(ds.train), on_trace)
+  eval_arrays = {k: (put(s.images), put(s.labels)) for k, s in eval_splits.items()}
+  train_epoch = make_train_epoch(cfg, model, spec, len(ds.train), on_trace, mesh)
   evaluate = make_evaluate(model, spec, cfg.objective.likelihood, cfg.training.eval_batch_size)
   eval_key = stream_key(cfg.seed, Stream.EVAL)
 
@@ -207,13 +226,14 @@ def train_and_evaluate(cfg: Config, workdir: str | Path, dataset: Optional[Datas
     ckpt.close()
     metrics_log.close()
 
+  params = state.params if mesh is None else jax.device_get(state.params)  # figures and eval on one device
   # The last epoch's row already holds the test (and validation) metrics of the final parameters.
   final = {k: v for k, v in metrics_log.rows[-1].items() if k.startswith(("test/", "val/"))}
   figure_paths = []
   if cfg.training.figures:
-    figure_paths = figures.write_all(workdir / "figures", model, state.params, spec, cfg.objective.likelihood,
+    figure_paths = figures.write_all(workdir / "figures", model, params, spec, cfg.objective.likelihood,
                                      ds.test, stream_key(cfg.seed, Stream.FIGURES))
-  evaluated = evaluate_model(cfg, ds, model, state.params, workdir, cfg.evaluation.iwae_samples,
+  evaluated = evaluate_model(cfg, ds, model, params, workdir, cfg.evaluation.iwae_samples,
                              cfg.evaluation.sample_accuracy)
   results = {
       "elbo": final["test/elbo"], "rec": final["test/rec"], "kl": final["test/kl"], "bpd": final["test/bpd"],

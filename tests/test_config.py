@@ -35,9 +35,23 @@ def test_every_experiment_composes_and_validates(experiment):
   validate(OmegaConf.to_object(cfg))
 
 
-@pytest.mark.parametrize("model", ["mlp", "conv", "conv_deep"])
+@pytest.mark.parametrize("model", ["mlp", "conv", "conv_deep", "conv1d"])
 def test_every_model_composes(model):
   validate(OmegaConf.to_object(compose_config([f"model={model}"])))
+
+
+def test_remedies_set_the_objective():
+  for remedy, expected in [("none", ("constant", 0.0)), ("warmup", ("linear", 0.0)),
+                           ("cyclical", ("cyclical", 0.0)), ("free_bits", ("constant", 0.5))]:
+    cfg = validate(OmegaConf.to_object(compose_config([f"remedy={remedy}"])))
+    assert (cfg.objective.kl_schedule.value, cfg.objective.free_bits) == expected
+
+
+def test_anomaly_sweeps_hold_out_every_class():
+  for name in ("anomaly_mnist", "anomaly_fashion_mnist"):
+    params = compose_config([f"+experiment={name}"], True).hydra.sweeper.params
+    assert params["data.exclude_classes"].split("],[") and params["data.exclude_classes"].count("[") == 11
+    assert set(params["model.kind"].split(",")) == {"ae", "vae", "cvae"}
 
 
 def test_sweeps_cover_the_asked_values():
@@ -55,6 +69,11 @@ def test_sweeps_cover_the_asked_values():
     ("training.batch_size=0", "training.batch_size=0"),
     ("optimizer.learning_rate=0", "optimizer.learning_rate"),
     ("model.activation=nonsense", "model.activation"),
+    ("objective.kl_schedule=linear", "objective.kl_warmup_epochs=0.0"),
+    ("objective.free_bits=-1", "objective.free_bits"),
+    ("objective.kl_cycle_ratio=0", "objective.kl_cycle_ratio"),
+    ("evaluation.anomaly_dataset=fashion_mnist", "needs evaluation.anomaly=true"),
+    ("data.exclude_classes=[-1]", "data.exclude_classes"),
 ])
 def test_bad_values_raise_config_error(override, message):
   with pytest.raises(ConfigError, match=message.replace(".", r"\.")):

@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import scipy.stats
 from scipy import integrate
 
 from cvae_jax import objectives
@@ -105,3 +106,34 @@ def test_beta_weights_only_the_loss():
     assert float(metrics["rec"]) == pytest.approx(rec, rel=1e-6)
     assert float(metrics["kl"]) == pytest.approx(kl, rel=1e-6)
     assert float(metrics["bpd"]) == pytest.approx((rec + kl) / (3 * math.log(2)), rel=1e-6)
+
+
+def test_gaussian_log_prob_against_scipy():
+  rng = np.random.default_rng(0)
+  x, mean, raw = rng.normal(size=(3, 2, 5, 1)).astype(np.float32)
+  outputs = np.concatenate([mean, raw], axis=-1)  # [B, T, 2]: mean and raw scale per dimension
+  sigma = np.log1p(np.exp(raw)) + objectives.GAUSSIAN_MIN_SCALE
+  expected = scipy.stats.norm.logpdf(x, mean, sigma).sum(axis=(1, 2))
+  np.testing.assert_allclose(objectives.gaussian_log_prob(jnp.asarray(x), jnp.asarray(outputs)), expected, rtol=1e-5)
+  np.testing.assert_allclose(objectives.MEAN[Likelihood.gaussian](jnp.asarray(outputs)), mean)
+
+
+def test_free_bits_by_hand():
+  kl = jnp.array([[0.1, 2.0], [0.3, 1.0]])  # batch means per dimension: 0.2 and 1.5
+  assert float(objectives.free_bits_kl(kl, 0.5)) == pytest.approx(0.5 + 1.5)
+  assert float(objectives.free_bits_kl(kl, 0.0)) == pytest.approx(1.7)  # no free bits: the plain mean KL
+  grad = jax.grad(lambda k: objectives.free_bits_kl(k, 0.5))(kl)
+  np.testing.assert_allclose(grad, [[0.0, 0.5], [0.0, 0.5]])  # the dimension below 0.5 nats is not pushed
+
+
+def test_free_bits_replace_only_the_loss_kl():
+  terms = {"rec": jnp.array([10.0, 12.0]), "kl": jnp.array([1.0, 3.0]), "elbo": jnp.array([-11.0, -15.0])}
+  loss, metrics = objectives.loss_and_metrics(terms, 2.0, num_dims=4, kl_penalty=jnp.asarray(5.0))
+  assert float(loss) == pytest.approx(11.0 + 2.0 * 5.0)
+  assert float(metrics["kl"]) == pytest.approx(2.0) and float(metrics["elbo"]) == pytest.approx(-13.0)
+
+
+def test_autoencoder_terms_have_no_kl():
+  x = jnp.array([[1.0, 0.0]])
+  terms = objectives.elbo_terms(x, jnp.array([[2.0, -1.0]]), jnp.zeros((1, 3)), None, Likelihood.bernoulli)
+  assert float(terms["kl"][0]) == 0.0 and float(terms["elbo"][0]) == pytest.approx(-float(terms["rec"][0]))

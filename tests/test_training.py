@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from cvae_jax import checkpoints, rundir
-from cvae_jax.config import ConfigError, Pixels
+from cvae_jax.config import ConfigError, Pixels, to_dict
 from cvae_jax.models import create_model
 from cvae_jax.rundir import RunDirError
 from cvae_jax.training import NonFiniteLossError, create_train_state, train_and_evaluate
@@ -101,6 +101,18 @@ def test_a_run_directory_with_another_config_is_refused(tmp_path):
   with pytest.raises(RunDirError, match=r"objective\.beta: 1\.0 -> 2\.0"):
     train_and_evaluate(small_config(**{"objective.beta": 2.0}), tmp_path, dataset=ds)
   assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == before  # nothing touched
+
+
+def test_a_run_written_before_a_new_option_still_resumes(tmp_path):
+  import yaml
+  cfg = small_config()
+  train_and_evaluate(cfg, tmp_path, dataset=synthetic_dataset())
+  written = yaml.safe_load((tmp_path / "config.yaml").read_text())
+  del written["objective"]["free_bits"]  # as a run directory from before the option existed
+  (tmp_path / "config.yaml").write_text(yaml.safe_dump(written))
+  rundir.check_config(tmp_path, to_dict(cfg))  # absent = the default: the same run
+  with pytest.raises(rundir.RunDirError, match=r"objective.free_bits: '<absent>' -> 0.5"):
+    rundir.check_config(tmp_path, to_dict(small_config(**{"objective.free_bits": 0.5})))
 
 
 def test_non_finite_loss_stops_with_the_step(tmp_path):

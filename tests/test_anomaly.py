@@ -1,0 +1,136 @@
+"""Anomaly detection: each score against its definition, the metrics against hand-computed values, the
+held-out-class protocol end to end, and the 1-D signal path (Gaussian likelihood, MLP and 1-D conv)."""
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cvae_jax import anomaly, data, evaluation, training
+from cvae_jax.config import Arch, Kind, Likelihood, ModelConfig, Pixels
+from cvae_jax.data import Dataset, DatasetSpec, Split
+from cvae_jax.models import create_model
+
+from conftest import small_config, synthetic_dataset
+
+SPEC = DatasetSpec("toy", (4, 4, 1), 3, Pixels.static_binary)
+
+
+def toy_model(kind):
+  model = create_model(ModelConfig(arch=Arch.mlp, kind=kind, hidden=[16], latent_size=3), SPEC)
+  c = jnp.zeros((1, 3)) if kind == Kind.cvae else None
+  params = model.init({"params": jax.random.key(0)}, jnp.zeros((1, 4, 4, 1)), c, jax.random.key(1))["params"]
+  images = jax.random.bernoulli(jax.random.key(2), 0.4, (6, 4, 4, 1)).astype(jnp.uint8)
+  return model, params, images, jnp.zeros(6, jnp.int32)
+
+
+def test_metrics_by_hand():
+  # Pairs (anomaly, normal) ranked correctly: (0.35 > 0.1), (0.8 > 0.1), (0.8 > 0.4); wrong: (0.35 < 0.4).
+  m = anomaly.detection_metrics(np.array([0.1, 0.4, 0.35, 0.8]), np.array([0, 0, 1, 1]))
+  assert m["auroc"] == pytest.approx(0.75)
+  assert m["auprc"] == pytest.approx((1 / 1 + 2 / 3) / 2)  # precision at each anomaly's rank
+  assert m["anomaly_fraction"] == 0.5
+
+
+def test_vae_scores_with_one_sample_agree():
+  model, params, images, labels = toy_model(Kind.vae)
+  scores = anomaly.make_scores(model, SPEC, Likelihood.bernoulli, 1, 3, 1)(params, images, labels, jax.random.key(3))
+  np.testing.assert_allclose(scores["nll"], scores["neg_elbo"], rtol=1e-6)  # L_1 is the one-sample ELBO
+  many = anomaly.make_scores(model, SPEC, Likelihood.bernoulli, 64, 3, 16)(params, images, labels, jax.random.key(3))
+  assert np.all(np.asarray(many["nll"]) <= np.asarray(many["neg_elbo"]) + 1e-4)  # L_k >= ELBO
+
+
+def test_cvae_marginal_and_best_label_scores():
+  model, params, images, labels = toy_model(Kind.cvae)
+  log_prior = np.array([np.log(0.25), np.log(0.75), -np.inf])  # class 2 never trained on: left out of the marginal
+  key = jax.random.key(4)
+  scores = anomaly.make_scores(model, SPEC, Likelihood.bernoulli, 8, 6, 8, log_prior)(params, images, labels, key)
+  x = images.astype(jnp.float32)
+  per_class = np.stack([np.asarray(evaluation.iwae_bound(
+      model, params, x, jax.nn.one_hot(jnp.full(6, k), 3), jax.random.fold_in(jax.random.fold_in(key, 0), 0), 8, 8,
+      Likelihood.bernoulli)) for k in (0, 1)])  # chunk 0's key, as map_over_split folds it
+  expected = -np.logaddexp(np.log(0.25) + per_class[0], np.log(0.75) + per_class[1])
+  np.testing.assert_allclose(scores["marginal_nll"], expected, rtol=1e-5)
+  np.testing.assert_allclose(scores["best_label_nll"], -per_class.max(axis=0), rtol=1e-5)
+
+
+def test_autoencoder_score_is_its_reconstruction_loss():
+  model, params, images, labels = toy_model(Kind.ae)
+  scores = anomaly.make_scores(model, SPEC, Likelihood.bernoulli, 1, 6, 1)(params, images, labels, jax.random.key(5))
+  x = images.astype(jnp.float32)
+  mean, _ = model.apply({"params": params}, x, None, method=model.encode)
+  logits = model.apply({"params": params}, mean, None, method=model.decode)
+  expected = -np.sum(np.asarray(x * logits - jax.nn.softplus(logits)).reshape(6, -1), axis=1)
+  np.testing.assert_allclose(scores["reconstruction"], expected, rtol=1e-5)
+
+
+def test_excluded_classes_leave_train_but_not_test():
+  ds = synthetic_dataset()
+  split = data.exclude(ds.train, [2])
+  assert 2 not in split.labels and len(split) == int(np.sum(ds.train.labels != 2))
+
+
+@pytest.mark.parametrize("kind", ["vae", "ae"])
+def test_a_held_out_class_is_found(tmp_path, kind):
+  # Each synthetic class lights its own band of rows; trained without class 2, its images are anomalous.
+  ds = synthetic_dataset(n_train=1024, n_test=300)
+  cfg = small_config(**{"model.kind": kind, "data.exclude_classes": [2], "evaluation.anomaly": True,
+                        "evaluation.anomaly_samples": 8, "training.epochs": 5})
+  ds = Dataset(ds.spec, data.exclude(ds.train, [2]), ds.test)  # as data.load does for data.exclude_classes
+  results = training.train_and_evaluate(cfg, tmp_path, dataset=ds)
+  report = json.loads((tmp_path / "anomaly.json").read_text())["protocols"]["held_out"]
+  assert report["num_anomalous"] == int(np.sum(ds.test.labels == 2)) and report["num_normal"] == 300 - report["num_anomalous"]
+  for name, metrics in report["scores"].items():
+    assert metrics["auroc"] > 0.95, (name, metrics)
+  assert results["anomaly_auroc"] == anomaly.auroc_summary({"protocols": {"held_out": report}})
+  assert (tmp_path / "anomaly_scores.npz").exists() and (tmp_path / "figures" / "anomaly_scores.png").exists()
+
+
+def signal_dataset(n_train=2048, n_test=200, length=32, seed=0) -> Dataset:
+  """Generated 1-D signals [N, T, 1]: class 0 a sine of period 16, class 1 period 8, plus noise."""
+  rng = np.random.default_rng(seed)
+  t = np.arange(length)
+
+  def split(n):
+    labels = rng.integers(0, 2, n).astype(np.int32)
+    phase = rng.uniform(0, 2 * np.pi, (n, 1))
+    signals = np.sin(2 * np.pi * t / np.where(labels[:, None] == 0, 16, 8) + phase) + 0.1 * rng.normal(size=(n, length))
+    return Split(signals[..., None].astype(np.float32), labels)
+
+  return Dataset(DatasetSpec("signals", (length, 1), 2, Pixels.real), split(n_train), split(n_test))
+
+
+@pytest.mark.parametrize("arch", ["mlp", "conv"])
+def test_signals_with_a_gaussian_likelihood(tmp_path, arch):
+  ds = signal_dataset()
+  overrides = {"data.pixels": "real", "objective.likelihood": "gaussian", "model.arch": arch, "training.epochs": 8,
+               "data.exclude_classes": [1], "evaluation.anomaly": True, "evaluation.anomaly_samples": 8,
+               "training.figures": True, "optimizer.learning_rate": 3e-3}
+  if arch == "conv":
+    overrides |= {"model.encoder_channels": [8, 8], "model.decoder_channels": [8, 8], "model.conv_stride": 2,
+                  "model.kernel_size": 5, "model.dense": 32}
+  cfg = small_config(**overrides)
+  ds = Dataset(ds.spec, data.exclude(ds.train, [1]), ds.test)
+  results = training.train_and_evaluate(cfg, tmp_path, dataset=ds)
+  rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert rows[-1]["train/elbo"] > rows[0]["train/elbo"] + 5  # it learns
+  assert results["anomaly_auroc"]["held_out/nll"] > 0.9   # the other frequency is anomalous
+  assert results["figures"] == ["reconstructions.png"]
+
+
+def test_real_valued_data_needs_the_gaussian_likelihood():
+  from cvae_jax.config import ConfigError, validate
+  with pytest.raises(ConfigError, match="objective=gaussian"):
+    validate(small_config(**{"data.pixels": "real"}))
+
+
+def test_missing_ecg_files_say_how_to_fetch_them(tmp_path):
+  from cvae_jax.config import DataConfig
+  with pytest.raises(data.DataError, match="fetch_ecg5000.py"):
+    data.load(DataConfig(name="ecg5000", pixels="real", manual_dir=str(tmp_path)))
+  (tmp_path / "ecg5000").mkdir()
+  for name in data.ECG5000_FILES:
+    (tmp_path / "ecg5000" / name).write_text("1\t0.5\n")  # not the UCR file
+  with pytest.raises(data.DataError, match="sha256 differs"):
+    data.load(DataConfig(name="ecg5000", pixels="real", manual_dir=str(tmp_path)))

@@ -1,0 +1,56 @@
+"""Data-parallel training over 4 fake CPU devices matches one device (a subprocess: the device count is
+fixed when JAX starts)."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+from conftest import REPO
+
+SCRIPT = r"""
+import json, sys
+import jax, numpy as np
+sys.path.insert(0, "tests")
+from conftest import small_config, synthetic_dataset
+from cvae_jax.training import train_and_evaluate
+from cvae_jax.restore import restore_run
+out = {"devices": jax.device_count()}
+for parallel in (False, True):
+  workdir = f"{sys.argv[1]}/parallel={parallel}"
+  cfg = small_config(**{"training.data_parallel": parallel, "training.epochs": 2, "model.kind": "cvae",
+                        "data.pixels": "dynamic_binary"})
+  ds = synthetic_dataset(pixels=cfg.data.pixels)
+  results = train_and_evaluate(cfg, workdir, dataset=ds)
+  params = restore_run(workdir, dataset=ds).params
+  out[str(parallel)] = {"metrics": results["metrics"], "params": [np.asarray(p).tolist() for p in jax.tree.leaves(params)]}
+# The compiled data-parallel epoch really splits the batch: gradients are summed across devices.
+from jax.sharding import NamedSharding, PartitionSpec
+from cvae_jax import training
+from cvae_jax.models import create_model
+mesh = training.data_parallel_mesh()
+model = create_model(cfg.model, ds.spec)
+epoch = training.make_train_epoch(cfg, model, ds.spec, len(ds.train), mesh=mesh)
+put = lambda x: jax.device_put(x, NamedSharding(mesh, PartitionSpec()))
+state = put(training.create_train_state(cfg, model, ds.spec))
+hlo = epoch.lower(state, put(ds.train.images), put(ds.train.labels), 0).compile().as_text()
+out["all_reduce"] = "all-reduce" in hlo
+print("RESULT" + json.dumps(out))
+"""
+
+
+def test_four_devices_match_one(tmp_path):
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
+             TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=str(REPO))
+  proc = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path)], cwd=REPO, env=env, capture_output=True,
+                        text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  out = json.loads(proc.stdout.split("RESULT", 1)[1])
+  assert out["devices"] == 4 and out["all_reduce"]
+  one, four = out["False"], out["True"]
+  for key, value in one["metrics"].items():
+    if isinstance(value, float):
+      assert np.isclose(four["metrics"][key], value, rtol=1e-4, atol=1e-4), (key, value, four["metrics"][key])
+  for a, b in zip(one["params"], four["params"]):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-3, atol=1e-5)
