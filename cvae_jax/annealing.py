@@ -15,23 +15,20 @@ from cvae_jax.config import KLSchedule, ObjectiveConfig
 
 
 def kl_weight_schedule(cfg: ObjectiveConfig, steps_per_epoch: int, total_steps: int) -> Callable:
-  """Returns weight(step) -> the KL weight used by the update at 0-based `step`.
+  """Returns weight(step, beta=cfg.beta) -> the KL weight used by the update at 0-based `step`
+  (beta may be traced: batched sweeps vary it).
 
   linear (Bowman et al. 2016): beta * min(1, step / warmup_steps), warmup_steps = kl_warmup_epochs epochs.
   cyclical (Fu et al. 2019, "Cyclical Annealing Schedule"): the run is split into kl_cycles cycles of
   total_steps / kl_cycles steps; in each, beta * min(1, tau / kl_cycle_ratio), tau in [0, 1) the position
   within the cycle: a rise from 0 to beta over the first kl_cycle_ratio of the cycle, then beta.
   """
-  beta = float(cfg.beta)
   schedule = KLSchedule(cfg.kl_schedule)
   if schedule == KLSchedule.constant:
-    return optax.constant_schedule(beta)
+    return lambda step, beta=cfg.beta: beta
   if schedule == KLSchedule.linear:
-    return optax.linear_schedule(0.0, beta, transition_steps=max(1, round(cfg.kl_warmup_epochs * steps_per_epoch)))
-  period = total_steps / cfg.kl_cycles
-
-  def cyclical(step):
-    tau = jnp.mod(step, period) / period
-    return beta * jnp.minimum(1.0, tau / cfg.kl_cycle_ratio)
-
-  return cyclical
+    fraction = optax.linear_schedule(0.0, 1.0, transition_steps=max(1, round(cfg.kl_warmup_epochs * steps_per_epoch)))
+  else:
+    period = total_steps / cfg.kl_cycles
+    fraction = lambda step: jnp.minimum(1.0, jnp.mod(step, period) / period / cfg.kl_cycle_ratio)
+  return lambda step, beta=cfg.beta: beta * fraction(step)

@@ -10,6 +10,7 @@ from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
+import flax.struct
 import numpy as np
 import optax
 from flax.training import train_state
@@ -32,39 +33,57 @@ class NonFiniteLossError(FloatingPointError):
   """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
+@flax.struct.dataclass
+class RunHyper:
+  """The scalar hyperparameters a batched sweep varies between its runs (cvae_jax/batched.py): arguments
+  of the step rather than constants, so one vmapped program trains runs that differ only in them."""
+  seed: jax.Array
+  beta: jax.Array
+  learning_rate: jax.Array
+
+
+def run_hyper(cfg: Config) -> RunHyper:
+  return RunHyper(seed=jnp.asarray(cfg.seed, jnp.int32), beta=jnp.asarray(cfg.objective.beta, jnp.float32),
+                  learning_rate=jnp.asarray(cfg.optimizer.learning_rate, jnp.float32))
+
+
 def create_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
-  adam = optax.adam(cfg.learning_rate, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)
+  """Adam (after optional global-norm clipping) with a unit step: the train step multiplies the update
+  by the run's learning rate, so it can vary across a batched sweep. The state is optax.adam's."""
+  adam = optax.adam(1.0, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)
   if cfg.grad_clip_norm is None:
     return adam
   return optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm), adam)
 
 
-def create_train_state(cfg: Config, model: VAE, spec: DatasetSpec) -> train_state.TrainState:
-  """The one place the train state is built: parameters from the PARAMS stream, Adam state, step 0."""
+def create_train_state(cfg: Config, model: VAE, spec: DatasetSpec, seed=None) -> train_state.TrainState:
+  """The one place the train state is built: parameters from the PARAMS stream, Adam state, step 0.
+  `seed` (default cfg.seed) may be traced: batched sweeps vmap this over their runs' seeds."""
   x = jnp.zeros((1, *spec.image_shape), jnp.float32)
   c = jnp.zeros((1, spec.num_classes), jnp.float32) if model.num_classes else None
-  key = stream_key(cfg.seed, Stream.PARAMS)
+  key = stream_key(cfg.seed if seed is None else seed, Stream.PARAMS)
   params = model.init({"params": key}, x, c, jax.random.fold_in(key, 1))["params"]
   return train_state.TrainState.create(apply_fn=model.apply, params=params, tx=create_optimizer(cfg.optimizer))
 
 
 def make_train_step(cfg: Config, model: VAE, spec: DatasetSpec, steps_per_epoch: int = 1) -> Callable:
-  """Returns train_step(state, images uint8 [B, ...], labels [B]) -> (state, metrics), not jitted.
+  """Returns train_step(state, images uint8 [B, ...], labels [B], hyper=None) -> (state, metrics), not jitted.
 
   Pure: the reparameterization and binarization keys and the KL weight are functions of state.step,
-  so the same step of a resumed run draws the same numbers.
+  so the same step of a resumed run draws the same numbers. `hyper` (a RunHyper) overrides the
+  config's seed, beta and learning rate.
   """
   likelihood, free_bits = cfg.objective.likelihood, cfg.objective.free_bits
   kl_weight = annealing.kl_weight_schedule(cfg.objective, steps_per_epoch, steps_per_epoch * cfg.training.epochs)
-  reparam_key = stream_key(cfg.seed, Stream.REPARAM)
-  binarize_key = stream_key(cfg.seed, Stream.BINARIZE)
   skip_nonfinite = cfg.training.skip_nonfinite
 
-  def train_step(state, images, labels):
+  def train_step(state, images, labels, hyper: Optional[RunHyper] = None):
+    hyper = run_hyper(cfg) if hyper is None else hyper
+    binarize_key = stream_key(hyper.seed, Stream.BINARIZE)
     x = model_input(images, spec.pixels, jax.random.fold_in(binarize_key, state.step))  # [B, *shape]
     c = one_hot_condition(model, labels)  # [B, K] or None
-    rng = jax.random.fold_in(reparam_key, state.step)
-    beta = kl_weight(state.step)
+    rng = jax.random.fold_in(stream_key(hyper.seed, Stream.REPARAM), state.step)
+    beta = kl_weight(state.step, hyper.beta)
 
     def loss_fn(params):
       out = state.apply_fn({"params": params}, x, c, rng)
@@ -76,7 +95,10 @@ def make_train_step(cfg: Config, model: VAE, spec: DatasetSpec, steps_per_epoch:
 
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     metrics["kl_weight"] = jnp.asarray(beta, jnp.float32)
-    new_state = state.apply_gradients(grads=grads)
+    direction, opt_state = state.tx.update(grads, state.opt_state, state.params)  # -Adam step for rate 1
+    updates = jax.tree.map(lambda d: d * hyper.learning_rate, direction)
+    new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                              opt_state=opt_state)
     if skip_nonfinite:  # keep the old parameters and optimizer state when this step's numbers are not finite
       finite = jnp.isfinite(loss) & jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
       keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
@@ -94,22 +116,22 @@ def data_parallel_mesh() -> Mesh:
 
 
 def make_train_epoch(cfg: Config, model: VAE, spec: DatasetSpec, num_train: int,
-                     on_trace: Optional[Callable[[], None]] = None, mesh: Optional[Mesh] = None) -> Callable:
-  """Returns train_epoch(state, images, labels, epoch) -> (state, per-step metrics), jitted once.
+                     on_trace: Optional[Callable[[], None]] = None, mesh: Optional[Mesh] = None,
+                     batched: bool = False) -> Callable:
+  """Returns train_epoch(state, images, labels, epoch, hyper=None) -> (state, per-step metrics), jitted once.
 
   The epoch is one compiled lax.scan of train_step over minibatches of data already on the device:
   no host round trip per step. `on_trace` is called each time JAX traces the function (tests count
   retraces with it). With a `mesh` (data parallelism), state and data are replicated and each
   minibatch is split over the mesh's "data" axis; XLA partitions the step and all-reduces the gradients.
+  batched: state and hyper carry a leading axis of runs, vmapped over; the data is shared.
   """
   batch_size = cfg.training.batch_size
   steps = num_train // batch_size
-  order_key = stream_key(cfg.seed, Stream.DATA_ORDER)
   train_step = make_train_step(cfg, model, spec, steps)
 
-  def train_epoch(state, images, labels, epoch):
-    if on_trace is not None:
-      on_trace()
+  def train_epoch(state, images, labels, epoch, hyper: Optional[RunHyper] = None):
+    order_key = stream_key(cfg.seed if hyper is None else hyper.seed, Stream.DATA_ORDER)
     order = jax.random.permutation(jax.random.fold_in(order_key, epoch), images.shape[0])
     batches = order[: steps * batch_size].reshape(steps, batch_size)  # drop the last partial batch
 
@@ -119,14 +141,21 @@ def make_train_epoch(cfg: Config, model: VAE, spec: DatasetSpec, num_train: int,
         split = NamedSharding(mesh, PartitionSpec("data"))
         batch_images = jax.lax.with_sharding_constraint(batch_images, split)
         batch_labels = jax.lax.with_sharding_constraint(batch_labels, split)
-      return train_step(state, batch_images, batch_labels)
+      return train_step(state, batch_images, batch_labels, hyper)
 
     return jax.lax.scan(body, state, batches)
 
-  return jax.jit(train_epoch, donate_argnums=0)
+  def traced(*args):
+    if on_trace is not None:
+      on_trace()
+    if batched:
+      return jax.vmap(train_epoch, in_axes=(0, None, None, None, 0))(*args)
+    return train_epoch(*args)
+
+  return jax.jit(traced, donate_argnums=0)
 
 
-def _check_finite(step_metrics: dict, first_step: int) -> None:
+def check_finite(step_metrics: dict, first_step: int) -> None:
   skipped = step_metrics.get("skipped", np.zeros_like(step_metrics["loss"])) > 0
   bad = np.flatnonzero(~np.isfinite(step_metrics["loss"]) & ~skipped)
   if bad.size:
@@ -134,6 +163,79 @@ def _check_finite(step_metrics: dict, first_step: int) -> None:
         f"The loss became {step_metrics['loss'][bad[0]]} at step {first_step + int(bad[0]) + 1}. "
         "The run stopped; the last good checkpoint is kept. Lower optimizer.learning_rate or set "
         "optimizer.grad_clip_norm, then rerun (or set training.skip_nonfinite=true to skip such updates).")
+
+
+def steps_per_epoch(cfg: Config, num_train: int) -> int:
+  steps = num_train // cfg.training.batch_size
+  if steps == 0:
+    raise ConfigError(f"training.batch_size={cfg.training.batch_size} is larger than the training set "
+                      f"({num_train} examples). Lower it.")
+  return steps
+
+
+def epoch_row(step_metrics: dict, step: int, epoch: int) -> dict:
+  """The train/* part of an epoch's metrics line: means over the steps whose update was applied."""
+  row = {"step": step, "epoch": epoch + 1}
+  applied = step_metrics.get("skipped", np.zeros_like(step_metrics["loss"])) == 0
+  row |= {f"train/{k}": float(np.mean(v[applied])) if applied.any() else float("nan")
+          for k, v in step_metrics.items() if k != "skipped"}
+  if "skipped" in step_metrics:
+    row["train/skipped"] = int(step_metrics["skipped"].sum())
+  return row
+
+
+def make_epoch_evaluation(cfg: Config, model: VAE, spec: DatasetSpec, eval_arrays: dict) -> Callable:
+  """Returns evaluate_all(params, key) -> {"test/elbo": ..., "val/...": ..., diagnostics}: the test/* and
+  val/* part of an epoch's metrics line, with the posterior-collapse diagnostics on the test split."""
+  evaluate = make_evaluate(model, spec, cfg.objective.likelihood, cfg.training.eval_batch_size)
+  diagnose = None
+  if cfg.evaluation.diagnostics and model.stochastic:
+    diagnose = make_diagnostics(model, spec, cfg.training.eval_batch_size, cfg.evaluation.mi_examples)
+
+  def evaluate_all(params, key) -> dict:
+    row = {f"{name}/{k}": float(v) for name, (images, labels) in eval_arrays.items()
+           for k, v in jax.device_get(evaluate(params, images, labels, key)).items()}
+    if diagnose is not None:
+      row |= {f"test/{k}": v for k, v in diagnose(params, *eval_arrays["test"], key).items()}
+    return row
+
+  return evaluate_all
+
+
+def log_epoch(row: dict, epochs: int, workdir: Path) -> None:
+  log.info("%s epoch %d/%d step %d: train loss %.3f, test elbo %.3f (rec %.3f, kl %.3f)", workdir.name,
+           row["epoch"], epochs, row["step"], row["train/loss"], row["test/elbo"], row["test/rec"], row["test/kl"])
+
+
+def finish_run(cfg: Config, ds: Dataset, model: VAE, params, workdir: Path, metrics_log: rundir.MetricsLog,
+               steps: int) -> dict:
+  """After the last epoch: figures, the end-of-training evaluation (eval.json) and results.json."""
+  # The last epoch's row already holds the test (and validation) metrics of the final parameters.
+  final = {k: v for k, v in metrics_log.rows[-1].items() if k.startswith(("test/", "val/"))}
+  figure_paths = []
+  if cfg.training.figures:
+    figure_paths = figures.write_all(workdir / "figures", model, params, ds.spec, cfg.objective.likelihood,
+                                     ds.test, stream_key(cfg.seed, Stream.FIGURES))
+  evaluated = evaluate_model(cfg, ds, model, params, workdir, cfg.evaluation.iwae_samples,
+                             cfg.evaluation.sample_accuracy)
+  results = {
+      "elbo": final["test/elbo"], "rec": final["test/rec"], "kl": final["test/kl"], "bpd": final["test/bpd"],
+      "normalized_likelihood": evaluated["normalized_likelihood"],
+      "active_units": evaluated.get("active_units"),
+      "metrics": final, "steps": steps, "epochs": cfg.training.epochs,
+      "wall_time": metrics_log.wall_time, "figures": [p.name for p in figure_paths],
+      "num_params": int(sum(math.prod(p.shape) for p in jax.tree.leaves(params))),
+  }
+  if "iwae" in evaluated:
+    results |= {"nll": evaluated["iwae"]["nll"], "iwae_samples": evaluated["iwae"]["k"]}
+  if "anomaly_auroc" in evaluated:
+    results["anomaly_auroc"] = evaluated["anomaly_auroc"]
+  if "test/mutual_information" in final:
+    results["mutual_information"] = final["test/mutual_information"]
+  rundir.write_json_atomic(workdir / "results.json", results)
+  log.info("Finished %s: test ELBO %.3f nats (rec %.3f, kl %.3f) after %d steps, %.1f s", workdir, results["elbo"],
+           results["rec"], results["kl"], results["steps"], results["wall_time"])
+  return results
 
 
 def train_and_evaluate(cfg: Config, workdir: str | Path, dataset: Optional[Dataset] = None,
@@ -151,15 +253,11 @@ def train_and_evaluate(cfg: Config, workdir: str | Path, dataset: Optional[Datas
     return finished
 
   ds = dataset if dataset is not None else data.load(cfg.data)  # before writing: bad data writes nothing
-  spec = ds.spec
-  batch_size, epochs = cfg.training.batch_size, cfg.training.epochs
-  steps_per_epoch = len(ds.train) // batch_size
-  if steps_per_epoch == 0:
-    raise ConfigError(f"training.batch_size={batch_size} is larger than the training set "
-                      f"({len(ds.train)} examples). Lower it.")
+  spec, epochs = ds.spec, cfg.training.epochs
+  steps = steps_per_epoch(cfg, len(ds.train))
   mesh = data_parallel_mesh() if cfg.training.data_parallel else None
-  if mesh is not None and batch_size % mesh.size:
-    raise ConfigError(f"training.batch_size={batch_size} does not split over {mesh.size} devices "
+  if mesh is not None and cfg.training.batch_size % mesh.size:
+    raise ConfigError(f"training.batch_size={cfg.training.batch_size} does not split over {mesh.size} devices "
                       "(training.data_parallel=true): use a multiple of the device count.")
   model = create_model(cfg.model, spec, cfg.objective.likelihood)
   state = create_train_state(cfg, model, spec)
@@ -173,7 +271,7 @@ def train_and_evaluate(cfg: Config, workdir: str | Path, dataset: Optional[Datas
   if restored is not None:
     state = restored
     log.info("Resumed from step %d in %s", int(state.step), workdir)
-  start_epoch = int(state.step) // steps_per_epoch
+  start_epoch = int(state.step) // steps
   metrics_log = rundir.MetricsLog(workdir, int(state.step))
 
   # The whole dataset lives on the device as uint8; each step converts its minibatch. Data parallel:
@@ -182,21 +280,9 @@ def train_and_evaluate(cfg: Config, workdir: str | Path, dataset: Optional[Datas
   state = put(state)
   train_images, train_labels = put(ds.train.images), put(ds.train.labels)
   eval_splits = {"test": ds.test} | ({"val": ds.validation} if ds.validation is not None else {})
-  eval_arrays = {k: (put(s.images), put(s.labels)) for k, s in eval_splits.items()}
+  evaluate_all = make_epoch_evaluation(cfg, model, spec, {k: (put(s.images), put(s.labels)) for k, s in eval_splits.items()})
   train_epoch = make_train_epoch(cfg, model, spec, len(ds.train), on_trace, mesh)
-  evaluate = make_evaluate(model, spec, cfg.objective.likelihood, cfg.training.eval_batch_size)
   eval_key = stream_key(cfg.seed, Stream.EVAL)
-
-  diagnose = None
-  if cfg.evaluation.diagnostics and model.stochastic:
-    diagnose = make_diagnostics(model, spec, cfg.training.eval_batch_size, cfg.evaluation.mi_examples)
-
-  def evaluate_all(params) -> dict:
-    row = {f"{name}/{k}": float(v) for name, (images, labels) in eval_arrays.items()
-           for k, v in jax.device_get(evaluate(params, images, labels, eval_key)).items()}
-    if diagnose is not None:  # posterior-collapse diagnostics on the test split
-      row |= {f"test/{k}": v for k, v in diagnose(params, *eval_arrays["test"], eval_key).items()}
-    return row
 
   wall_offset, t0 = metrics_log.wall_time, time.perf_counter()
   bar = tqdm(range(start_epoch, epochs), initial=start_epoch, total=epochs, unit="epoch",
@@ -206,50 +292,17 @@ def train_and_evaluate(cfg: Config, workdir: str | Path, dataset: Optional[Datas
       first_step = int(state.step)
       state, step_metrics = train_epoch(state, train_images, train_labels, epoch)
       step_metrics = jax.device_get(step_metrics)
-      _check_finite(step_metrics, first_step)
-      row = {"step": int(state.step), "epoch": epoch + 1}
-      applied = step_metrics.get("skipped", np.zeros_like(step_metrics["loss"])) == 0
-      row |= {f"train/{k}": float(np.mean(v[applied])) if applied.any() else float("nan")
-              for k, v in step_metrics.items() if k != "skipped"}
-      if "skipped" in step_metrics:
-        row["train/skipped"] = int(step_metrics["skipped"].sum())
-      row |= evaluate_all(state.params)
+      check_finite(step_metrics, first_step)
+      row = epoch_row(step_metrics, int(state.step), epoch) | evaluate_all(state.params, eval_key)
       row["wall_time"] = wall_offset + time.perf_counter() - t0
       metrics_log.write(row)
       bar.set_postfix({"test/elbo": f"{row['test/elbo']:.2f}"})
-      log.info("epoch %d/%d step %d: train loss %.3f, test elbo %.3f (rec %.3f, kl %.3f)", epoch + 1,
-               epochs, row["step"], row["train/loss"], row["test/elbo"], row["test/rec"], row["test/kl"])
+      log_epoch(row, epochs, workdir)
       if (epoch + 1) % cfg.training.checkpoint_every_epochs == 0 or epoch + 1 == epochs:
         ckpt.save(int(state.step), state)
     ckpt.wait()
   finally:
     ckpt.close()
     metrics_log.close()
-
   params = state.params if mesh is None else jax.device_get(state.params)  # figures and eval on one device
-  # The last epoch's row already holds the test (and validation) metrics of the final parameters.
-  final = {k: v for k, v in metrics_log.rows[-1].items() if k.startswith(("test/", "val/"))}
-  figure_paths = []
-  if cfg.training.figures:
-    figure_paths = figures.write_all(workdir / "figures", model, params, spec, cfg.objective.likelihood,
-                                     ds.test, stream_key(cfg.seed, Stream.FIGURES))
-  evaluated = evaluate_model(cfg, ds, model, params, workdir, cfg.evaluation.iwae_samples,
-                             cfg.evaluation.sample_accuracy)
-  results = {
-      "elbo": final["test/elbo"], "rec": final["test/rec"], "kl": final["test/kl"], "bpd": final["test/bpd"],
-      "normalized_likelihood": evaluated["normalized_likelihood"],
-      "active_units": evaluated.get("active_units"),
-      "metrics": final, "steps": int(state.step), "epochs": epochs,
-      "wall_time": metrics_log.wall_time, "figures": [p.name for p in figure_paths],
-      "num_params": int(sum(math.prod(p.shape) for p in jax.tree.leaves(state.params))),
-  }
-  if "iwae" in evaluated:
-    results |= {"nll": evaluated["iwae"]["nll"], "iwae_samples": evaluated["iwae"]["k"]}
-  if "anomaly_auroc" in evaluated:
-    results["anomaly_auroc"] = evaluated["anomaly_auroc"]
-  if "test/mutual_information" in final:
-    results["mutual_information"] = final["test/mutual_information"]
-  rundir.write_json_atomic(workdir / "results.json", results)
-  log.info("Finished: test ELBO %.3f nats (rec %.3f, kl %.3f) after %d steps, %.1f s", results["elbo"],
-           results["rec"], results["kl"], results["steps"], results["wall_time"])
-  return results
+  return finish_run(cfg, ds, model, params, workdir, metrics_log, int(state.step))
