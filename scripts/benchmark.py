@@ -2,6 +2,7 @@
 
   python scripts/benchmark.py                       # mlp (the Flax example's 784-500-20), batch 128
   python scripts/benchmark.py --arch mlp conv conv_deep --epochs 3
+  python scripts/benchmark.py --sweep-runs 8        # also a batched sweep of 8 models vs separate runs
 
 For each architecture it measures, on statically binarized MNIST:
   - cvae_jax: whole epochs as one compiled lax.scan over on-device data (images/s, median over epochs
@@ -90,6 +91,30 @@ def bench_project(cfg, ds, epochs: int) -> dict:
           "flops_per_image": float(cost["flops"]) / b}
 
 
+def bench_batched(cfg, ds, epochs: int, runs: int) -> dict:
+  """A batched sweep: `runs` models (different seeds and betas) as one vmapped epoch. Images/s summed
+  over the models, to set against `runs` separate epochs (cvae_jax img/s of one model)."""
+  from cvae_jax.batched import _stack, _stack_states
+  from cvae_jax.training import run_hyper
+  model = create_model(cfg.model, ds.spec)
+  configs = [OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cfg), {"seed": r, "objective": {"beta": 1.0 + r}}))
+             for r in range(runs)]
+  states = _stack_states([create_train_state(c, model, ds.spec) for c in configs])
+  hypers = _stack([run_hyper(c) for c in configs])
+  images, labels = jax.device_put(ds.train.images), jax.device_put(ds.train.labels)
+  compiled = make_train_epoch(cfg, model, ds.spec, len(ds.train), batched=True).lower(
+      states, images, labels, 0, hypers).compile()
+  n = (len(ds.train) // cfg.training.batch_size) * cfg.training.batch_size
+  states, _ = compiled(states, images, labels, 0, hypers)  # warm-up epoch
+  times = []
+  for e in range(1, epochs + 1):
+    t = time.perf_counter()
+    states, metrics = compiled(states, images, labels, e, hypers)
+    jax.block_until_ready(metrics)
+    times.append(time.perf_counter() - t)
+  return {"runs": runs, "images_per_s": runs * n / statistics.median(times)}
+
+
 def bench_tf_data_loop(cfg, ds, epochs: int) -> dict:
   import tensorflow as tf
   model = create_model(cfg.model, ds.spec)
@@ -151,6 +176,8 @@ def main(argv=None) -> None:
   parser.add_argument("--kind", default="vae", choices=["vae", "cvae"])
   parser.add_argument("--batch-size", type=int, default=128)
   parser.add_argument("--epochs", type=int, default=3, help="timed epochs per loop (after one warm-up)")
+  parser.add_argument("--sweep-runs", type=int, default=0,
+                      help="also time a batched sweep of this many models against separate runs (0: skip)")
   parser.add_argument("--out", help="write the results as JSON here")
   args = parser.parse_args(argv)
   ds = data.load(DataConfig(name="mnist", pixels=Pixels.static_binary))
@@ -170,6 +197,9 @@ def main(argv=None) -> None:
     row["vs_tf_data_loop"] = row["cvae_jax"]["images_per_s"] / row["tf_data_loop"]["images_per_s"]
     if row.get("pytorch_loop"):
       row["vs_pytorch_loop"] = row["cvae_jax"]["images_per_s"] / row["pytorch_loop"]["images_per_s"]
+    if args.sweep_runs:
+      row["batched_sweep"] = bench_batched(cfg, ds, args.epochs, args.sweep_runs)
+      row["batched_vs_separate"] = row["batched_sweep"]["images_per_s"] / row["cvae_jax"]["images_per_s"]
     result["archs"][arch] = row
   print(f"device: {result['device']} ({result['backend']}), batch {b}; matmul rate at the model's shapes "
         f"{rate:.1f} GFLOP/s, large matmuls {large:.1f} GFLOP/s\n")
@@ -182,6 +212,11 @@ def main(argv=None) -> None:
           f"{r['cvae_jax']['compile_s']:.2f} | {r['bound_images_per_s']:,.0f} | {r['fraction_of_bound']:.2f} | "
           f"{r['tf_data_loop']['images_per_s']:,.0f} | {r['vs_tf_data_loop']:.2f} | "
           + (f"{torch_row['images_per_s']:,.0f} | {r['vs_pytorch_loop']:.2f} |" if torch_row else "n/a | |"))
+  for arch, r in result["archs"].items():
+    if "batched_sweep" in r:
+      print(f"\n{arch}: batched sweep of {r['batched_sweep']['runs']} models: "
+            f"{r['batched_sweep']['images_per_s']:,.0f} img/s over all models vs {r['cvae_jax']['images_per_s']:,.0f} "
+            f"for separate runs one after another: {r['batched_vs_separate']:.2f}x")
   if args.out:
     with open(args.out, "w") as f:
       json.dump(result, f, indent=2)
