@@ -24,7 +24,7 @@ import numpy as np
 from cvae_jax import data, rundir
 from cvae_jax.config import Config, Likelihood
 from cvae_jax.data import Dataset, DatasetSpec, DataError, model_input
-from cvae_jax.evaluation import iwae_bound, map_over_split, one_hot_condition
+from cvae_jax.evaluation import iwae_bound, map_over_split
 from cvae_jax.keys import Stream, stream_key
 from cvae_jax.models import VAE
 from cvae_jax.objectives import LOG_PROB
@@ -64,10 +64,17 @@ def make_scores(model: VAE, spec: DatasetSpec, likelihood: Likelihood, num_sampl
 
 
 def detection_metrics(scores: np.ndarray, is_anomaly: np.ndarray) -> dict:
-  """AUROC and AUPRC (average precision, the anomalies as the positive class) of one score."""
+  """AUROC and AUPRC (average precision, the anomalies as the positive class) of one score.
+
+  An infinite score ranks as the most (or least) anomalous; NaN scores are left out and counted."""
   from sklearn.metrics import average_precision_score, roc_auc_score
+  scores = np.asarray(scores, np.float64)
+  keep = ~np.isnan(scores)
+  finite = scores[np.isfinite(scores)]
+  lo, hi = (finite.min() - 1, finite.max() + 1) if finite.size else (-1.0, 1.0)
+  scores, is_anomaly = np.clip(scores[keep], lo, hi), np.asarray(is_anomaly)[keep]
   return {"auroc": float(roc_auc_score(is_anomaly, scores)), "auprc": float(average_precision_score(is_anomaly, scores)),
-          "anomaly_fraction": float(np.mean(is_anomaly))}
+          "anomaly_fraction": float(np.mean(is_anomaly)), "nan_scores": int((~keep).sum())}
 
 
 def histogram_figure(path: Path, protocols: dict[str, tuple[dict, np.ndarray]], title: str) -> None:
@@ -92,6 +99,20 @@ def histogram_figure(path: Path, protocols: dict[str, tuple[dict, np.ndarray]], 
   plt.close(fig)
 
 
+def load_anomaly_dataset(cfg: Config, spec: DatasetSpec) -> Dataset:
+  """evaluation.anomaly_dataset, loaded like the training data; errors name that key. Training calls this
+  before its first step, so a wrong name or shape stops the run before any work."""
+  name = cfg.evaluation.anomaly_dataset
+  try:
+    other = data.load(dataclasses.replace(cfg.data, name=name, exclude_classes=[], validation_size=0, test_limit=None))
+  except DataError as e:
+    raise DataError(f"evaluation.anomaly_dataset={name!r}: {e}") from e
+  if other.spec.image_shape != spec.image_shape:
+    raise DataError(f"evaluation.anomaly_dataset={name!r} has inputs of shape {other.spec.image_shape}, the "
+                    f"model takes {spec.image_shape}; choose a dataset of the same shape.")
+  return other
+
+
 def score_anomalies(cfg: Config, ds: Dataset, model: VAE, params, workdir: Path) -> dict:
   """Scores the test split (and evaluation.anomaly_dataset's), writes anomaly.json, anomaly_scores.npz
   and figures/anomaly_scores.png; returns the anomaly.json content."""
@@ -109,15 +130,14 @@ def score_anomalies(cfg: Config, ds: Dataset, model: VAE, params, workdir: Path)
       scores_fn(params, jax.device_put(split.images), jax.device_put(split.labels), key)).items()}
   test_scores = score(ds.test)
   held_out = np.isin(ds.test.labels, list(cfg.data.exclude_classes))
+  if cfg.data.exclude_classes and (held_out.all() or not held_out.any()):
+    raise DataError(f"The test split ({len(ds.test)} examples) holds {'only' if held_out.any() else 'no'} examples of "
+                    f"data.exclude_classes={list(cfg.data.exclude_classes)}: nothing to compare. Raise data.test_limit.")
   protocols = {}
   if held_out.any():
     protocols["held_out"] = (test_scores, held_out.astype(np.int32))
   if ev.anomaly_dataset:
-    other = data.load(dataclasses.replace(cfg.data, name=ev.anomaly_dataset, exclude_classes=[], train_limit=1,
-                                          validation_size=0))
-    if other.spec.image_shape != spec.image_shape:
-      raise DataError(f"evaluation.anomaly_dataset={ev.anomaly_dataset!r} has inputs of shape "
-                      f"{other.spec.image_shape}, the model takes {spec.image_shape}; choose a dataset of the same shape.")
+    other = load_anomaly_dataset(cfg, spec)
     other_scores = score(other.test)
     normal = {k: v[~held_out] for k, v in test_scores.items()}  # only classes the model was trained on
     protocols["cross_dataset"] = ({k: np.concatenate([normal[k], other_scores[k]]) for k in normal},

@@ -10,6 +10,7 @@ with this module's `group_key`.
 """
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Optional, Sequence
 import jax
 import jax.numpy as jnp
 
-from cvae_jax import checkpoints, data, rundir, training
+from cvae_jax import anomaly, checkpoints, data, rundir, training
 from cvae_jax.config import Config, to_dict, validate
 from cvae_jax.data import Dataset
 from cvae_jax.keys import Stream, stream_key
@@ -33,30 +34,19 @@ BATCHABLE = ("seed", "objective.beta", "optimizer.learning_rate")
 def group_key(cfg: Config) -> str:
   """Runs with equal keys can train together: their configs agree on everything but BATCHABLE."""
   config = to_dict(cfg)
-  for key in BATCHABLE:
-    *path, name = key.split(".")
-    node = config
-    for part in path:
-      node = node[part]
-    node.pop(name)
-  return repr(sorted(_flatten(config).items()))
+  config["seed"] = config["objective"]["beta"] = config["optimizer"]["learning_rate"] = None
+  return json.dumps(config, sort_keys=True)
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict:
-  out = {}
-  for k, v in tree.items():
-    out |= _flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": repr(v)}
-  return out
-
-
-def _stack(trees):
+def stack(trees):
+  """Pytrees of equal structure -> one pytree whose leaves have a leading axis of runs."""
   return jax.tree.map(lambda *leaves: jnp.stack(leaves), *trees)
 
 
-def _stack_states(states):
+def stack_states(states):
   """One TrainState whose arrays have a leading axis of runs (the static apply_fn and tx of the first)."""
-  return states[0].replace(step=jnp.stack([s.step for s in states]), params=_stack([s.params for s in states]),
-                           opt_state=_stack([s.opt_state for s in states]))
+  return states[0].replace(step=jnp.stack([s.step for s in states]), params=stack([s.params for s in states]),
+                           opt_state=stack([s.opt_state for s in states]))
 
 
 def _index(tree, r: int):
@@ -69,6 +59,8 @@ def train_batched(cfgs: Sequence[Config], workdirs: Sequence[str | Path], datase
   cfgs, workdirs = [validate(c) for c in cfgs], [Path(w) for w in workdirs]
   if len({group_key(c) for c in cfgs}) > 1:
     raise ValueError(f"Batched runs may differ only in {', '.join(BATCHABLE)}; these differ in more.")
+  if any(c.training.data_parallel for c in cfgs):
+    raise ValueError("Batched runs train on one device: training.data_parallel=true runs train one by one.")
   results: dict[int, dict] = {}
   for r, (cfg, workdir) in enumerate(zip(cfgs, workdirs)):
     rundir.check_config(workdir, to_dict(cfg))
@@ -84,6 +76,8 @@ def train_batched(cfgs: Sequence[Config], workdirs: Sequence[str | Path], datase
   spec, epochs = ds.spec, cfg0.training.epochs
   steps = training.steps_per_epoch(cfg0, len(ds.train))
   model = create_model(cfg0.model, spec, cfg0.objective.likelihood)
+  if cfg0.evaluation.anomaly_dataset:
+    anomaly.load_anomaly_dataset(cfg0, spec)  # a wrong name or shape stops us before any training
   fresh = [training.create_train_state(cfgs[r], model, spec) for r in todo]
   ckpts = [checkpoints.Checkpointer(workdirs[r] / "checkpoints", cfgs[r].training.max_checkpoints) for r in todo]
   logs: list[rundir.MetricsLog] = []
@@ -98,12 +92,12 @@ def train_batched(cfgs: Sequence[Config], workdirs: Sequence[str | Path], datase
       for r in todo:
         results[r] = training.train_and_evaluate(cfgs[r], workdirs[r], ds)
       return [results[r] for r in range(len(cfgs))]
-    states = _stack_states([s if s is not None else f for s, f in zip(restored, fresh)])
+    states = stack_states([s if s is not None else f for s, f in zip(restored, fresh)])
     for r in todo:
       rundir.init(workdirs[r], to_dict(cfgs[r]))
     start_epoch = start_steps.pop() // steps
     logs += [rundir.MetricsLog(workdirs[r], start_epoch * steps) for r in todo]
-    hypers = _stack([training.run_hyper(cfgs[r]) for r in todo])
+    hypers = stack([training.run_hyper(cfgs[r]) for r in todo])
 
     train_images, train_labels = jax.device_put(ds.train.images), jax.device_put(ds.train.labels)
     eval_splits = {"test": ds.test} | ({"val": ds.validation} if ds.validation is not None else {})

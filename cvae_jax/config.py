@@ -147,6 +147,7 @@ def _check(ok: bool, key: str, value: Any, requirement: str) -> None:
 def validate(cfg: Config) -> Config:
   """Checks value ranges that types alone cannot express; raises ConfigError on the first bad value."""
   m, d, o, t, opt = cfg.model, cfg.data, cfg.objective, cfg.training, cfg.optimizer
+  _check(-2**31 <= cfg.seed < 2**31, "seed", cfg.seed, "must fit in 32 bits (-2^31 <= seed < 2^31)")
   _check(m.latent_size >= 1, "model.latent_size", m.latent_size, "the latent size must be at least 1")
   _check(all(w >= 1 for w in m.hidden), "model.hidden", m.hidden, "every hidden width must be at least 1")
   _check(all(ch >= 1 for ch in m.encoder_channels + m.decoder_channels), "model.encoder_channels",
@@ -177,6 +178,11 @@ def validate(cfg: Config) -> Config:
   _check(ev.anomaly_samples >= 1, "evaluation.anomaly_samples", ev.anomaly_samples, "must be at least 1")
   _check(ev.anomaly_dataset is None or ev.anomaly, "evaluation.anomaly_dataset", ev.anomaly_dataset,
          "scoring another dataset needs evaluation.anomaly=true")
+  _check(not ev.anomaly or d.exclude_classes or ev.anomaly_dataset, "evaluation.anomaly", ev.anomaly,
+         "anomaly detection needs anomalies: hold out classes (data.exclude_classes=[k]) or name another "
+         "dataset (evaluation.anomaly_dataset=NAME)")
+  _check(ev.anomaly_dataset != d.name, "evaluation.anomaly_dataset", ev.anomaly_dataset,
+         "is the training dataset itself; name another one")
   _check(all(k >= 0 for k in d.exclude_classes), "data.exclude_classes", d.exclude_classes,
          "class labels are >= 0")
   _check(d.pixels != Pixels.real or o.likelihood == Likelihood.gaussian, "objective.likelihood",

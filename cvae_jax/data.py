@@ -228,6 +228,8 @@ def load(cfg: DataConfig) -> Dataset:
     train = Split(train.images[:cut], train.labels[:cut])
   if cfg.exclude_classes:
     train, validation = exclude(train, cfg.exclude_classes), exclude(validation, cfg.exclude_classes)
+    if len(train) == 0:
+      raise DataError(f"data.exclude_classes={list(cfg.exclude_classes)} leaves no training examples.")
   if cfg.train_limit:
     train = Split(train.images[:cfg.train_limit], train.labels[:cfg.train_limit])
   if cfg.test_limit:

@@ -29,6 +29,16 @@ from cvae_jax.models import VAE
 from cvae_jax.restore import RestoreError, restore_run
 
 
+def normalized_likelihood(likelihood: Likelihood, pixels: Pixels) -> bool:
+  """Whether the ELBO bounds a normalized log-likelihood: not Bernoulli cross-entropy on grayscale, and
+  not a Gaussian density on binary pixels (unbounded as the scale shrinks)."""
+  if likelihood == Likelihood.bernoulli:
+    return pixels != Pixels.grayscale
+  if likelihood == Likelihood.gaussian:
+    return pixels in (Pixels.real, Pixels.grayscale)
+  return True
+
+
 def sample_accuracy(model: VAE, params, ds: Dataset, likelihood: Likelihood, workdir: Path, seed: int,
                     per_class: int = 1000) -> dict:
   """Generates per_class samples of every class and asks the classifier which class each shows."""
@@ -51,7 +61,7 @@ def evaluate_model(cfg: Config, ds: Dataset, model: VAE, params, workdir: Path, 
   images, labels = jax.device_put(ds.test.images), jax.device_put(ds.test.labels)
   key = stream_key(cfg.seed, Stream.EVAL)
   result = {"split": "test", "num_examples": len(ds.test),
-            "normalized_likelihood": not (likelihood == Likelihood.bernoulli and spec.pixels == Pixels.grayscale)}
+            "normalized_likelihood": normalized_likelihood(likelihood, spec.pixels)}
   elbo = evaluation.make_evaluate(model, spec, likelihood, cfg.training.eval_batch_size)(params, images, labels, key)
   result |= {k: float(v) for k, v in jax.device_get(elbo).items()}
 
@@ -73,7 +83,9 @@ def evaluate_model(cfg: Config, ds: Dataset, model: VAE, params, workdir: Path, 
                       "wall_time": time.perf_counter() - t_iwae}
   if cfg.evaluation.anomaly:
     result["anomaly_auroc"] = anomaly.auroc_summary(anomaly.score_anomalies(cfg, ds, model, params, workdir))
-  if with_sample_accuracy and model.num_classes:
+  # The judge is trained on the run's training split: it must have seen every class, and images.
+  judgeable = not cfg.data.exclude_classes and len(spec.image_shape) == 3
+  if with_sample_accuracy and model.num_classes and judgeable:
     result["sample_accuracy"] = sample_accuracy(model, params, ds, likelihood, workdir, cfg.seed, samples_per_class)
   result["wall_time"] = time.perf_counter() - t0
   rundir.write_json_atomic(workdir / "eval.json", result)

@@ -26,8 +26,14 @@ ALL = ("samples", "translation", "style_transfer", "interpolation", "traversal",
 
 
 def applicable(restored: Restored) -> list[str]:
-  names = [n for n in ALL if restored.model.num_classes or n not in CONDITIONAL_ONLY]
-  return [n for n in names if n != "manifold" or restored.model.latent_size == 2]
+  """The image figures that make sense for this run: none for 1-D signals (training plots those), no
+  prior samples for a plain autoencoder, CVAE-only uses for CVAEs, the manifold for 2-D latents."""
+  model = restored.model
+  if len(restored.dataset.spec.image_shape) != 3:
+    return []
+  names = [n for n in ALL if model.num_classes or n not in CONDITIONAL_ONLY]
+  names = [n for n in names if model.stochastic or n not in ("samples", "manifold")]
+  return [n for n in names if n != "manifold" or model.latent_size == 2]
 
 
 def write_figures(restored: Restored, names, out: Path) -> list[Path]:

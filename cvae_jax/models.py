@@ -178,7 +178,8 @@ def _build_conv(cfg: ModelConfig, output_shape: tuple[int, ...], activation: Cal
 ARCHITECTURES = {Arch.mlp: _build_mlp, Arch.conv: _build_conv}
 
 
-def create_model(cfg: ModelConfig, spec: DatasetSpec, likelihood: Likelihood = Likelihood.bernoulli) -> VAE:
+def create_model(cfg: ModelConfig, spec: DatasetSpec, likelihood: Likelihood) -> VAE:
+  """The VAE / CVAE / AE of the config for this data; the likelihood sets the decoder's outputs per channel."""
   *spatial, channels = spec.image_shape
   output_shape = (*spatial, channels * OUTPUTS_PER_CHANNEL[Likelihood(likelihood)])
   encoder, decoder = ARCHITECTURES[Arch(cfg.arch)](cfg, output_shape, getattr(nn, cfg.activation))

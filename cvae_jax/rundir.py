@@ -49,7 +49,7 @@ def _diff(old: dict, new: dict, defaults: dict, prefix: str = "") -> list[str]:
   keys = sorted(set(old) | set(new))
   out = []
   for k in keys:
-    a, b, d = old.get(k, ABSENT), new.get(k, ABSENT), defaults.get(k, ABSENT) if isinstance(defaults, dict) else ABSENT
+    a, b, d = old.get(k, ABSENT), new.get(k, ABSENT), defaults.get(k, ABSENT)
     if isinstance(a, dict) and isinstance(b, dict):
       out += _diff(a, b, d if isinstance(d, dict) else {}, f"{prefix}{k}.")
     elif a != b and not (a == ABSENT and b == d):

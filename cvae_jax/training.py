@@ -17,7 +17,7 @@ from flax.training import train_state
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
-from cvae_jax import annealing, checkpoints, data, figures, rundir
+from cvae_jax import anomaly, annealing, checkpoints, data, figures, rundir
 from cvae_jax.config import Config, ConfigError, OptimizerConfig, to_dict, validate
 from cvae_jax.data import Dataset, DatasetSpec, model_input
 from cvae_jax.evaluate import evaluate_model
@@ -56,17 +56,16 @@ def create_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
   return optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm), adam)
 
 
-def create_train_state(cfg: Config, model: VAE, spec: DatasetSpec, seed=None) -> train_state.TrainState:
-  """The one place the train state is built: parameters from the PARAMS stream, Adam state, step 0.
-  `seed` (default cfg.seed) may be traced: batched sweeps vmap this over their runs' seeds."""
+def create_train_state(cfg: Config, model: VAE, spec: DatasetSpec) -> train_state.TrainState:
+  """The one place the train state is built: parameters from the PARAMS stream, Adam state, step 0."""
   x = jnp.zeros((1, *spec.image_shape), jnp.float32)
   c = jnp.zeros((1, spec.num_classes), jnp.float32) if model.num_classes else None
-  key = stream_key(cfg.seed if seed is None else seed, Stream.PARAMS)
+  key = stream_key(cfg.seed, Stream.PARAMS)
   params = model.init({"params": key}, x, c, jax.random.fold_in(key, 1))["params"]
   return train_state.TrainState.create(apply_fn=model.apply, params=params, tx=create_optimizer(cfg.optimizer))
 
 
-def make_train_step(cfg: Config, model: VAE, spec: DatasetSpec, steps_per_epoch: int = 1) -> Callable:
+def make_train_step(cfg: Config, model: VAE, spec: DatasetSpec, steps_per_epoch: int) -> Callable:
   """Returns train_step(state, images uint8 [B, ...], labels [B], hyper=None) -> (state, metrics), not jitted.
 
   Pure: the reparameterization and binarization keys and the KL weight are functions of state.step,
@@ -260,6 +259,8 @@ def train_and_evaluate(cfg: Config, workdir: str | Path, dataset: Optional[Datas
     raise ConfigError(f"training.batch_size={cfg.training.batch_size} does not split over {mesh.size} devices "
                       "(training.data_parallel=true): use a multiple of the device count.")
   model = create_model(cfg.model, spec, cfg.objective.likelihood)
+  if cfg.evaluation.anomaly_dataset:
+    anomaly.load_anomaly_dataset(cfg, spec)  # a wrong name or shape stops us before any training
   state = create_train_state(cfg, model, spec)
   ckpt = checkpoints.Checkpointer(workdir / "checkpoints", cfg.training.max_checkpoints)
   try:

@@ -68,7 +68,7 @@ def matmul_rate(shapes, iters: int = 200) -> float:
 
 
 def bench_project(cfg, ds, epochs: int) -> dict:
-  model = create_model(cfg.model, ds.spec)
+  model = create_model(cfg.model, ds.spec, cfg.objective.likelihood)
   state = create_train_state(cfg, model, ds.spec)
   images, labels = jax.device_put(ds.train.images), jax.device_put(ds.train.labels)
   epoch_fn = make_train_epoch(cfg, model, ds.spec, len(ds.train))
@@ -77,7 +77,7 @@ def bench_project(cfg, ds, epochs: int) -> dict:
   compile_s = time.perf_counter() - t
   # FLOPs of one train step (XLA counts a scan's body once, so ask the step itself).
   b = cfg.training.batch_size
-  cost = jax.jit(make_train_step(cfg, model, ds.spec)).lower(state, images[:b], labels[:b]).compile().cost_analysis()
+  cost = jax.jit(make_train_step(cfg, model, ds.spec, len(ds.train) // cfg.training.batch_size)).lower(state, images[:b], labels[:b]).compile().cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   n = (len(ds.train) // b) * b
   state, _ = compiled(state, images, labels, 0)  # warm-up epoch
@@ -94,13 +94,13 @@ def bench_project(cfg, ds, epochs: int) -> dict:
 def bench_batched(cfg, ds, epochs: int, runs: int) -> dict:
   """A batched sweep: `runs` models (different seeds and betas) as one vmapped epoch. Images/s summed
   over the models, to set against `runs` separate epochs (cvae_jax img/s of one model)."""
-  from cvae_jax.batched import _stack, _stack_states
+  from cvae_jax.batched import stack, stack_states
   from cvae_jax.training import run_hyper
-  model = create_model(cfg.model, ds.spec)
+  model = create_model(cfg.model, ds.spec, cfg.objective.likelihood)
   configs = [OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cfg), {"seed": r, "objective": {"beta": 1.0 + r}}))
              for r in range(runs)]
-  states = _stack_states([create_train_state(c, model, ds.spec) for c in configs])
-  hypers = _stack([run_hyper(c) for c in configs])
+  states = stack_states([create_train_state(c, model, ds.spec) for c in configs])
+  hypers = stack([run_hyper(c) for c in configs])
   images, labels = jax.device_put(ds.train.images), jax.device_put(ds.train.labels)
   compiled = make_train_epoch(cfg, model, ds.spec, len(ds.train), batched=True).lower(
       states, images, labels, 0, hypers).compile()
@@ -117,9 +117,9 @@ def bench_batched(cfg, ds, epochs: int, runs: int) -> dict:
 
 def bench_tf_data_loop(cfg, ds, epochs: int) -> dict:
   import tensorflow as tf
-  model = create_model(cfg.model, ds.spec)
+  model = create_model(cfg.model, ds.spec, cfg.objective.likelihood)
   state = create_train_state(cfg, model, ds.spec)
-  step = jax.jit(make_train_step(cfg, model, ds.spec), donate_argnums=0)
+  step = jax.jit(make_train_step(cfg, model, ds.spec, len(ds.train) // cfg.training.batch_size), donate_argnums=0)
   b = cfg.training.batch_size
   pipeline = (tf.data.Dataset.from_tensor_slices((ds.train.images, ds.train.labels))
               .shuffle(len(ds.train), seed=0).batch(b, drop_remainder=True).prefetch(tf.data.AUTOTUNE))

@@ -18,11 +18,16 @@ SPEC = DatasetSpec("toy", (4, 4, 1), 3, Pixels.static_binary)
 
 
 def toy_model(kind):
-  model = create_model(ModelConfig(arch=Arch.mlp, kind=kind, hidden=[16], latent_size=3), SPEC)
+  model = create_model(ModelConfig(arch=Arch.mlp, kind=kind, hidden=[16], latent_size=3), SPEC, Likelihood.bernoulli)
   c = jnp.zeros((1, 3)) if kind == Kind.cvae else None
   params = model.init({"params": jax.random.key(0)}, jnp.zeros((1, 4, 4, 1)), c, jax.random.key(1))["params"]
   images = jax.random.bernoulli(jax.random.key(2), 0.4, (6, 4, 4, 1)).astype(jnp.uint8)
   return model, params, images, jnp.zeros(6, jnp.int32)
+
+
+def test_infinite_scores_rank_and_nan_scores_are_counted():
+  m = anomaly.detection_metrics(np.array([0.1, np.inf, 0.2, np.nan, 0.3]), np.array([0, 1, 0, 1, 1]))
+  assert m["auroc"] == 1.0 and m["nan_scores"] == 1
 
 
 def test_metrics_by_hand():
@@ -65,25 +70,43 @@ def test_autoencoder_score_is_its_reconstruction_loss():
   np.testing.assert_allclose(scores["reconstruction"], expected, rtol=1e-5)
 
 
-def test_excluded_classes_leave_train_but_not_test():
-  ds = synthetic_dataset()
-  split = data.exclude(ds.train, [2])
-  assert 2 not in split.labels and len(split) == int(np.sum(ds.train.labels != 2))
+def test_excluded_classes_leave_train_and_validation_but_not_test():
+  from cvae_jax.config import DataConfig
+  ds = data.load(DataConfig(name="mnist", exclude_classes=[3, 7], validation_size=1000, test_limit=500))
+  assert not np.isin([3, 7], ds.train.labels).any() and not np.isin([3, 7], ds.validation.labels).any()
+  assert np.isin([3, 7], ds.test.labels).all() and len(ds.test) == 500
+  with pytest.raises(data.DataError, match="not among the 10 classes"):
+    data.load(DataConfig(name="mnist", exclude_classes=[10]))
 
 
-@pytest.mark.parametrize("kind", ["vae", "ae"])
-def test_a_held_out_class_is_found(tmp_path, kind):
+def other_dataset(monkeypatch, ds):
+  """evaluation.anomaly_dataset loads this dataset: the same shape, every row lit (unlike any class)."""
+  rng = np.random.default_rng(1)
+  images = np.clip(rng.integers(150, 256, ds.test.images.shape), 0, 255).astype(np.uint8)
+  other = Dataset(ds.spec, ds.test, Split(images, ds.test.labels))
+  monkeypatch.setattr(anomaly.data, "load", lambda cfg: other)
+
+
+@pytest.mark.parametrize("kind", ["vae", "cvae", "ae"])
+def test_held_out_class_and_other_dataset_are_found(tmp_path, monkeypatch, kind):
   # Each synthetic class lights its own band of rows; trained without class 2, its images are anomalous.
   ds = synthetic_dataset(n_train=1024, n_test=300)
+  other_dataset(monkeypatch, ds)
   cfg = small_config(**{"model.kind": kind, "data.exclude_classes": [2], "evaluation.anomaly": True,
-                        "evaluation.anomaly_samples": 8, "training.epochs": 5})
+                        "evaluation.anomaly_samples": 8, "training.epochs": 5, "evaluation.anomaly_dataset": "other"})
   ds = Dataset(ds.spec, data.exclude(ds.train, [2]), ds.test)  # as data.load does for data.exclude_classes
   results = training.train_and_evaluate(cfg, tmp_path, dataset=ds)
-  report = json.loads((tmp_path / "anomaly.json").read_text())["protocols"]["held_out"]
-  assert report["num_anomalous"] == int(np.sum(ds.test.labels == 2)) and report["num_normal"] == 300 - report["num_anomalous"]
-  for name, metrics in report["scores"].items():
-    assert metrics["auroc"] > 0.95, (name, metrics)
-  assert results["anomaly_auroc"] == anomaly.auroc_summary({"protocols": {"held_out": report}})
+  protocols = json.loads((tmp_path / "anomaly.json").read_text())["protocols"]
+  num_held_out = int(np.sum(ds.test.labels == 2))
+  assert (protocols["held_out"]["num_anomalous"], protocols["held_out"]["num_normal"]) == (num_held_out, 300 - num_held_out)
+  assert (protocols["cross_dataset"]["num_anomalous"], protocols["cross_dataset"]["num_normal"]) == (300, 300 - num_held_out)
+  expected = {"vae": {"neg_elbo", "nll"}, "ae": {"reconstruction"},
+              "cvae": {"marginal_nll", "best_label_nll", "marginal_neg_elbo", "best_label_neg_elbo"}}[kind]
+  for protocol in protocols.values():
+    assert set(protocol["scores"]) == expected
+    for name, metrics in protocol["scores"].items():
+      assert metrics["auroc"] > 0.95, (name, metrics)
+  assert results["anomaly_auroc"] == anomaly.auroc_summary({"protocols": protocols})
   assert (tmp_path / "anomaly_scores.npz").exists() and (tmp_path / "figures" / "anomaly_scores.png").exists()
 
 

@@ -41,6 +41,9 @@ def test_runs_that_differ_in_shape_are_not_batched(tmp_path):
   assert batched.group_key(small_config(**{"seed": 3, "objective.beta": 2.0})) == batched.group_key(cfgs[0])
   with pytest.raises(ValueError, match="may differ only in"):
     batched.train_batched(cfgs, [tmp_path / "a", tmp_path / "b"], synthetic_dataset())
+  parallel = [small_config(**{"training.data_parallel": True, "seed": s}) for s in (0, 1)]
+  with pytest.raises(ValueError, match="one device"):
+    batched.train_batched(parallel, [tmp_path / "c", tmp_path / "d"], synthetic_dataset())
 
 
 def test_the_batched_launcher_runs_a_sweep_as_one_program(tmp_path, env_for_cli):

@@ -39,7 +39,7 @@ def test_cyclical_schedule_follows_fu_et_al():
 def test_the_train_step_uses_the_schedule(tmp_path):
   ds = synthetic_dataset(n_train=320)  # 10 steps per epoch at batch 32
   cfg = small_config(**{"objective.kl_schedule": "linear", "objective.kl_warmup_epochs": 2.0, "training.epochs": 3})
-  model = create_model(cfg.model, ds.spec)
+  model = create_model(cfg.model, ds.spec, cfg.objective.likelihood)
   epoch = training.make_train_epoch(cfg, model, ds.spec, len(ds.train))
   state = training.create_train_state(cfg, model, ds.spec)
   _, metrics = epoch(state, jnp.asarray(ds.train.images), jnp.asarray(ds.train.labels), 0)
@@ -51,8 +51,8 @@ def test_free_bits_in_the_train_step():
   ds = synthetic_dataset()
   free = 100.0  # far above any dimension's KL: every dimension sits at the floor
   cfg = small_config(**{"objective.free_bits": free, "objective.beta": 0.5})
-  model = create_model(cfg.model, ds.spec)
-  step = jax.jit(training.make_train_step(cfg, model, ds.spec))
+  model = create_model(cfg.model, ds.spec, cfg.objective.likelihood)
+  step = jax.jit(training.make_train_step(cfg, model, ds.spec, len(ds.train) // cfg.training.batch_size))
   _, metrics = step(training.create_train_state(cfg, model, ds.spec), jnp.asarray(ds.train.images[:32]),
                     jnp.asarray(ds.train.labels[:32]))
   assert float(metrics["loss"] - metrics["rec"]) == pytest.approx(0.5 * cfg.model.latent_size * free, rel=1e-5)

@@ -2,6 +2,7 @@
 from pathlib import Path
 
 import pytest
+import yaml
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
@@ -50,7 +51,8 @@ def test_remedies_set_the_objective():
 def test_anomaly_sweeps_hold_out_every_class():
   for name in ("anomaly_mnist", "anomaly_fashion_mnist"):
     params = compose_config([f"+experiment={name}"], True).hydra.sweeper.params
-    assert params["data.exclude_classes"].split("],[") and params["data.exclude_classes"].count("[") == 11
+    held_out = {tuple(yaml.safe_load(f"[{v}]")) for v in params["data.exclude_classes"][1:-1].split("],[")}
+    assert held_out == {()} | {(k,) for k in range(10)}
     assert set(params["model.kind"].split(",")) == {"ae", "vae", "cvae"}
 
 
@@ -74,10 +76,13 @@ def test_sweeps_cover_the_asked_values():
     ("objective.kl_cycle_ratio=0", "objective.kl_cycle_ratio"),
     ("evaluation.anomaly_dataset=fashion_mnist", "needs evaluation.anomaly=true"),
     ("data.exclude_classes=[-1]", "data.exclude_classes"),
+    ("seed=4294967296", "seed=4294967296"),
+    ("evaluation.anomaly=true", "needs anomalies"),
+    ("evaluation.anomaly=true evaluation.anomaly_dataset=mnist", "is the training dataset"),
 ])
 def test_bad_values_raise_config_error(override, message):
   with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
-    validate(OmegaConf.to_object(compose_config([override])))
+    validate(OmegaConf.to_object(compose_config(override.split())))
 
 
 @pytest.mark.parametrize("override", ["model.no_such_key=1", "model.arch=transformer", "model.latent_size=two",

@@ -71,7 +71,7 @@ def test_a_partial_last_chunk_is_masked_exactly():
 @pytest.fixture(scope="module")
 def small_vae():
   spec = DatasetSpec("toy", (4, 4, 1), 3, Pixels.static_binary)
-  model = create_model(ModelConfig(arch=Arch.mlp, kind=Kind.vae, hidden=[16], latent_size=3), spec)
+  model = create_model(ModelConfig(arch=Arch.mlp, kind=Kind.vae, hidden=[16], latent_size=3), spec, Likelihood.bernoulli)
   x = (jax.random.uniform(jax.random.key(5), (50, 4, 4, 1)) > 0.5).astype(jnp.float32)
   params = model.init({"params": jax.random.key(0)}, x, None, jax.random.key(1))["params"]
   return model, params, x

@@ -15,7 +15,7 @@ L = Likelihood.bernoulli
 
 @pytest.fixture(scope="module")
 def cvae():
-  model = create_model(ModelConfig(arch=Arch.mlp, kind=Kind.cvae, hidden=[16], latent_size=3), SPEC)
+  model = create_model(ModelConfig(arch=Arch.mlp, kind=Kind.cvae, hidden=[16], latent_size=3), SPEC, Likelihood.bernoulli)
   x = jax.random.uniform(jax.random.key(0), (5, 6, 6, 1))
   labels = np.array([0, 1, 2, 3, 1])
   params = model.init({"params": jax.random.key(1)}, x, jax.nn.one_hot(labels, 4), jax.random.key(2))["params"]

@@ -3,7 +3,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from cvae_jax.config import Arch, Kind, ModelConfig, Pixels
+from cvae_jax.config import Arch, Kind, Likelihood, ModelConfig, Pixels
 from cvae_jax.data import DatasetSpec
 from cvae_jax.models import VAE, create_model
 
@@ -24,7 +24,7 @@ CONFIGS = {
 def test_interface_shapes(name, kind, spec):
   cfg = CONFIGS[name]
   cfg.kind = kind
-  model = create_model(cfg, spec)
+  model = create_model(cfg, spec, Likelihood.bernoulli)
   batch = 3
   x = jnp.ones((batch, *spec.image_shape))
   c = jax.nn.one_hot(jnp.array([0, 1, 9]), spec.num_classes) if kind == Kind.cvae else None
@@ -40,7 +40,7 @@ def test_interface_shapes(name, kind, spec):
 
 
 def test_cvae_uses_the_condition_and_vae_ignores_it():
-  cvae = create_model(ModelConfig(arch=Arch.mlp, kind=Kind.cvae, hidden=[16], latent_size=2), MNIST)
+  cvae = create_model(ModelConfig(arch=Arch.mlp, kind=Kind.cvae, hidden=[16], latent_size=2), MNIST, Likelihood.bernoulli)
   x = jnp.ones((2, 28, 28, 1))
   c0, c1 = jax.nn.one_hot(jnp.array([0, 0]), 10), jax.nn.one_hot(jnp.array([3, 3]), 10)
   params = cvae.init({"params": jax.random.key(0)}, x, c0, jax.random.key(1))["params"]
@@ -49,14 +49,14 @@ def test_cvae_uses_the_condition_and_vae_ignores_it():
   assert not jnp.allclose(decoded[0], decoded[1])  # same z, another label: another image
   with pytest.raises(ValueError, match="condition"):
     cvae.apply({"params": params}, x, None, jax.random.key(1))
-  vae = create_model(ModelConfig(arch=Arch.mlp, kind=Kind.vae, hidden=[16], latent_size=2), MNIST)
+  vae = create_model(ModelConfig(arch=Arch.mlp, kind=Kind.vae, hidden=[16], latent_size=2), MNIST, Likelihood.bernoulli)
   vparams = vae.init({"params": jax.random.key(0)}, x, None, jax.random.key(1))["params"]
   same = [vae.apply({"params": vparams}, z, c, method=VAE.decode) for c in (c0, c1)]
   assert jnp.array_equal(same[0], same[1])
 
 
 def test_seed_article_conv_cvae_layers():
-  model = create_model(ModelConfig(), MNIST)  # the defaults are the seed article's CVAE
+  model = create_model(ModelConfig(), MNIST, Likelihood.bernoulli)  # the defaults are the seed article's CVAE
   x = jnp.ones((1, 28, 28, 1))
   c = jax.nn.one_hot(jnp.array([4]), 10)
   params = model.init({"params": jax.random.key(0)}, x, c, jax.random.key(1))["params"]
@@ -72,4 +72,4 @@ def test_seed_article_conv_cvae_layers():
 def test_decoder_upsampling_must_divide_the_image():
   cfg = ModelConfig(arch=Arch.conv, encoder_channels=[8], decoder_channels=[8, 8, 8], conv_stride=2)
   with pytest.raises(ValueError, match="does not divide"):
-    create_model(cfg, MNIST)  # 28 is not divisible by 2^3
+    create_model(cfg, MNIST, Likelihood.bernoulli)  # 28 is not divisible by 2^3

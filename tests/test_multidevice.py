@@ -30,7 +30,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from cvae_jax import training
 from cvae_jax.models import create_model
 mesh = training.data_parallel_mesh()
-model = create_model(cfg.model, ds.spec)
+model = create_model(cfg.model, ds.spec, cfg.objective.likelihood)
 epoch = training.make_train_epoch(cfg, model, ds.spec, len(ds.train), mesh=mesh)
 put = lambda x: jax.device_put(x, NamedSharding(mesh, PartitionSpec()))
 state = put(training.create_train_state(cfg, model, ds.spec))

@@ -14,7 +14,7 @@ from conftest import small_config, synthetic_dataset
 
 
 def final_state(cfg, ds, workdir):
-  model = create_model(cfg.model, ds.spec)
+  model = create_model(cfg.model, ds.spec, cfg.objective.likelihood)
   ckpt = checkpoints.Checkpointer(workdir / "checkpoints", 3)
   state = ckpt.restore(create_train_state(cfg, model, ds.spec))
   ckpt.close()

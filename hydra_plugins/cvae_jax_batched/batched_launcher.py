@@ -40,18 +40,21 @@ class BatchedLauncher(BasicLauncher):
     from cvae_jax.batched import group_key, train_batched
     from cvae_jax.config import validate
 
+    if self.max_runs < 0:
+      raise ValueError(f"hydra.launcher.max_runs={self.max_runs}: use 0 (whole groups) or a positive cap.")
     groups = defaultdict(list)
     for overrides in job_overrides:
-      sweep_config = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
-      workdir = Path(str(sweep_config.hydra.sweep.dir)) / str(sweep_config.hydra.sweep.subdir)
-      task_config = copy.deepcopy(sweep_config)
-      with open_dict(task_config):
-        del task_config["hydra"]
       try:
+        sweep_config = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
+        workdir = Path(str(sweep_config.hydra.sweep.dir)) / str(sweep_config.hydra.sweep.subdir)
+        task_config = copy.deepcopy(sweep_config)
+        with open_dict(task_config):
+          del task_config["hydra"]
         cfg = validate(OmegaConf.to_object(task_config))
-      except Exception:  # noqa: BLE001  the job's own run reports a bad config
+      except Exception:  # noqa: BLE001  the job runs on its own below and reports its error there
         continue
-      groups[group_key(cfg)].append((cfg, workdir))
+      if not cfg.training.data_parallel:
+        groups[group_key(cfg)].append((cfg, workdir))
     logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax logs every save at INFO
     for members in groups.values():
       size = self.max_runs or len(members)
