@@ -3,6 +3,7 @@
   python scripts/benchmark.py                       # mlp (the Flax example's 784-500-20), batch 128
   python scripts/benchmark.py --arch mlp conv conv_deep --epochs 3
   python scripts/benchmark.py --sweep-runs 8        # also a batched sweep of 8 models vs separate runs
+  python scripts/benchmark.py --iwae-images 200     # also the k=5000 bound's speed at a few chunk sizes
 
 For each architecture it measures, on statically binarized MNIST:
   - cvae_jax: whole epochs as one compiled lax.scan over on-device data (images/s, median over epochs
@@ -115,6 +116,32 @@ def bench_batched(cfg, ds, epochs: int, runs: int) -> dict:
   return {"runs": runs, "images_per_s": runs * n / statistics.median(times)}
 
 
+def bench_iwae(cfg, ds, images: int, k: int, chunks) -> list[dict]:
+  """The k-sample importance-weighted bound (evaluation.make_iwae) on the first `images` test images of an
+  untrained model (speed does not depend on the weights), for each (batch_size, sample_chunk): seconds,
+  decoder passes per second and GFLOP/s of the whole bound (XLA's count for one chunk of the bound)."""
+  from cvae_jax import evaluation
+  model = create_model(cfg.model, ds.spec, cfg.objective.likelihood)
+  params = create_train_state(cfg, model, ds.spec).params
+  x, y = jax.device_put(ds.test.images[:images]), jax.device_put(ds.test.labels[:images])
+  out = []
+  for batch, chunk in chunks:
+    iwae = evaluation.make_iwae(model, ds.spec, cfg.objective.likelihood, k, batch, chunk)
+    compiled = iwae.lower(params, x, y, jax.random.key(0)).compile()
+    one = evaluation.make_iwae(model, ds.spec, cfg.objective.likelihood, chunk, batch, chunk)
+    cost = one.lower(params, x[:batch], y[:batch], jax.random.key(0)).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    flops_per_pass = float(cost["flops"]) / (batch * chunk)
+    compiled(params, x, y, jax.random.key(0)).block_until_ready()  # warm-up
+    t = time.perf_counter()
+    compiled(params, x, y, jax.random.key(1)).block_until_ready()
+    seconds = time.perf_counter() - t
+    out.append({"batch_size": batch, "sample_chunk": chunk, "seconds": seconds, "passes_per_s": images * k / seconds,
+                "flops_per_pass": flops_per_pass, "gflops": images * k * flops_per_pass / seconds / 1e9,
+                "seconds_for_10000_images": seconds * 10000 / images})
+  return out
+
+
 def bench_tf_data_loop(cfg, ds, epochs: int) -> dict:
   import tensorflow as tf
   model = create_model(cfg.model, ds.spec, cfg.objective.likelihood)
@@ -178,6 +205,8 @@ def main(argv=None) -> None:
   parser.add_argument("--epochs", type=int, default=3, help="timed epochs per loop (after one warm-up)")
   parser.add_argument("--sweep-runs", type=int, default=0,
                       help="also time a batched sweep of this many models against separate runs (0: skip)")
+  parser.add_argument("--iwae-images", type=int, default=0,
+                      help="also time the k=5000 importance-weighted bound on this many test images (0: skip)")
   parser.add_argument("--out", help="write the results as JSON here")
   args = parser.parse_args(argv)
   ds = data.load(DataConfig(name="mnist", pixels=Pixels.static_binary))
@@ -212,6 +241,16 @@ def main(argv=None) -> None:
           f"{r['cvae_jax']['compile_s']:.2f} | {r['bound_images_per_s']:,.0f} | {r['fraction_of_bound']:.2f} | "
           f"{r['tf_data_loop']['images_per_s']:,.0f} | {r['vs_tf_data_loop']:.2f} | "
           + (f"{torch_row['images_per_s']:,.0f} | {r['vs_pytorch_loop']:.2f} |" if torch_row else "n/a | |"))
+  if args.iwae_images:
+    result["iwae"] = bench_iwae(config("mlp", "vae", b), ds, args.iwae_images, 5000,
+                                [(100, 500), (100, 100), (20, 250), (10, 100)])
+    print(f"\nk=5000 importance-weighted bound, Flax example's MLP, {args.iwae_images} test images "
+          f"(matmul rate for large matrices {large:.1f} GFLOP/s):")
+    print("| batch | sample chunk | s | s for 10,000 images | decoder passes/s | MFLOP/pass | GFLOP/s | fraction of large-matmul rate |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in result["iwae"]:
+      print(f"| {r['batch_size']} | {r['sample_chunk']} | {r['seconds']:.1f} | {r['seconds_for_10000_images']:.0f} | "
+            f"{r['passes_per_s']:,.0f} | {r['flops_per_pass'] / 1e6:.3f} | {r['gflops']:.1f} | {r['gflops'] / large:.2f} |")
   for arch, r in result["archs"].items():
     if "batched_sweep" in r:
       print(f"\n{arch}: batched sweep of {r['batched_sweep']['runs']} models: "
