@@ -67,9 +67,9 @@ class ModelConfig:
   activation: str = "relu"                                      # any flax.linen activation name
   hidden: list[int] = field(default_factory=lambda: [500])      # mlp: hidden widths (decoder mirrors them)
   encoder_channels: list[int] = field(default_factory=lambda: [32])  # conv: channels of the encoder's conv layers
-  decoder_channels: list[int] = field(default_factory=list)     # conv: transposed-conv layers (empty: dense to image)
+  decoder_channels: list[int] = field(default_factory=list)     # conv: upsampling (sub-pixel conv) layers (empty: dense to image)
   kernel_size: int = 3                                          # conv: square kernel size
-  conv_stride: int = 1                                          # conv: stride of every conv / transposed conv
+  conv_stride: int = 1                                          # conv: stride of every conv, and upsampling factor of every decoder layer
   dense: int = 64                                               # conv: width of the dense layer on each side
 
 

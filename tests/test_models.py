@@ -1,6 +1,7 @@
 """Model interface: every family and kind gives the right shapes; shapes come from the data spec."""
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from cvae_jax.config import Arch, Kind, Likelihood, ModelConfig, Pixels
@@ -73,3 +74,14 @@ def test_decoder_upsampling_must_divide_the_image():
   cfg = ModelConfig(arch=Arch.conv, encoder_channels=[8], decoder_channels=[8, 8, 8], conv_stride=2)
   with pytest.raises(ValueError, match="does not divide"):
     create_model(cfg, MNIST, Likelihood.bernoulli)  # 28 is not divisible by 2^3
+
+
+def test_depth_to_space_matches_tensorflow():
+  import tensorflow as tf
+  from cvae_jax.models import depth_to_space
+  x = np.arange(2 * 3 * 4 * 12, dtype=np.float32).reshape(2, 3, 4, 12)  # block 2: 12 = 4 * 3 channels
+  np.testing.assert_array_equal(depth_to_space(jnp.asarray(x), 2), tf.nn.depth_to_space(x, 2).numpy())
+  signal = np.arange(2 * 5 * 6, dtype=np.float32).reshape(2, 5, 6)  # 1-D, block 3: 6 = 3 * 2 channels
+  out = np.asarray(depth_to_space(jnp.asarray(signal), 3))
+  assert out.shape == (2, 15, 2)
+  np.testing.assert_array_equal(out[:, 3 * 4 + 1], signal[:, 4, 2:4])  # position t*s + i <- channels i*C:(i+1)*C
