@@ -32,6 +32,12 @@ class Arch(str, enum.Enum):
   conv = "conv"
 
 
+class EpochLoop(str, enum.Enum):
+  auto = "auto"    # steps for conv models on CPU (XLA:CPU runs convs in a loop body ~10x slower), else scan
+  scan = "scan"    # the whole epoch as one compiled lax.scan
+  steps = "steps"  # a host loop over the jitted step
+
+
 class Likelihood(str, enum.Enum):
   bernoulli = "bernoulli"                        # exact on binary pixels; on grayscale = BCE (unnormalized)
   continuous_bernoulli = "continuous_bernoulli"  # normalized density on [0, 1] (Loaiza-Ganem & Cunningham 2019)
@@ -103,6 +109,7 @@ class TrainingConfig:
   max_checkpoints: int = 3            # keep the newest N checkpoints
   skip_nonfinite: bool = False        # skip updates with a NaN/inf loss or gradient (counted in train/skipped)
                                       # instead of stopping the run at the first one
+  epoch_loop: EpochLoop = EpochLoop.auto  # how an epoch runs: one lax.scan, or a host loop of jitted steps
   data_parallel: bool = False         # split each minibatch over all local devices (a 1-D mesh, axis "data");
                                       # batch_size must be a multiple of the device count
   progress: bool = True               # show a progress bar

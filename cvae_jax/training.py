@@ -18,7 +18,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from cvae_jax import anomaly, annealing, checkpoints, data, figures, rundir
-from cvae_jax.config import Config, ConfigError, OptimizerConfig, to_dict, validate
+from cvae_jax.config import Arch, Config, ConfigError, EpochLoop, OptimizerConfig, to_dict, validate
 from cvae_jax.data import Dataset, DatasetSpec, model_input
 from cvae_jax.evaluate import evaluate_model
 from cvae_jax.evaluation import make_diagnostics, make_evaluate, one_hot_condition
@@ -114,44 +114,72 @@ def data_parallel_mesh() -> Mesh:
   return jax.make_mesh((jax.local_device_count(),), ("data",), axis_types=(AxisType.Auto,))
 
 
+def uses_step_loop(cfg: Config) -> bool:
+  """Whether an epoch runs as a host loop of jitted steps instead of one lax.scan. On XLA:CPU,
+  convolutions inside a loop body run about 10x slower than at top level (measured: the conv1d ECG model,
+  16 s against 1.6 s per epoch), so conv models on CPU loop on the host; the per-step dispatch
+  (tens of microseconds) is small beside their steps. Everything else scans."""
+  loop = EpochLoop(cfg.training.epoch_loop)
+  if loop == EpochLoop.auto:
+    return Arch(cfg.model.arch) == Arch.conv and jax.default_backend() == "cpu"
+  return loop == EpochLoop.steps
+
+
 def make_train_epoch(cfg: Config, model: VAE, spec: DatasetSpec, num_train: int,
                      on_trace: Optional[Callable[[], None]] = None, mesh: Optional[Mesh] = None,
                      batched: bool = False) -> Callable:
-  """Returns train_epoch(state, images, labels, epoch, hyper=None) -> (state, per-step metrics), jitted once.
+  """Returns train_epoch(state, images, labels, epoch, hyper=None) -> (state, per-step metrics).
 
   The epoch is one compiled lax.scan of train_step over minibatches of data already on the device:
-  no host round trip per step. `on_trace` is called each time JAX traces the function (tests count
-  retraces with it). With a `mesh` (data parallelism), state and data are replicated and each
-  minibatch is split over the mesh's "data" axis; XLA partitions the step and all-reduces the gradients.
-  batched: state and hyper carry a leading axis of runs, vmapped over; the data is shared.
+  no host round trip per step (or, see uses_step_loop, a host loop over the same jitted step). Either
+  is traced once; `on_trace` is called each time JAX traces it (tests count retraces with it). With a
+  `mesh` (data parallelism), state and data are replicated and each minibatch is split over the mesh's
+  "data" axis; XLA partitions the step and all-reduces the gradients. batched: state and hyper carry a
+  leading axis of runs, vmapped over; the data is shared.
   """
   batch_size = cfg.training.batch_size
   steps = num_train // batch_size
   train_step = make_train_step(cfg, model, spec, steps)
 
-  def train_epoch(state, images, labels, epoch, hyper: Optional[RunHyper] = None):
+  def epoch_batches(epoch, hyper):  # [steps, batch_size] example indices; the last partial batch dropped
     order_key = stream_key(cfg.seed if hyper is None else hyper.seed, Stream.DATA_ORDER)
-    order = jax.random.permutation(jax.random.fold_in(order_key, epoch), images.shape[0])
-    batches = order[: steps * batch_size].reshape(steps, batch_size)  # drop the last partial batch
+    order = jax.random.permutation(jax.random.fold_in(order_key, epoch), num_train)
+    return order[: steps * batch_size].reshape(steps, batch_size)
 
-    def body(state, idx):
-      batch_images, batch_labels = images[idx], labels[idx]
-      if mesh is not None:
-        split = NamedSharding(mesh, PartitionSpec("data"))
-        batch_images = jax.lax.with_sharding_constraint(batch_images, split)
-        batch_labels = jax.lax.with_sharding_constraint(batch_labels, split)
-      return train_step(state, batch_images, batch_labels, hyper)
+  def step_on(state, images, labels, idx, hyper):
+    batch_images, batch_labels = images[idx], labels[idx]
+    if mesh is not None:
+      split = NamedSharding(mesh, PartitionSpec("data"))
+      batch_images = jax.lax.with_sharding_constraint(batch_images, split)
+      batch_labels = jax.lax.with_sharding_constraint(batch_labels, split)
+    return train_step(state, batch_images, batch_labels, hyper)
 
-    return jax.lax.scan(body, state, batches)
+  def scan_epoch(state, images, labels, epoch, hyper=None):
+    batches = epoch_batches(epoch, hyper)
+    return jax.lax.scan(lambda s, idx: step_on(s, images, labels, idx, hyper), state, batches)
 
-  def traced(*args):
-    if on_trace is not None:
-      on_trace()
-    if batched:
-      return jax.vmap(train_epoch, in_axes=(0, None, None, None, 0))(*args)
-    return train_epoch(*args)
+  def traced(fn, batched_axes):
+    def wrapped(*args):
+      if on_trace is not None:
+        on_trace()
+      return jax.vmap(fn, in_axes=batched_axes)(*args) if batched else fn(*args)
+    return wrapped
 
-  return jax.jit(traced, donate_argnums=0)
+  if not uses_step_loop(cfg):
+    return jax.jit(traced(scan_epoch, (0, None, None, None, 0)), donate_argnums=0)
+
+  order = jax.jit(jax.vmap(epoch_batches, in_axes=(None, 0)) if batched else epoch_batches)
+  step = jax.jit(traced(step_on, (0, None, None, 0, 0)), donate_argnums=0)
+
+  def loop_epoch(state, images, labels, epoch, hyper: Optional[RunHyper] = None):
+    batches = order(epoch, hyper)  # [steps, B] ([runs, steps, B] batched)
+    per_step = []
+    for i in range(steps):
+      state, metrics = step(state, images, labels, batches[:, i] if batched else batches[i], hyper)
+      per_step.append(metrics)
+    return state, jax.tree.map(lambda *m: jnp.stack(m, axis=1 if batched else 0), *per_step)
+
+  return loop_epoch
 
 
 def check_finite(step_metrics: dict, first_step: int) -> None:

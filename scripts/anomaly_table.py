@@ -18,7 +18,7 @@ import numpy as np
 import yaml
 
 COLUMNS = [("ae", "reconstruction"), ("vae", "neg_elbo"), ("vae", "nll"), ("cvae", "marginal_nll"),
-           ("cvae", "best_label_nll"), ("cvae", "marginal_neg_elbo")]
+           ("cvae", "best_label_nll"), ("cvae", "marginal_neg_elbo"), ("cvae", "best_label_neg_elbo")]
 
 
 def collect(sweep: Path, metric: str):

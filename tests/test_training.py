@@ -5,7 +5,7 @@ import jax
 import numpy as np
 import pytest
 
-from cvae_jax import checkpoints, rundir
+from cvae_jax import checkpoints, rundir, training
 from cvae_jax.config import ConfigError, Pixels, to_dict
 from cvae_jax.models import create_model
 from cvae_jax.rundir import RunDirError
@@ -52,11 +52,27 @@ def test_beta_changes_the_loss_not_the_reported_elbo_scale(tmp_path):
   assert row["train/loss"] == pytest.approx(row["train/rec"] + 8.0 * row["train/kl"], rel=1e-4)
 
 
-def test_the_epoch_is_traced_once(tmp_path):
+@pytest.mark.parametrize("loop", ["scan", "steps"])
+def test_the_epoch_is_traced_once(tmp_path, loop):
   traces = []
-  train_and_evaluate(small_config(**{"training.epochs": 3}), tmp_path, dataset=synthetic_dataset(),
-                     on_trace=lambda: traces.append(1))
+  train_and_evaluate(small_config(**{"training.epochs": 3, "training.epoch_loop": loop}), tmp_path,
+                     dataset=synthetic_dataset(), on_trace=lambda: traces.append(1))
   assert len(traces) == 1
+
+
+def test_the_step_loop_trains_as_the_scan_does(tmp_path):
+  # Conv models on CPU loop over jitted steps (training.epoch_loop=auto): the same steps, the same numbers.
+  ds = synthetic_dataset()
+  conv = {"model.arch": "conv", "model.encoder_channels": [4], "model.decoder_channels": [4],
+          "model.conv_stride": 2, "model.dense": 16, "model.kind": "cvae"}
+  states = []
+  for loop in ("scan", "steps"):
+    cfg = small_config(**conv | {"training.epoch_loop": loop})
+    train_and_evaluate(cfg, tmp_path / loop, dataset=ds)
+    states.append(final_state(cfg, ds, tmp_path / loop))
+  for a, b in zip(jax.tree.leaves(states[0].params), jax.tree.leaves(states[1].params)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  assert training.uses_step_loop(small_config(**conv)) and not training.uses_step_loop(small_config())
 
 
 def test_resume_is_bit_identical(tmp_path, monkeypatch):
