@@ -87,7 +87,7 @@ def other_dataset(monkeypatch, ds):
   monkeypatch.setattr(anomaly.data, "load", lambda cfg: other)
 
 
-@pytest.mark.parametrize("kind", ["vae", "cvae", "ae"])
+@pytest.mark.parametrize("kind", ["vae", pytest.param("cvae", marks=pytest.mark.slow), "ae"])
 def test_held_out_class_and_other_dataset_are_found(tmp_path, monkeypatch, kind):
   # Each synthetic class lights its own band of rows; trained without class 2, its images are anomalous.
   ds = synthetic_dataset(n_train=1024, n_test=300)

@@ -46,6 +46,7 @@ def test_runs_that_differ_in_shape_are_not_batched(tmp_path):
     batched.train_batched(parallel, [tmp_path / "c", tmp_path / "d"], synthetic_dataset())
 
 
+@pytest.mark.slow  # a CLI sweep (about 30 s); the in-process tests above cover train_batched itself
 def test_the_batched_launcher_runs_a_sweep_as_one_program(tmp_path, env_for_cli):
   sweep = tmp_path / "sweep"
   command = [sys.executable, "-m", "cvae_jax.train", "--multirun", "+experiment=smoke", "model=mlp", "model.hidden=[64]",
