@@ -86,11 +86,11 @@ def mutual_information(mean: jax.Array, logvar: jax.Array, key: jax.Array) -> ja
   q(z) = (1/N) sum_n q(z | x_n) of the N given examples (Hoffman & Johnson 2016; the estimator of
   He et al. 2019). One z per example; log q(z) by log-sum-exp over all N posteriors. At most log N.
   [N, Z], [N, Z] -> scalar (nats)"""
-  n, dims = mean.shape
+  n = mean.shape[0]
   neg_entropy = jnp.mean(jnp.sum(-0.5 * math.log(2 * math.pi) - 0.5 * (1.0 + logvar), axis=-1))
   z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape)  # [N, Z]
-  diff = z[:, None, :] - mean[None, :, :]                               # [N (z), N (posterior), Z]
-  log_q = jnp.sum(-0.5 * diff**2 / jnp.exp(logvar)[None] - 0.5 * logvar[None], axis=-1) - 0.5 * dims * math.log(2 * math.pi)
+  # log q(z_i | x_j) for every pair: [N (z), N (posterior)]
+  log_q = jnp.sum(jax.scipy.stats.norm.logpdf(z[:, None, :], mean[None], jnp.exp(0.5 * logvar)[None]), axis=-1)
   log_qz = jax.scipy.special.logsumexp(log_q, axis=1) - math.log(n)      # [N]
   return neg_entropy - jnp.mean(log_qz)
 
