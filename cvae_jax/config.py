@@ -50,6 +50,21 @@ class KLSchedule(str, enum.Enum):
   cyclical = "cyclical"  # objective.kl_cycles ramps 0 -> beta, each rising over kl_cycle_ratio of its cycle (Fu et al. 2019)
 
 
+class Estimator(str, enum.Enum):
+  elbo = "elbo"  # the ELBO, its reconstruction term averaged over objective.samples draws of z ("VAE, k")
+  iwae = "iwae"  # the k-sample importance-weighted bound L_k (Burda et al. 2016, "IWAE, k")
+
+
+class OptimizerName(str, enum.Enum):
+  adam = "adam"
+  adagrad = "adagrad"  # Kingma & Welling 2014
+
+
+class LRSchedule(str, enum.Enum):
+  constant = "constant"
+  burda = "burda"  # stage i = 0, 1, ... lasts 3^i epochs at learning_rate * 10^(-i/7) (Burda et al. 2016)
+
+
 @dataclass
 class DataConfig:
   name: str = "mnist"                # any TFDS dataset with `image` and `label` features
@@ -77,6 +92,8 @@ class ModelConfig:
   kernel_size: int = 3                                          # conv: square kernel size
   conv_stride: int = 1                                          # conv: stride of every conv, and upsampling factor of every decoder layer
   dense: int = 64                                               # conv: width of the dense layer on each side
+  init_scale: Optional[float] = None  # mlp: weights drawn from N(0, init_scale^2) (Kingma & Welling: 0.01);
+                                      # None: Flax's default (LeCun normal)
 
 
 @dataclass
@@ -89,11 +106,17 @@ class ObjectiveConfig:
   kl_cycle_ratio: float = 0.5    # cyclical: fraction of each cycle spent rising (the rest at beta)
   free_bits: float = 0.0         # nats per latent dimension below which the KL is not penalized (Kingma
                                  # et al. 2016): loss KL = sum_j max(free_bits, batch mean KL_j); 0: off
+  samples: int = 1               # k: draws of z per example in each training step
+  estimator: Estimator = Estimator.elbo  # what the k draws estimate: the ELBO, or the IWAE bound L_k
 
 
 @dataclass
 class OptimizerConfig:
+  name: OptimizerName = OptimizerName.adam
   learning_rate: float = 1e-3
+  schedule: LRSchedule = LRSchedule.constant
+  weight_decay: float = 0.0  # L2 penalty weight_decay/2 * |theta|^2 added to the per-example loss's gradient
+                             # (a N(0, 1/(weight_decay N)) prior on the parameters; K&W use 1/N: N(0, I))
   b1: float = 0.9
   b2: float = 0.999
   eps: float = 1e-8
@@ -168,6 +191,16 @@ def validate(cfg: Config) -> Config:
   _check(o.kl_cycles >= 1, "objective.kl_cycles", o.kl_cycles, "must be at least 1")
   _check(0 < o.kl_cycle_ratio <= 1, "objective.kl_cycle_ratio", o.kl_cycle_ratio, "must be in (0, 1]")
   _check(o.free_bits >= 0, "objective.free_bits", o.free_bits, "must be >= 0 nats per dimension (0: off)")
+  _check(o.samples >= 1, "objective.samples", o.samples, "the number of z draws per example must be at least 1")
+  if Estimator(o.estimator) == Estimator.iwae:
+    _check(o.beta == 1 and KLSchedule(o.kl_schedule) == KLSchedule.constant and o.free_bits == 0,
+           "objective.estimator", "iwae", "the IWAE bound has no separate KL term: use objective.beta=1, "
+           "objective.kl_schedule=constant and objective.free_bits=0 (remedy=none)")
+  _check(Kind(m.kind) != Kind.ae or (o.samples == 1 and Estimator(o.estimator) == Estimator.elbo),
+         "objective.samples", o.samples, "a plain autoencoder (model.kind=ae) has no z to sample: use "
+         "objective.samples=1 and objective.estimator=elbo")
+  _check(m.init_scale is None or m.init_scale > 0, "model.init_scale", m.init_scale, "must be > 0, or null")
+  _check(opt.weight_decay >= 0, "optimizer.weight_decay", opt.weight_decay, "must be >= 0")
   _check(opt.learning_rate > 0, "optimizer.learning_rate", opt.learning_rate, "must be > 0")
   _check(opt.grad_clip_norm is None or opt.grad_clip_norm > 0, "optimizer.grad_clip_norm",
          opt.grad_clip_norm, "must be > 0, or null for no clipping")

@@ -16,7 +16,7 @@ import numpy as np
 from cvae_jax.config import Likelihood
 from cvae_jax.data import DatasetSpec, model_input
 from cvae_jax.models import VAE
-from cvae_jax.objectives import LOG_PROB, elbo_terms, gaussian_kl_per_dim
+from cvae_jax.objectives import LOG_PROB, elbo_terms, gaussian_kl_per_dim, log_importance_weights
 
 ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. 2016: unit u is active when Cov_x(E_q[z_u]) > 0.01
 
@@ -136,10 +136,7 @@ def importance_weighted_bound(log_likelihood: Callable, mean: jax.Array, logvar:
     running, log_w_sum = carry
     eps = jax.random.normal(jax.random.fold_in(key, i), (chunk, *mean.shape))  # [S, B, Z]
     z = mean + std * eps
-    log_pz = jnp.sum(jax.scipy.stats.norm.logpdf(z), axis=-1)
-    # log q(z | x), using z - mean = std * eps exactly: no cancellation error.
-    log_qz = jnp.sum(-0.5 * eps**2 - 0.5 * logvar - 0.5 * math.log(2 * math.pi), axis=-1)
-    log_w = log_likelihood(z) + log_pz - log_qz  # [S, B]
+    log_w = log_importance_weights(log_likelihood(z), z, eps, logvar)  # [S, B]
     valid = (i * chunk + jnp.arange(chunk)) < num_samples
     log_w_sum = log_w_sum + jnp.sum(jnp.where(valid[:, None], log_w, 0.0), axis=0)
     log_w = jnp.where(valid[:, None], log_w, -jnp.inf)
@@ -151,19 +148,25 @@ def importance_weighted_bound(log_likelihood: Callable, mean: jax.Array, logvar:
   return (bound, log_w_sum / num_samples) if with_elbo else bound
 
 
-def iwae_bound(model: VAE, params, x, c, key, num_samples: int, chunk: int, likelihood: Likelihood,
-               with_elbo: bool = False):
-  """L_k of the model's log p(x) (log p(x | c) for a CVAE), with its encoder as the proposal.  [B]
-  (with_elbo: also the k-sample ELBO estimate, see importance_weighted_bound)"""
-  mean, logvar = model.apply({"params": params}, x, c, method=VAE.encode)
+def decoder_log_likelihood(model: VAE, params, x, c, likelihood: Likelihood) -> Callable:
+  """log_likelihood(z [S, B, Z]) -> log p(x | z[, c]) [S, B]: S draws of z per example, decoded in one batch."""
 
-  def log_likelihood(z):  # [S, B, Z] -> [S, B]
+  def log_likelihood(z):
     s, b = z.shape[:2]
     c_rep = None if c is None else jnp.tile(c, (s, 1))
     logits = model.apply({"params": params}, z.reshape(s * b, -1), c_rep, method=VAE.decode)
     x_rep = jnp.broadcast_to(x, (s, *x.shape)).reshape(s * b, *x.shape[1:])
     return LOG_PROB[likelihood](x_rep, logits).reshape(s, b)
 
+  return log_likelihood
+
+
+def iwae_bound(model: VAE, params, x, c, key, num_samples: int, chunk: int, likelihood: Likelihood,
+               with_elbo: bool = False):
+  """L_k of the model's log p(x) (log p(x | c) for a CVAE), with its encoder as the proposal.  [B]
+  (with_elbo: also the k-sample ELBO estimate, see importance_weighted_bound)"""
+  mean, logvar = model.apply({"params": params}, x, c, method=VAE.encode)
+  log_likelihood = decoder_log_likelihood(model, params, x, c, likelihood)
   return importance_weighted_bound(log_likelihood, mean, logvar, key, num_samples, chunk, with_elbo)
 
 

@@ -36,18 +36,24 @@ def _concat(h: jax.Array, c: Optional[jax.Array]) -> jax.Array:
   return h if c is None else jnp.concatenate([h, c.astype(h.dtype)], axis=-1)
 
 
+def _kernel_init(init_scale: Optional[float]):
+  return nn.linear.default_kernel_init if init_scale is None else nn.initializers.normal(init_scale)
+
+
 class MLPEncoder(nn.Module):
   """flatten(x) [, c] -> hidden layers -> (mean, logvar)."""
   hidden: Sequence[int]
   latent_size: int
   activation: Callable
+  init_scale: Optional[float] = None  # weights ~ N(0, init_scale^2); None: Flax's default
 
   @nn.compact
   def __call__(self, x, c=None):
+    dense = lambda n, **kw: nn.Dense(n, kernel_init=_kernel_init(self.init_scale), **kw)
     h = _concat(x.reshape(x.shape[0], -1), c)  # [B, D (+K)]
     for width in self.hidden:
-      h = self.activation(nn.Dense(width)(h))
-    return nn.Dense(self.latent_size, name="mean")(h), nn.Dense(self.latent_size, name="logvar")(h)
+      h = self.activation(dense(width)(h))
+    return dense(self.latent_size, name="mean")(h), dense(self.latent_size, name="logvar")(h)
 
 
 class MLPDecoder(nn.Module):
@@ -55,13 +61,15 @@ class MLPDecoder(nn.Module):
   hidden: Sequence[int]
   data_shape: tuple[int, ...]
   activation: Callable
+  init_scale: Optional[float] = None
 
   @nn.compact
   def __call__(self, z, c=None):
+    dense = lambda n: nn.Dense(n, kernel_init=_kernel_init(self.init_scale))
     h = _concat(z, c)
     for width in reversed(self.hidden):
-      h = self.activation(nn.Dense(width)(h))
-    return nn.Dense(math.prod(self.data_shape))(h).reshape(z.shape[0], *self.data_shape)
+      h = self.activation(dense(width)(h))
+    return dense(math.prod(self.data_shape))(h).reshape(z.shape[0], *self.data_shape)
 
 
 class ConvEncoder(nn.Module):
@@ -169,8 +177,8 @@ class VAE(nn.Module):
 
 
 def _build_mlp(cfg: ModelConfig, output_shape: tuple[int, ...], activation: Callable):
-  return (MLPEncoder(tuple(cfg.hidden), cfg.latent_size, activation),
-          MLPDecoder(tuple(cfg.hidden), output_shape, activation))
+  return (MLPEncoder(tuple(cfg.hidden), cfg.latent_size, activation, cfg.init_scale),
+          MLPDecoder(tuple(cfg.hidden), output_shape, activation, cfg.init_scale))
 
 
 def _build_conv(cfg: ModelConfig, output_shape: tuple[int, ...], activation: Callable):

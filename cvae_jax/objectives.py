@@ -120,6 +120,34 @@ def elbo_terms(x: jax.Array, logits: jax.Array, mean: jax.Array, logvar: jax.Arr
   return {"rec": rec, "kl": kl, "elbo": -(rec + kl)}
 
 
+def log_importance_weights(log_px: jax.Array, z: jax.Array, eps: jax.Array, logvar: jax.Array) -> jax.Array:
+  """log w = log p(x | z) + log p(z) - log q(z | x) for z = mean + exp(logvar / 2) * eps, p(z) = N(0, I).
+
+  log q uses z - mean = std * eps exactly (no cancellation error).  [S, B], [S, B, Z] x2, [B, Z] -> [S, B]
+  """
+  log_pz = jnp.sum(jax.scipy.stats.norm.logpdf(z), axis=-1)
+  log_qz = jnp.sum(-0.5 * eps**2 - 0.5 * logvar - 0.5 * math.log(2 * math.pi), axis=-1)
+  return log_px + log_pz - log_qz
+
+
+def k_sample_terms(log_likelihood, mean: jax.Array, logvar: jax.Array, rng: jax.Array, k: int) -> dict[str, jax.Array]:
+  """The training terms from k reparameterized draws z_s ~ q(z | x) per example.  [B] each
+
+  `log_likelihood(z [S, B, Z]) -> log p(x | z) [S, B]`.
+  rec = -(1/k) sum_s log p(x | z_s), kl analytic, elbo = -(rec + kl): the ELBO with its expectation
+  averaged over k draws (Burda et al.'s "VAE, k"). iwae = L_k = log (1/k) sum_s w_s (their eq. 8); its
+  gradient weights each draw by its normalized importance weight.
+  """
+  eps = jax.random.normal(rng, (k, *mean.shape), mean.dtype)
+  z = mean + jnp.exp(0.5 * logvar) * eps
+  log_px = log_likelihood(z)
+  log_w = log_importance_weights(log_px, z, eps, logvar)
+  rec = -jnp.mean(log_px, axis=0)
+  kl = gaussian_kl(mean, logvar)
+  return {"rec": rec, "kl": kl, "elbo": -(rec + kl),
+          "iwae": jax.scipy.special.logsumexp(log_w, axis=0) - math.log(k)}
+
+
 def free_bits_kl(kl_per_dim: jax.Array, free_bits: float) -> jax.Array:
   """sum_j max(free_bits, mean_batch KL_j): the KL term with free bits (Kingma et al. 2016, eq. 15,
   one group per latent dimension). A dimension whose batch-mean KL is below free_bits gets no gradient

@@ -18,13 +18,14 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from cvae_jax import anomaly, annealing, checkpoints, data, figures, rundir
-from cvae_jax.config import Arch, Config, ConfigError, EpochLoop, OptimizerConfig, to_dict, validate
+from cvae_jax.config import (Arch, Config, ConfigError, EpochLoop, Estimator, LRSchedule, OptimizerConfig,
+                             OptimizerName, to_dict, validate)
 from cvae_jax.data import Dataset, DatasetSpec, model_input
 from cvae_jax.evaluate import evaluate_model
-from cvae_jax.evaluation import make_diagnostics, make_evaluate, one_hot_condition
+from cvae_jax.evaluation import decoder_log_likelihood, make_diagnostics, make_evaluate, one_hot_condition
 from cvae_jax.keys import Stream, stream_key
 from cvae_jax.models import VAE, create_model
-from cvae_jax.objectives import elbo_terms, free_bits_kl, gaussian_kl_per_dim, loss_and_metrics
+from cvae_jax.objectives import elbo_terms, free_bits_kl, gaussian_kl_per_dim, k_sample_terms, loss_and_metrics
 
 log = logging.getLogger(__name__)
 
@@ -48,12 +49,31 @@ def run_hyper(cfg: Config) -> RunHyper:
 
 
 def create_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
-  """Adam (after optional global-norm clipping) with a unit step: the train step multiplies the update
-  by the run's learning rate, so it can vary across a batched sweep. The state is optax.adam's."""
-  adam = optax.adam(1.0, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)
-  if cfg.grad_clip_norm is None:
-    return adam
-  return optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm), adam)
+  """Adam or Adagrad (after optional weight decay and global-norm clipping) with a unit step: the train
+  step multiplies the update by the run's learning rate, so it can vary across a batched sweep. Both are
+  linear in the rate, so this equals optax.adam(rate) / optax.adagrad(rate)."""
+  if OptimizerName(cfg.name) == OptimizerName.adagrad:
+    base = optax.adagrad(1.0)
+  else:
+    base = optax.adam(1.0, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)
+  parts = [optax.clip_by_global_norm(cfg.grad_clip_norm)] if cfg.grad_clip_norm is not None else []
+  if cfg.weight_decay:  # the gradient of weight_decay/2 |theta|^2, before the adaptive scaling (an L2 prior)
+    parts.append(optax.add_decayed_weights(cfg.weight_decay))
+  return optax.chain(*parts, base) if parts else base
+
+
+def learning_rate_factor(cfg: OptimizerConfig, steps_per_epoch: int) -> Callable:
+  """factor(step) multiplying the learning rate. burda: epochs [(3^i - 1)/2, (3^(i+1) - 1)/2) form stage
+  i, at 10^(-i/7) (Burda et al. 2016: 3^i passes at 0.001 * 10^(-i/7), i = 0..7, 3280 passes in all)."""
+  if LRSchedule(cfg.schedule) == LRSchedule.constant:
+    return lambda step: 1.0
+  starts = jnp.asarray([(3**i - 1) // 2 for i in range(1, 21)])  # first epoch of stages 1, 2, ...
+
+  def factor(step):
+    stage = jnp.sum(step // steps_per_epoch >= starts)
+    return 10.0 ** (-stage / 7.0)
+
+  return factor
 
 
 def create_train_state(cfg: Config, model: VAE, spec: DatasetSpec) -> train_state.TrainState:
@@ -72,7 +92,11 @@ def make_train_step(cfg: Config, model: VAE, spec: DatasetSpec, steps_per_epoch:
   so the same step of a resumed run draws the same numbers. `hyper` (a RunHyper) overrides the
   config's seed, beta and learning rate.
   """
-  likelihood, free_bits = cfg.objective.likelihood, cfg.objective.free_bits
+  objective = cfg.objective
+  likelihood, free_bits = objective.likelihood, objective.free_bits
+  iwae = Estimator(objective.estimator) == Estimator.iwae
+  multi_sample = iwae or objective.samples > 1  # k draws per example; k = 1 keeps the one-pass step
+  lr_factor = learning_rate_factor(cfg.optimizer, steps_per_epoch)
   kl_weight = annealing.kl_weight_schedule(cfg.objective, steps_per_epoch, steps_per_epoch * cfg.training.epochs)
   skip_nonfinite = cfg.training.skip_nonfinite
 
@@ -85,17 +109,28 @@ def make_train_step(cfg: Config, model: VAE, spec: DatasetSpec, steps_per_epoch:
     beta = kl_weight(state.step, hyper.beta)
 
     def loss_fn(params):
-      out = state.apply_fn({"params": params}, x, c, rng)
-      terms = elbo_terms(x, out.logits, out.mean, out.logvar, likelihood)
+      if multi_sample:
+        mean, logvar = model.apply({"params": params}, x, c, method=VAE.encode)
+        log_likelihood = decoder_log_likelihood(model, params, x, c, likelihood)
+        terms = k_sample_terms(log_likelihood, mean, logvar, rng, objective.samples)
+        if iwae:  # the loss is -L_k; rec, kl and elbo are still reported
+          loss, metrics = loss_and_metrics(terms, beta, spec.num_pixels)
+          metrics["loss"] = -metrics["iwae"]
+          return metrics["loss"], metrics
+      else:
+        out = state.apply_fn({"params": params}, x, c, rng)
+        terms = elbo_terms(x, out.logits, out.mean, out.logvar, likelihood)
+        mean, logvar = out.mean, out.logvar
       penalty = None
-      if free_bits > 0 and out.logvar is not None:
-        penalty = free_bits_kl(gaussian_kl_per_dim(out.mean, out.logvar), free_bits)
+      if free_bits > 0 and logvar is not None:
+        penalty = free_bits_kl(gaussian_kl_per_dim(mean, logvar), free_bits)
       return loss_and_metrics(terms, beta, spec.num_pixels, penalty)
 
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     metrics["kl_weight"] = jnp.asarray(beta, jnp.float32)
     direction, opt_state = state.tx.update(grads, state.opt_state, state.params)  # -Adam step for rate 1
-    updates = jax.tree.map(lambda d: d * hyper.learning_rate, direction)
+    rate = hyper.learning_rate * lr_factor(state.step)
+    updates = jax.tree.map(lambda d: d * rate, direction)
     new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                               opt_state=opt_state)
     if skip_nonfinite:  # keep the old parameters and optimizer state when this step's numbers are not finite
