@@ -50,6 +50,12 @@ class KLSchedule(str, enum.Enum):
   cyclical = "cyclical"  # objective.kl_cycles ramps 0 -> beta, each rising over kl_cycle_ratio of its cycle (Fu et al. 2019)
 
 
+class Task(str, enum.Enum):
+  density = "density"      # model p(x) (VAE) or p(x | class) (CVAE): cvae_jax/training.py
+  quadrants = "quadrants"  # predict the hidden quadrants of an image from the given ones (Sohn et al. 2015):
+                           # cvae_jax/quadrants.py
+
+
 class Estimator(str, enum.Enum):
   elbo = "elbo"  # the ELBO, its reconstruction term averaged over objective.samples draws of z ("VAE, k")
   iwae = "iwae"  # the k-sample importance-weighted bound L_k (Burda et al. 2016, "IWAE, k")
@@ -154,15 +160,27 @@ class EvaluationConfig:
 
 
 @dataclass
+class QuadrantConfig:
+  """task=quadrants: structured-output prediction of MNIST quadrants (Sohn et al. 2015, as Pyro replicates it).
+  The networks use model.hidden, model.latent_size and model.activation; training.epochs is the most epochs."""
+  given: int = 1             # quadrants given as input: 1 bottom-left, 2 the left half, 3 all but bottom-right
+  patience: int = 3          # early stopping: stop after this many epochs without a better stopping loss
+  elbo_samples: int = 10     # z draws of the reported negative ELBO (Pyro's table: 10)
+  # The conditional NLL -log p(y | x) uses evaluation.iwae_samples draws (chunked by evaluation.sample_chunk).
+
+
+@dataclass
 class Config:
   name: str = "default"  # run family; runs go to outputs/<name>/<overrides>, sweeps to multirun/<name>/
   seed: int = 0          # every random stream derives from it (params, reparameterization, data order, ...)
+  task: Task = Task.density
   data: DataConfig = field(default_factory=DataConfig)
   model: ModelConfig = field(default_factory=ModelConfig)
   objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
   optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
   training: TrainingConfig = field(default_factory=TrainingConfig)
   evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+  quadrants: QuadrantConfig = field(default_factory=QuadrantConfig)
 
 
 class ConfigError(ValueError):
@@ -232,6 +250,15 @@ def validate(cfg: Config) -> Config:
   for key in ("train_limit", "test_limit"):
     value = getattr(d, key)
     _check(value is None or value >= 1, f"data.{key}", value, "must be at least 1, or null for all")
+  q = cfg.quadrants
+  _check(q.given in (1, 2, 3), "quadrants.given", q.given, "give 1, 2 or 3 quadrants as input")
+  _check(q.patience >= 1, "quadrants.patience", q.patience, "must be at least 1 epoch")
+  _check(q.elbo_samples >= 1, "quadrants.elbo_samples", q.elbo_samples, "must be at least 1")
+  if Task(cfg.task) == Task.quadrants:
+    _check(Pixels(d.pixels) == Pixels.grayscale, "data.pixels", getattr(d.pixels, "value", d.pixels),
+           "the quadrant task (Pyro's protocol) uses grayscale pixels in [0, 1]: set data.pixels=grayscale")
+    _check(Arch(m.arch) == Arch.mlp and len(m.hidden) >= 1, "model.arch", getattr(m.arch, "value", m.arch),
+           "the quadrant networks are MLPs: use model=mlp with at least one hidden layer")
   _check(callable(getattr(nn, m.activation, None)), "model.activation", m.activation,
          "use a flax.linen activation name such as relu, tanh, gelu, elu")
   return cfg

@@ -119,9 +119,10 @@ def active_units(posterior_means: np.ndarray, threshold: float = ACTIVE_UNIT_THR
 
 
 def importance_weighted_bound(log_likelihood: Callable, mean: jax.Array, logvar: jax.Array, key: jax.Array,
-                              num_samples: int, chunk: int, with_elbo: bool = False):
+                              num_samples: int, chunk: int, with_elbo: bool = False, prior=None):
   """L_k = log (1/k) sum_s w_s, w_s = p(x | z_s) p(z_s) / q(z_s | x), z_s ~ q = N(mean, exp(logvar))
-  (Burda et al. 2016, eq. 8), for a standard normal prior.  [B]
+  (Burda et al. 2016, eq. 8), for a standard normal prior, or the diagonal Gaussian `prior` = (mean,
+  logvar) [B, Z] each (a conditional prior p(z | x)).  [B]
 
   `log_likelihood(z [S, B, Z]) -> log p(x | z) [S, B]`. Samples are drawn `chunk` at a time and
   folded into a running log-sum-exp, so memory stays at one chunk for k in the thousands; samples past
@@ -136,7 +137,7 @@ def importance_weighted_bound(log_likelihood: Callable, mean: jax.Array, logvar:
     running, log_w_sum = carry
     eps = jax.random.normal(jax.random.fold_in(key, i), (chunk, *mean.shape))  # [S, B, Z]
     z = mean + std * eps
-    log_w = log_importance_weights(log_likelihood(z), z, eps, logvar)  # [S, B]
+    log_w = log_importance_weights(log_likelihood(z), z, eps, logvar, prior)  # [S, B]
     valid = (i * chunk + jnp.arange(chunk)) < num_samples
     log_w_sum = log_w_sum + jnp.sum(jnp.where(valid[:, None], log_w, 0.0), axis=0)
     log_w = jnp.where(valid[:, None], log_w, -jnp.inf)

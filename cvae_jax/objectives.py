@@ -120,12 +120,27 @@ def elbo_terms(x: jax.Array, logits: jax.Array, mean: jax.Array, logvar: jax.Arr
   return {"rec": rec, "kl": kl, "elbo": -(rec + kl)}
 
 
-def log_importance_weights(log_px: jax.Array, z: jax.Array, eps: jax.Array, logvar: jax.Array) -> jax.Array:
-  """log w = log p(x | z) + log p(z) - log q(z | x) for z = mean + exp(logvar / 2) * eps, p(z) = N(0, I).
+def gaussian_kl_between(mean_q: jax.Array, logvar_q: jax.Array, mean_p: jax.Array, logvar_p: jax.Array) -> jax.Array:
+  """KL(N(mean_q, exp(logvar_q)) || N(mean_p, exp(logvar_p))), diagonal, summed over dimensions.  [B]
 
+  1/2 sum_j (logvar_p - logvar_q + (exp(logvar_q) + (mean_q - mean_p)^2) / exp(logvar_p) - 1): the KL to
+  a learned prior p(z | x) (Sohn et al. 2015's prior network).
+  """
+  return 0.5 * jnp.sum(logvar_p - logvar_q + (jnp.exp(logvar_q) + (mean_q - mean_p) ** 2) * jnp.exp(-logvar_p) - 1.0,
+                       axis=-1)
+
+
+def log_importance_weights(log_px: jax.Array, z: jax.Array, eps: jax.Array, logvar: jax.Array,
+                           prior: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
+  """log w = log p(x | z) + log p(z) - log q(z | x) for z = mean + exp(logvar / 2) * eps.
+
+  p(z) = N(0, I), or the diagonal Gaussian `prior` = (mean [B, Z], logvar [B, Z]) of a prior network.
   log q uses z - mean = std * eps exactly (no cancellation error).  [S, B], [S, B, Z] x2, [B, Z] -> [S, B]
   """
-  log_pz = jnp.sum(jax.scipy.stats.norm.logpdf(z), axis=-1)
+  if prior is None:
+    log_pz = jnp.sum(jax.scipy.stats.norm.logpdf(z), axis=-1)
+  else:
+    log_pz = jnp.sum(jax.scipy.stats.norm.logpdf(z, prior[0], jnp.exp(0.5 * prior[1])), axis=-1)
   log_qz = jnp.sum(-0.5 * eps**2 - 0.5 * logvar - 0.5 * math.log(2 * math.pi), axis=-1)
   return log_px + log_pz - log_qz
 

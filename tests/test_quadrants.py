@@ -1,0 +1,110 @@
+"""The quadrant-completion task (Sohn et al. 2015 as Pyro replicates it): masks, the conditional-prior
+KL and bound against closed forms, early stopping, and a whole run with resume."""
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cvae_jax import quadrants
+from cvae_jax.evaluation import importance_weighted_bound
+from cvae_jax.objectives import gaussian_kl, gaussian_kl_between
+from conftest import small_config, synthetic_dataset
+
+
+@pytest.mark.parametrize("given, hidden_quadrants", [(1, "TL TR BR"), (2, "TR BR"), (3, "BR")])
+def test_output_mask_hides_the_quadrants_pyro_hides(given, hidden_quadrants):
+  mask = quadrants.output_mask(given, 28, 28).reshape(28, 28)
+  corners = {"TL": mask[:14, :14], "TR": mask[:14, 14:], "BL": mask[14:, :14], "BR": mask[14:, 14:]}
+  for name, block in corners.items():
+    assert block.all() if name in hidden_quadrants.split() else not block.any(), name
+  x = jnp.linspace(0, 1, 784)[None]
+  inputs = quadrants.hide(x, mask.reshape(-1))
+  assert int(jnp.sum(inputs == -1)) == 196 * (4 - given)
+  np.testing.assert_array_equal(quadrants.fill(inputs, x, mask.reshape(-1)), x)
+
+
+def test_kl_between_gaussians_matches_closed_forms():
+  rng = np.random.default_rng(0)
+  mq, lq, mp, lp = (jnp.asarray(rng.normal(size=(3, 4)), jnp.float32) for _ in range(4))
+  zeros = jnp.zeros_like(mq)
+  np.testing.assert_allclose(gaussian_kl_between(mq, lq, zeros, zeros), gaussian_kl(mq, lq), rtol=1e-6)
+  np.testing.assert_allclose(gaussian_kl_between(mq, lq, mq, lq), 0.0, atol=1e-6)
+  # Monte Carlo: E_q[log q(z) - log p(z)] with 400k draws.
+  z = mq + jnp.exp(0.5 * lq) * jax.random.normal(jax.random.key(0), (400_000, *mq.shape))
+  logpdf = lambda z, m, lv: jnp.sum(jax.scipy.stats.norm.logpdf(z, m, jnp.exp(0.5 * lv)), axis=-1)
+  mc = jnp.mean(logpdf(z, mq, lq) - logpdf(z, mp, lp), axis=0)
+  np.testing.assert_allclose(gaussian_kl_between(mq, lq, mp, lp), mc, rtol=0.02, atol=0.02)
+
+
+def test_bound_with_a_conditional_prior_is_exact_under_the_exact_posterior():
+  """p(z) = N(m0, diag v0), p(y | z) = N(W z + b, s^2 I), W with orthogonal columns: the posterior is
+  diagonal, every importance weight equals p(y), so L_k = log p(y) = log N(y; W m0 + b, W V0 W^T + s^2 I)."""
+  rng = np.random.default_rng(1)
+  q, _ = np.linalg.qr(rng.normal(size=(3, 3)))
+  w, b, s = q[:, :2] * np.array([1.3, 0.6]), rng.normal(size=3), 0.5
+  m0, v0 = rng.normal(size=(4, 2)), np.array([0.8, 0.8])  # isotropic prior: keeps the posterior diagonal
+  y = rng.normal(size=(4, 3)) * 2
+  cov = w @ np.diag(v0) @ w.T + s**2 * np.eye(3)
+  diff = y - (m0 @ w.T + b)
+  log_py = -0.5 * (np.einsum("bi,ij,bj->b", diff, np.linalg.inv(cov), diff) + np.linalg.slogdet(cov)[1]
+                   + 3 * math.log(2 * math.pi))
+  post_prec = np.diag(1 / v0) + w.T @ w / s**2
+  post_cov = np.linalg.inv(post_prec)
+  post_mean = (m0 / v0 + (y - b) @ w / s**2) @ post_cov
+  f32 = lambda a: jnp.asarray(a, jnp.float32)
+
+  def log_likelihood(z):
+    return jnp.sum(jax.scipy.stats.norm.logpdf(f32(y), jnp.einsum("sbz,xz->sbx", z, f32(w)) + f32(b), s), axis=-1)
+
+  prior = (f32(m0), jnp.log(f32(np.broadcast_to(v0, m0.shape))))
+  for k in (1, 9):
+    bound = importance_weighted_bound(log_likelihood, f32(post_mean), jnp.log(f32(np.broadcast_to(np.diag(post_cov), m0.shape))),
+                                      jax.random.key(k), k, chunk=4, prior=prior)
+    np.testing.assert_allclose(bound, log_py, atol=1e-4)
+
+
+def test_early_stopping_keeps_the_best_epoch_and_stops_after_patience(tmp_path):
+  cfg = small_config(**{"training.epochs": 20, "quadrants.patience": 3, "training.batch_size": 8})
+  stopping = iter([5.0, 4.0, 4.5, 4.2, 4.1, 3.0])  # best at epoch 2; epochs 3-5 are worse: stop after 5
+  seen = []
+
+  def stopping_loss(params):
+    seen.append(float(params["w"]))
+    return next(stopping)
+
+  images = jnp.zeros((16, 2, 2, 1), jnp.uint8)
+  best, summary = quadrants.fit(cfg, tmp_path / "phase", {"w": jnp.asarray(1.0)},
+                                lambda p, x, key: (p["w"] - 3.0) ** 2, stopping_loss, images, seed_stream=0)
+  assert summary == {"epochs": 5, "best_loss": 4.0, "stopped_early": True}
+  assert float(best["w"]) == seen[1]  # the parameters of epoch 2
+  rows = [json.loads(line) for line in (tmp_path / "phase" / "metrics.jsonl").read_text().splitlines()]
+  assert [r["stop/loss"] for r in rows] == [5.0, 4.0, 4.5, 4.2, 4.1]
+
+
+def test_a_quadrant_run_trains_evaluates_and_resumes(tmp_path):
+  ds = synthetic_dataset(n_train=512, n_test=128, shape=(8, 8, 1))
+  cfg = small_config(**{"task": "quadrants", "model.hidden": [64], "model.latent_size": 4, "training.epochs": 6,
+                        "quadrants.given": 2, "evaluation.iwae_samples": 64, "evaluation.sample_chunk": 16,
+                        "training.figures": True})
+  results = quadrants.train_and_evaluate(cfg, tmp_path, dataset=ds)
+  assert results["baseline_fit"]["epochs"] >= 1 and results["cvae_fit"]["epochs"] >= 1
+  # The k-sample bound is at least the ELBO: its NLL is no larger than the negative ELBO (up to noise).
+  assert results["cvae_conditional_nll"] <= results["cvae_neg_elbo"] + 0.5
+  assert 0 < results["cvae_neg_elbo"] < 32 * math.log(2) * 2  # 32 output pixels; far below chance BCE
+  assert (tmp_path / "figures" / "quadrants.png").stat().st_size > 0
+  # Resume: with results.json gone, both models come back from their checkpoints without retraining.
+  lines = {phase: (tmp_path / phase / "metrics.jsonl").read_text() for phase in ("baseline", "cvae")}
+  (tmp_path / "results.json").unlink()
+  again = quadrants.train_and_evaluate(cfg, tmp_path, dataset=ds)
+  assert {phase: (tmp_path / phase / "metrics.jsonl").read_text() for phase in lines} == lines
+  for key in ("baseline_bce", "cvae_neg_elbo", "cvae_conditional_nll"):
+    assert again[key] == pytest.approx(results[key], rel=1e-6)
+
+
+def test_quadrants_refuse_binarized_pixels():
+  from cvae_jax.config import ConfigError, validate
+  with pytest.raises(ConfigError, match="data.pixels"):
+    validate(small_config(**{"task": "quadrants", "data.pixels": "static_binary"}))
