@@ -22,6 +22,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import yaml  # noqa: E402
 
 METRICS = ("elbo", "rec", "kl", "nll", "active_units", "mutual_information", "steps", "wall_time")
+# task=quadrants (cvae_jax/quadrants.py): the baseline's and the CVAE's test numbers
+QUADRANT_METRICS = ("baseline_bce", "cvae_neg_elbo", "cvae_conditional_nll", "wall_time")
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
@@ -73,7 +75,7 @@ def collect(sweep_dir: Path) -> list[dict]:
       row["config"] = _flatten(yaml.safe_load((run / "config.yaml").read_text()))
     if (run / "results.json").exists():
       results = json.loads((run / "results.json").read_text())
-      row |= {"status": "finished"} | {k: results.get(k) for k in METRICS}
+      row |= {"status": "finished"} | {k: results.get(k) for k in METRICS + QUADRANT_METRICS}
       if (run / "eval.json").exists():  # python -m cvae_jax.evaluate: a larger k than training's
         evaluated = json.loads((run / "eval.json").read_text())
         if "iwae" in evaluated:
@@ -106,8 +108,14 @@ def _value(row: dict, key: str):
   return row.get("config", {}).get(key, row["overrides"].get(key, ""))
 
 
+def metrics_of(rows: list[dict]) -> tuple[str, ...]:
+  """The result columns of this sweep's task."""
+  return QUADRANT_METRICS if any(r.get("cvae_neg_elbo") is not None for r in rows) else METRICS
+
+
 def write_tables(rows: list[dict], keys: list[str], out: Path) -> tuple[Path, Path]:
-  columns = ["run", *keys, "status", *METRICS]
+  metrics = metrics_of(rows)
+  columns = ["run", *keys, "status", *metrics]
   csv_path, md_path = out / "report.csv", out / "report.md"
   with open(csv_path, "w", newline="") as f:
     writer = csv.writer(f)
@@ -123,12 +131,13 @@ def write_tables(rows: list[dict], keys: list[str], out: Path) -> tuple[Path, Pa
 
   lines = ["| " + " | ".join(columns[1:]) + " |", "|" + " --- |" * (len(columns) - 1)]
   for r in rows:
-    cells = [fmt(_value(r, k)) for k in keys] + [r["status"]] + [fmt(r.get(m)) for m in METRICS]
+    cells = [fmt(_value(r, k)) for k in keys] + [r["status"]] + [fmt(r.get(m)) for m in metrics]
     lines.append("| " + " | ".join(cells) + " |")
   failed = [r for r in rows if r["status"] == "failed"]
   note = "".join(f"\n- `{r['run']}` failed: {r.get('error', '')}" for r in failed)
   md_path.write_text(f"# Sweep report: {out.name}\n\nNats per image on the test split; elbo is the bound "
-                     "(negative), nll = -L_k where computed.\n\n" + "\n".join(lines) + "\n" + note + "\n")
+                     "(negative), nll = -L_k where computed (quadrants: the baseline's masked BCE, the CVAE's "
+                     "negative ELBO and its conditional NLL -log p(y | x)).\n\n" + "\n".join(lines) + "\n" + note + "\n")
   return csv_path, md_path
 
 
@@ -208,9 +217,11 @@ def write_report(sweep_dir: Path, out: Optional[Path] = None) -> dict:
   csv_path, md_path = write_tables(rows, keys, out)
   # Plot against the numeric keys the sweep varies (not those that change only with the architecture).
   plotted = swept_keys(rows) or set(keys)
-  plots = [p for p in (plot_against(rows, k, keys, out) for k in keys if k in plotted) if p]
-  arch = plot_per_architecture(rows, keys, out)
-  plots += [arch] if arch else []
+  plots = []
+  if metrics_of(rows) == METRICS:  # the ELBO plots; a quadrant sweep has its table only
+    plots = [p for p in (plot_against(rows, k, keys, out) for k in keys if k in plotted) if p]
+    arch = plot_per_architecture(rows, keys, out)
+    plots += [arch] if arch else []
   return {"rows": rows, "varying": keys, "csv": csv_path, "markdown": md_path, "plots": plots}
 
 
