@@ -250,10 +250,8 @@ def train_and_evaluate(cfg: Config, workdir: str | Path, dataset: Optional[Datas
   both on the test split and writes results.json and figures/quadrants.png."""
   validate(cfg)
   workdir, config = Path(workdir), to_dict(cfg)
-  rundir.check_config(workdir, config)
-  finished = rundir.read_results(workdir)
+  finished = rundir.finished_results(workdir, config)
   if finished is not None:
-    log.info("Run in %s already finished; results.json: %s", workdir, finished)
     return finished
   ds = dataset if dataset is not None else data.load(cfg.data)
   height, width, channels = ds.spec.image_shape

@@ -154,3 +154,13 @@ class MetricsLog:
 def read_results(workdir: Path) -> Optional[dict]:
   path = workdir / "results.json"
   return json.loads(path.read_text()) if path.exists() else None
+
+
+def finished_results(workdir: Path, config: dict) -> Optional[dict]:
+  """Checks that workdir is new or holds a run of this config (RunDirError otherwise) and returns its
+  results.json when that run has finished: a finished run is not retrained."""
+  check_config(workdir, config)
+  finished = read_results(workdir)
+  if finished is not None:
+    log.info("Run in %s already finished; results.json: %s", workdir, finished)
+  return finished

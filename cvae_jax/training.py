@@ -308,10 +308,8 @@ def train_and_evaluate(cfg: Config, workdir: str | Path, dataset: Optional[Datas
   """
   validate(cfg)
   workdir, config = Path(workdir), to_dict(cfg)
-  rundir.check_config(workdir, config)
-  finished = rundir.read_results(workdir)
+  finished = rundir.finished_results(workdir, config)
   if finished is not None:
-    log.info("Run in %s already finished; results.json: %s", workdir, finished)
     return finished
 
   ds = dataset if dataset is not None else data.load(cfg.data)  # before writing: bad data writes nothing

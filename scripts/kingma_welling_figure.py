@@ -54,7 +54,7 @@ def main() -> None:
   ax.set_xlabel("training samples seen")
   ax.set_ylabel("lower bound (nats per image)")
   ax.set_ylim(-160, -90)
-  ax.set_title("MNIST, AEVB (Kingma & Welling 2014, Fig. 2): train (dashed), test (solid)")
+  ax.set_title("AEVB on MNIST: train (dashed) and test (solid) bound")
   ax.legend()
   ax.grid(alpha=0.3)
   fig.tight_layout()
