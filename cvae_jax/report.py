@@ -21,6 +21,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import yaml  # noqa: E402
 
+from cvae_jax.config import Config, to_dict  # noqa: E402
+
 METRICS = ("elbo", "rec", "kl", "nll", "active_units", "mutual_information", "steps", "wall_time")
 # task=quadrants (cvae_jax/quadrants.py): the baseline's and the CVAE's test numbers
 QUADRANT_METRICS = ("baseline_bce", "cvae_neg_elbo", "cvae_conditional_nll", "wall_time")
@@ -90,7 +92,9 @@ def collect(sweep_dir: Path) -> list[dict]:
 
 def varying_keys(rows: list[dict]) -> list[str]:
   """Config keys whose value differs between runs, plus the keys the sweep itself varies."""
-  configs = [r["config"] for r in rows if "config" in r]
+  # A key a run's config.yaml lacks (written before the key existed) holds the schema default.
+  defaults = _flatten(to_dict(Config()))
+  configs = [defaults | r["config"] for r in rows if "config" in r]
   keys = sorted({k for c in configs for k in c})
   varying = {k for k in keys if len({json.dumps(c.get(k), sort_keys=True) for c in configs}) > 1}
   return sorted(varying | swept_keys(rows))
