@@ -37,6 +37,7 @@ from cvae_jax.config import Config, ConfigError, to_dict, validate
 from cvae_jax.data import Dataset
 from cvae_jax.evaluation import importance_weighted_bound, map_over_split
 from cvae_jax.keys import Stream, stream_key
+from cvae_jax.models import MLPEncoder
 from cvae_jax.objectives import gaussian_kl_between, reparameterize
 from cvae_jax.training import NonFiniteLossError, create_optimizer
 
@@ -86,20 +87,6 @@ class MLP(nn.Module):
     return nn.Dense(self.outputs)(h)
 
 
-class GaussianNet(nn.Module):
-  """image [B, D] -> (mean, logvar) [B, Z]: the recognition and prior networks."""
-  hidden: Sequence[int]
-  latent_size: int
-  activation: Callable
-
-  @nn.compact
-  def __call__(self, image):
-    h = image
-    for width in self.hidden:
-      h = self.activation(nn.Dense(width)(h))
-    return nn.Dense(self.latent_size, name="mean")(h), nn.Dense(self.latent_size, name="logvar")(h)
-
-
 class QuadrantCVAE(nn.Module):
   hidden: Sequence[int]
   latent_size: int
@@ -107,8 +94,9 @@ class QuadrantCVAE(nn.Module):
   activation: Callable
 
   def setup(self):
-    self.recognition = GaussianNet(self.hidden, self.latent_size, self.activation)  # q(z | x, y)
-    self.prior = GaussianNet(self.hidden, self.latent_size, self.activation)        # p(z | x)
+    # The VAE's MLP encoder, image [B, D] -> (mean, logvar), serves as both Gaussian networks.
+    self.recognition = MLPEncoder(self.hidden, self.latent_size, self.activation)  # q(z | x, y)
+    self.prior = MLPEncoder(self.hidden, self.latent_size, self.activation)        # p(z | x)
     self.generation = MLP(self.hidden, self.num_pixels, self.activation)            # p(y | z): logits
 
   def __call__(self, image, prior_image, rng):  # for initialization: every sub-network once
@@ -186,7 +174,7 @@ class Task:
 
 def fit(cfg: Config, phase_dir: Path, params, loss_fn: Callable, stopping_loss: Callable, train_images,
         seed_stream: int) -> tuple[dict, dict]:
-  """Adam on loss_fn(params, x [B, D], key) -> scalar over minibatches, one jitted lax.scan per epoch,
+  """Adam on loss_fn(params, uint8 images [B, ...], key) -> scalar over minibatches, one jitted lax.scan per epoch,
   until training.epochs or `quadrants.patience` epochs without a lower stopping_loss(params) -> float.
   Checkpoints every epoch (resumes). Returns (best params, {epochs, best_loss, stopped_early})."""
   batch_size, patience = cfg.training.batch_size, cfg.quadrants.patience
@@ -204,8 +192,7 @@ def fit(cfg: Config, phase_dir: Path, params, loss_fn: Callable, stopping_loss: 
     batches = order[: steps * batch_size].reshape(steps, batch_size)
 
     def step(s: FitState, idx):
-      x = images[idx].reshape(batch_size, -1).astype(jnp.float32) / 255.0
-      loss, grads = jax.value_and_grad(loss_fn)(s.params, x, jax.random.fold_in(step_key, s.step))
+      loss, grads = jax.value_and_grad(loss_fn)(s.params, images[idx], jax.random.fold_in(step_key, s.step))
       updates, opt_state = tx.update(grads, s.opt_state, s.params)
       return s.replace(step=s.step + 1, params=optax.apply_updates(s.params, updates), opt_state=opt_state), loss
 
@@ -276,14 +263,14 @@ def train_and_evaluate(cfg: Config, workdir: str | Path, dataset: Optional[Datas
   # 1. The deterministic baseline.
   baseline_params, baseline_fit = fit(
       cfg, workdir / "baseline", task.baseline.init(jax.random.fold_in(init_key, 0), x0)["params"],
-      lambda p, x, key: jnp.mean(task.baseline_loss(p, x)),
+      lambda p, images, key: jnp.mean(task.baseline_loss(p, task.images(images))),
       mean_over(stopping, lambda p, x, key: task.baseline_loss(p, x)), train_images, seed_stream=0)
 
   # 2. The CVAE, its prior network fed the frozen baseline.
   cvae_init = task.cvae.init(jax.random.fold_in(init_key, 1), x0, x0, jax.random.fold_in(init_key, 2))["params"]
   cvae_params, cvae_fit = fit(
       cfg, workdir / "cvae", cvae_init,
-      lambda p, x, key: jnp.mean(task.cvae_terms(p, baseline_params, x, key, 1)["neg_elbo"]),
+      lambda p, images, key: jnp.mean(task.cvae_terms(p, baseline_params, task.images(images), key, 1)["neg_elbo"]),
       mean_over(stopping, lambda p, x, key: task.cvae_terms(p, baseline_params, x, key, q.elbo_samples)["neg_elbo"]),
       train_images, seed_stream=1)
 
