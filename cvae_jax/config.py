@@ -19,6 +19,7 @@ class Pixels(str, enum.Enum):
   static_binary = "static_binary"    # one fixed Bernoulli(intensity) sample per image, drawn once
   dynamic_binary = "dynamic_binary"  # resampled every time a batch is drawn (Burda et al. 2016)
   real = "real"                      # real-valued signals used as they are (1-D sequences; Gaussian likelihood)
+  tokens = "tokens"                  # token ids of strings (molecules: data.name=moses), categorical likelihood
 
 
 class Kind(str, enum.Enum):
@@ -30,6 +31,7 @@ class Kind(str, enum.Enum):
 class Arch(str, enum.Enum):
   mlp = "mlp"
   conv = "conv"
+  gru = "gru"    # token sequences: GRU encoder, autoregressive GRU decoder (molecules)
 
 
 class EpochLoop(str, enum.Enum):
@@ -42,6 +44,7 @@ class Likelihood(str, enum.Enum):
   bernoulli = "bernoulli"                        # exact on binary pixels; on grayscale = BCE (unnormalized)
   continuous_bernoulli = "continuous_bernoulli"  # normalized density on [0, 1] (Loaiza-Ganem & Cunningham 2019)
   gaussian = "gaussian"                          # N(mean, sigma^2) per dimension, both from the decoder (real data)
+  categorical = "categorical"                    # softmax over a vocabulary per position (token sequences)
 
 
 class KLSchedule(str, enum.Enum):
@@ -59,6 +62,16 @@ class Task(str, enum.Enum):
 class Estimator(str, enum.Enum):
   elbo = "elbo"  # the ELBO, its reconstruction term averaged over objective.samples draws of z ("VAE, k")
   iwae = "iwae"  # the k-sample importance-weighted bound L_k (Burda et al. 2016, "IWAE, k")
+
+
+class Syntax(str, enum.Enum):
+  smiles = "smiles"    # SMILES strings, one token per atom, bond, branch or ring digit
+  selfies = "selfies"  # SELFIES (Krenn et al. 2020): every token string decodes to a valid molecule
+
+
+class KLEstimator(str, enum.Enum):
+  analytic = "analytic"  # the closed-form KL(q || p)
+  sampled = "sampled"    # log q(z) - log p(z) at the drawn z: same expectation, noisier (Pyro's Trace_ELBO)
 
 
 class OptimizerName(str, enum.Enum):
@@ -84,6 +97,10 @@ class DataConfig:
   manual_dir: Optional[str] = None   # folder holding <name>/ with the official files (env CVAE_JAX_MANUAL_DIR)
   data_dir: Optional[str] = None     # TFDS data_dir for prepared datasets (env TFDS_DATA_DIR, ~/tensorflow_datasets)
   download: bool = False             # allow TFDS to download when no manual files are found
+  # data.name=moses (molecules, cvae_jax/moses.py): the string syntax, and the RDKit properties that form the
+  # CVAE's condition vector (z-scored with the training split's mean and std).
+  syntax: Syntax = Syntax.smiles
+  properties: list[str] = field(default_factory=lambda: ["mw", "logp", "tpsa", "hbd", "hba", "qed"])
 
 
 @dataclass
@@ -100,6 +117,8 @@ class ModelConfig:
   dense: int = 64                                               # conv: width of the dense layer on each side
   init_scale: Optional[float] = None  # mlp: weights drawn from N(0, init_scale^2) (Kingma & Welling: 0.01);
                                       # None: Flax's default (LeCun normal)
+  embedding_size: int = 32            # gru: width of the token embedding
+  rnn_size: int = 256                 # gru: GRU width (the encoder runs one each way, each half this wide)
 
 
 @dataclass
@@ -153,6 +172,8 @@ class EvaluationConfig:
   batch_size: int = 100          # examples per chunk of the importance-weighted bound
   sample_chunk: int = 500        # importance samples per chunk (memory ~ batch_size * sample_chunk * D)
   diagnostics: bool = True       # every epoch: KL per dimension, active units and I(x; z) on the test split
+  molecules: int = 10000         # token data: molecules sampled at the end of training for validity,
+                                 # uniqueness, novelty and property control (python -m cvae_jax.molecules)
   mi_examples: int = 1000        # test examples for the I(x; z) estimate (its maximum is log of this)
   anomaly: bool = False          # at the end of training, score the test split for anomaly detection
   anomaly_samples: int = 100     # k of the importance-weighted anomaly score
@@ -166,6 +187,8 @@ class QuadrantConfig:
   given: int = 1             # quadrants given as input: 1 bottom-left, 2 the left half, 3 all but bottom-right
   patience: int = 3          # early stopping: stop after this many epochs without a better stopping loss
   elbo_samples: int = 10     # z draws of the reported negative ELBO (Pyro's table: 10)
+  kl: KLEstimator = KLEstimator.analytic  # the KL term of the CVAE's training and stopping losses
+  stopping_samples: int = 10  # z draws of the CVAE's early-stopping loss (Pyro: 1, with kl=sampled)
   # The conditional NLL -log p(y | x) uses evaluation.iwae_samples draws (chunked by evaluation.sample_chunk).
 
 
@@ -254,6 +277,20 @@ def validate(cfg: Config) -> Config:
   _check(q.given in (1, 2, 3), "quadrants.given", q.given, "give 1, 2 or 3 quadrants as input")
   _check(q.patience >= 1, "quadrants.patience", q.patience, "must be at least 1 epoch")
   _check(q.elbo_samples >= 1, "quadrants.elbo_samples", q.elbo_samples, "must be at least 1")
+  _check(q.stopping_samples >= 1, "quadrants.stopping_samples", q.stopping_samples, "must be at least 1")
+  tokens = Pixels(d.pixels) == Pixels.tokens
+  _check(tokens == (d.name == "moses"), "data.pixels", getattr(d.pixels, "value", d.pixels),
+         "data.name=moses (molecules) needs data.pixels=tokens, and token data comes only from it: use "
+         "+experiment=molecules_cvae, or grayscale/static_binary/dynamic_binary/real for other data")
+  _check(tokens == (Arch(m.arch) == Arch.gru), "model.arch", getattr(m.arch, "value", m.arch),
+         "token sequences (data.pixels=tokens) need model.arch=gru, and model.arch=gru needs token data")
+  _check(tokens == (Likelihood(o.likelihood) == Likelihood.categorical), "objective.likelihood",
+         getattr(o.likelihood, "value", o.likelihood),
+         "token sequences (data.pixels=tokens) need objective.likelihood=categorical, and the categorical "
+         "likelihood needs token data")
+  _check(m.embedding_size >= 1 and m.rnn_size >= 2, "model.rnn_size", m.rnn_size,
+         "model.embedding_size must be >= 1 and model.rnn_size >= 2")
+  _check(ev.molecules >= 1, "evaluation.molecules", ev.molecules, "must be at least 1")
   if Task(cfg.task) == Task.quadrants:
     _check(Pixels(d.pixels) == Pixels.grayscale, "data.pixels", getattr(d.pixels, "value", d.pixels),
            "the quadrant task (Pyro's protocol) uses grayscale pixels in [0, 1]: set data.pixels=grayscale")

@@ -47,10 +47,13 @@ class DataError(RuntimeError):
 class DatasetSpec:
   """What models need to know about the data; shapes never come from anywhere else."""
   name: str
-  image_shape: tuple[int, ...]  # (H, W, C) for images, (T, C) for sequences
-  num_classes: int
+  image_shape: tuple[int, ...]  # (H, W, C) for images, (T, C) for signals, (T,) for token sequences
+  num_classes: int              # classes of the one-hot condition, or the width of a continuous condition vector
   pixels: Pixels
-  class_names: tuple[str, ...] = ()  # for figure labels; empty: the class index is shown
+  class_names: tuple[str, ...] = ()  # for figure labels (the property names of a continuous condition)
+  vocab: tuple[str, ...] = ()        # token data: id -> token (cvae_jax/smiles.py)
+  condition_mean: tuple[float, ...] = ()  # continuous condition: the z-scoring that maps values to the condition
+  condition_std: tuple[float, ...] = ()
 
   @property
   def num_pixels(self) -> int:
@@ -61,7 +64,7 @@ class DatasetSpec:
 class Split:
   images: np.ndarray  # [N, *image_shape] uint8: intensities 0..255, or 0/1 after static binarization;
                       # float32 for real-valued signals
-  labels: np.ndarray  # [N] int32
+  labels: np.ndarray  # [N] int32 class labels, or [N, P] float32 z-scored condition vectors (molecule properties)
 
   def __len__(self) -> int:
     return len(self.labels)
@@ -77,7 +80,9 @@ class Dataset:
 
 def model_input(images: jax.Array, pixels: Pixels, key: Optional[jax.Array] = None) -> jax.Array:
   """uint8 images -> float32 model inputs in [0, 1]; dynamic binarization samples with `key`.
-  Real-valued signals pass through as float32."""
+  Real-valued signals pass through as float32, token ids as int32."""
+  if pixels == Pixels.tokens:
+    return images.astype(jnp.int32)
   if pixels in (Pixels.static_binary, Pixels.real):
     return images.astype(jnp.float32)  # already 0/1
   x = images.astype(jnp.float32) / 255.0
@@ -201,7 +206,10 @@ SIGNAL_DATASETS = {"ecg5000": load_ecg5000}  # real-valued 1-D datasets read fro
 def load(cfg: DataConfig) -> Dataset:
   """Loads train and test (and a validation split carved from train) as uint8 arrays (float32 signals).
   Classes in data.exclude_classes are removed from train and validation, never from test."""
-  if cfg.name in SIGNAL_DATASETS:
+  if cfg.name == "moses":  # molecules; RDKit and the MOSES files are an optional extra
+    from cvae_jax import moses
+    train, test, spec = moses.load(cfg)
+  elif cfg.name in SIGNAL_DATASETS:
     if cfg.pixels != Pixels.real:
       raise DataError(f"data.name={cfg.name!r} holds real-valued signals: set data.pixels=real (and objective=gaussian).")
     train, test, spec = SIGNAL_DATASETS[cfg.name](cfg)

@@ -22,8 +22,10 @@ ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. 2016: unit u is active when Cov_x(E
 
 
 def one_hot_condition(model: VAE, labels: jax.Array):
-  """The CVAE condition c (one-hot labels), or None for a VAE."""
-  return jax.nn.one_hot(labels, model.num_classes) if model.num_classes else None
+  """The CVAE condition c: one-hot class labels, or float condition vectors [B, P] as they are; None for a VAE."""
+  if not model.num_classes:
+    return None
+  return labels if jnp.issubdtype(labels.dtype, jnp.floating) else jax.nn.one_hot(labels, model.num_classes)
 
 
 def map_over_split(per_batch: Callable, batch_size: int) -> Callable:
@@ -37,7 +39,7 @@ def map_over_split(per_batch: Callable, batch_size: int) -> Callable:
     num_chunks = math.ceil(n / batch_size)
     pad = num_chunks * batch_size - n
     images = jnp.pad(images, [(0, pad)] + [(0, 0)] * (images.ndim - 1))
-    labels = jnp.pad(labels, (0, pad))
+    labels = jnp.pad(labels, [(0, pad)] + [(0, 0)] * (labels.ndim - 1))
     chunked = jax.tree.map(lambda a: a.reshape(num_chunks, batch_size, *a.shape[1:]), (images, labels))
     keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(num_chunks))
     out = jax.lax.map(lambda args: per_batch(params, *args[0], args[1]), (chunked, keys))
@@ -155,8 +157,8 @@ def decoder_log_likelihood(model: VAE, params, x, c, likelihood: Likelihood) -> 
   def log_likelihood(z):
     s, b = z.shape[:2]
     c_rep = None if c is None else jnp.tile(c, (s, 1))
-    logits = model.apply({"params": params}, z.reshape(s * b, -1), c_rep, method=VAE.decode)
     x_rep = jnp.broadcast_to(x, (s, *x.shape)).reshape(s * b, *x.shape[1:])
+    logits = model.apply({"params": params}, z.reshape(s * b, -1), c_rep, x_rep, method=VAE.decode)
     return LOG_PROB[likelihood](x_rep, logits).reshape(s, b)
 
   return log_likelihood

@@ -2,10 +2,12 @@
 
 Interface (every variant):
   encode(x, c)  -> (mean, logvar)      q(z | x[, c]) = N(mean, diag(exp(logvar)))
-  decode(z, c)  -> logits              p(x | z[, c]), logits of the likelihood (see objectives)
+  decode(z, c, x=None) -> logits      p(x | z[, c]), logits of the likelihood (see objectives); an
+                                      autoregressive decoder (token sequences) reads x shifted right
   __call__(x, c, rng) -> VAEOutput     mean, logvar, a reparameterized z, logits
   generate(rng, c, num_samples)        z ~ p(z) = N(0, I), decoded under c
-For a VAE the condition c is ignored (pass None). Shapes come from the DatasetSpec, never constants.
+For a VAE the condition c is ignored (pass None). The condition is a one-hot label or, for molecules, a
+vector of z-scored properties. Token sequences are sampled with `sample_tokens`. Shapes come from the DatasetSpec, never constants.
 A plain autoencoder (kind ae, the anomaly-detection baseline) is the same module with z = mean and no
 logvar in its output.
 """
@@ -22,6 +24,7 @@ import jax.numpy as jnp
 from cvae_jax.config import Arch, ConfigError, Kind, Likelihood, ModelConfig
 from cvae_jax.data import DatasetSpec
 from cvae_jax.objectives import OUTPUTS_PER_CHANNEL, reparameterize
+from cvae_jax.smiles import BOS, PAD
 
 
 @flax.struct.dataclass
@@ -141,6 +144,57 @@ class ConvDecoder(nn.Module):
     return nn.Conv(out_channels, kernel, padding="SAME")(h)
 
 
+class GRUEncoder(nn.Module):
+  """Token ids [B, T] -> embedding -> a GRU each way over the tokens up to the end token -> [both final
+  states, c] -> (mean, logvar)."""
+  vocab_size: int
+  embedding_size: int
+  rnn_size: int  # both directions together
+  latent_size: int
+
+  @nn.compact
+  def __call__(self, x, c=None):
+    x = x.astype(jnp.int32)
+    lengths = jnp.sum(x != PAD, axis=-1)  # the tokens and the end token
+    half = self.rnn_size // 2
+    rnn = nn.Bidirectional(nn.RNN(nn.GRUCell(half)), nn.RNN(nn.GRUCell(half)), return_carry=True)
+    (forward, backward), _ = rnn(nn.Embed(self.vocab_size, self.embedding_size)(x), seq_lengths=lengths)
+    h = _concat(jnp.concatenate([forward, backward], axis=-1), c)
+    return nn.Dense(self.latent_size, name="mean")(h), nn.Dense(self.latent_size, name="logvar")(h)
+
+
+class GRUDecoder(nn.Module):
+  """Autoregressive p(x | z[, c]) = prod_t p(x_t | x_<t, z, c): a GRU whose first state is a function of
+  (z, c) and whose input at step t is the embedding of x_(t-1) (the start token at t = 0) beside (z, c).
+  Training and scoring feed the true tokens (teacher forcing); `step` runs one position for sampling."""
+  vocab_size: int
+  embedding_size: int
+  rnn_size: int
+
+  def setup(self):
+    self.embed = nn.Embed(self.vocab_size, self.embedding_size)
+    self.initial = nn.Dense(self.rnn_size)
+    self.cell = nn.GRUCell(self.rnn_size)
+    self.rnn = nn.RNN(self.cell)
+    self.logits = nn.Dense(self.vocab_size)
+
+  def start(self, z, c=None):
+    return jnp.tanh(self.initial(_concat(z, c)))
+
+  def __call__(self, z, c=None, x=None):
+    if x is None:
+      raise ValueError("the GRU decoder scores a given sequence x; sample with models.sample_tokens")
+    x = x.astype(jnp.int32)
+    previous = jnp.concatenate([jnp.full((x.shape[0], 1), BOS, jnp.int32), x[:, :-1]], axis=1)
+    zc = _concat(z, c)
+    inputs = jnp.concatenate([self.embed(previous), jnp.broadcast_to(zc[:, None], (*x.shape, zc.shape[-1]))], -1)
+    return self.logits(self.rnn(inputs, initial_carry=self.start(z, c)))  # [B, T, V]
+
+  def step(self, carry, token, z, c=None):
+    carry, h = self.cell(carry, jnp.concatenate([self.embed(token), _concat(z, c)], axis=-1))
+    return carry, self.logits(h)
+
+
 class VAE(nn.Module):
   """VAE (num_classes = 0) or CVAE (c = one-hot label, fed to encoder and decoder)."""
   encoder: nn.Module
@@ -148,6 +202,7 @@ class VAE(nn.Module):
   latent_size: int
   num_classes: int = 0
   stochastic: bool = True  # False: a plain autoencoder (z = encoder mean, no KL)
+  autoregressive: bool = False  # the decoder reads x (teacher forcing): GRUDecoder
 
   def _condition(self, c):
     if not self.num_classes:
@@ -159,15 +214,23 @@ class VAE(nn.Module):
   def encode(self, x, c=None):
     return self.encoder(x, self._condition(c))
 
-  def decode(self, z, c=None):
+  def decode(self, z, c=None, x=None):
+    if self.autoregressive:
+      return self.decoder(z, self._condition(c), x)
     return self.decoder(z, self._condition(c))
 
   def __call__(self, x, c, rng) -> VAEOutput:
     mean, logvar = self.encode(x, c)
     if not self.stochastic:
-      return VAEOutput(mean=mean, logvar=None, z=mean, logits=self.decode(mean, c))
+      return VAEOutput(mean=mean, logvar=None, z=mean, logits=self.decode(mean, c, x))
     z = reparameterize(rng, mean, logvar)
-    return VAEOutput(mean=mean, logvar=logvar, z=z, logits=self.decode(z, c))
+    return VAEOutput(mean=mean, logvar=logvar, z=z, logits=self.decode(z, c, x))
+
+  def decoder_start(self, z, c=None):
+    return self.decoder.start(z, self._condition(c))
+
+  def decoder_step(self, carry, token, z, c=None):
+    return self.decoder.step(carry, token, z, self._condition(c))
 
   def generate(self, rng, c=None, num_samples: Optional[int] = None):
     """Samples z from the prior N(0, I) and decodes it (under c for a CVAE): logits."""
@@ -201,11 +264,33 @@ def _build_conv(cfg: ModelConfig, output_shape: tuple[int, ...], activation: Cal
 ARCHITECTURES = {Arch.mlp: _build_mlp, Arch.conv: _build_conv}
 
 
+def sample_tokens(model: VAE, params, z: jax.Array, c: Optional[jax.Array], key: jax.Array, length: int) -> jax.Array:
+  """Ancestral sampling from the autoregressive decoder: x_t ~ p(x_t | x_<t, z, c) at temperature 1,
+  `length` positions (everything after the first end token is ignored by Vocabulary.decode).  [B, length] ids"""
+  apply = lambda *args, method: model.apply({"params": params}, *args, method=method)
+
+  def position(state, key_t):
+    carry, token = state
+    carry, logits = apply(carry, token, z, c, method=VAE.decoder_step)
+    token = jax.random.categorical(key_t, logits)
+    return (carry, token), token
+
+  first = jnp.full((z.shape[0],), BOS, jnp.int32)
+  _, tokens = jax.lax.scan(position, (apply(z, c, method=VAE.decoder_start), first), jax.random.split(key, length))
+  return tokens.T
+
+
 def create_model(cfg: ModelConfig, spec: DatasetSpec, likelihood: Likelihood) -> VAE:
   """The VAE / CVAE / AE of the config for this data; the likelihood sets the decoder's outputs per channel."""
+  kind = Kind(cfg.kind)
+  num_classes = spec.num_classes if kind == Kind.cvae else 0
+  if Arch(cfg.arch) == Arch.gru:  # token sequences
+    encoder = GRUEncoder(len(spec.vocab), cfg.embedding_size, cfg.rnn_size, cfg.latent_size)
+    decoder = GRUDecoder(len(spec.vocab), cfg.embedding_size, cfg.rnn_size)
+    return VAE(encoder=encoder, decoder=decoder, latent_size=cfg.latent_size, num_classes=num_classes,
+               stochastic=kind != Kind.ae, autoregressive=True)
   *spatial, channels = spec.image_shape
   output_shape = (*spatial, channels * OUTPUTS_PER_CHANNEL[Likelihood(likelihood)])
   encoder, decoder = ARCHITECTURES[Arch(cfg.arch)](cfg, output_shape, getattr(nn, cfg.activation))
-  kind = Kind(cfg.kind)
-  return VAE(encoder=encoder, decoder=decoder, latent_size=cfg.latent_size,
-             num_classes=spec.num_classes if kind == Kind.cvae else 0, stochastic=kind != Kind.ae)
+  return VAE(encoder=encoder, decoder=decoder, latent_size=cfg.latent_size, num_classes=num_classes,
+             stochastic=kind != Kind.ae)

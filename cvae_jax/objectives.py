@@ -73,10 +73,18 @@ def gaussian_log_prob(x: jax.Array, outputs: jax.Array) -> jax.Array:
   return _sum_except_batch(-0.5 * jnp.square((x - mean) / sigma) - jnp.log(sigma) - 0.5 * math.log(2 * math.pi))
 
 
+def categorical_log_prob(x: jax.Array, logits: jax.Array) -> jax.Array:
+  """log p(x | logits) = sum_t log softmax(logits_t)[x_t] over the non-padding positions (id 0 pads
+  after the end token, which is scored).  int [B, T], [B, T, V] -> [B]"""
+  log_probs = jnp.take_along_axis(jax.nn.log_softmax(logits), x[..., None].astype(jnp.int32), axis=-1)[..., 0]
+  return jnp.sum(jnp.where(x != 0, log_probs, 0.0), axis=-1)
+
+
 LOG_PROB = {
     Likelihood.bernoulli: bernoulli_log_prob,
     Likelihood.continuous_bernoulli: continuous_bernoulli_log_prob,
     Likelihood.gaussian: gaussian_log_prob,
+    Likelihood.categorical: categorical_log_prob,
 }
 
 # The data a decoder "means": used for reconstructions and samples in figures.

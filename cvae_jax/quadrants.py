@@ -33,12 +33,12 @@ import optax
 
 from cvae_jax import checkpoints, data, rundir
 from cvae_jax.figures import grid_figure
-from cvae_jax.config import Config, ConfigError, to_dict, validate
+from cvae_jax.config import Config, ConfigError, KLEstimator, to_dict, validate
 from cvae_jax.data import Dataset
 from cvae_jax.evaluation import importance_weighted_bound, map_over_split
 from cvae_jax.keys import Stream, stream_key
 from cvae_jax.models import MLPEncoder
-from cvae_jax.objectives import gaussian_kl_between, reparameterize
+from cvae_jax.objectives import gaussian_kl_between, log_importance_weights, reparameterize
 from cvae_jax.training import NonFiniteLossError, create_optimizer
 
 log = logging.getLogger(__name__)
@@ -147,15 +147,20 @@ class Task:
       return masked_log_likelihood(x, logits, self.mask)
     return log_likelihood
 
-  def cvae_terms(self, params, baseline_params, x, key, samples: int):
-    """Per example: rec = -(1/S) sum_s log p(y | z_s), z_s ~ q(z | x, y); kl = KL(q || p(z | x));
+  def cvae_terms(self, params, baseline_params, x, key, samples: int, kl: KLEstimator = KLEstimator.analytic):
+    """Per example: rec = -(1/S) sum_s log p(y | z_s), z_s ~ q(z | x, y); kl = KL(q || p(z | x)), in closed
+    form or (kl=sampled, as Pyro's Trace_ELBO) as (1/S) sum_s log q(z_s) - log p(z_s) at the same draws;
     neg_elbo = rec + kl (Pyro's metric with S = 10).  [B] each"""
     q_mean, q_logvar = self.cvae.apply({"params": params}, x, method=lambda m, i: m.recognition(i))
-    p_mean, p_logvar = self.prior(params, baseline_params, x)
+    prior = self.prior(params, baseline_params, x)
     eps = jax.random.normal(key, (samples, *q_mean.shape))
-    rec = -jnp.mean(self.log_likelihood_fn(params, x)(q_mean + jnp.exp(0.5 * q_logvar) * eps), axis=0)
-    kl = gaussian_kl_between(q_mean, q_logvar, p_mean, p_logvar)
-    return {"rec": rec, "kl": kl, "neg_elbo": rec + kl}
+    z = q_mean + jnp.exp(0.5 * q_logvar) * eps
+    rec = -jnp.mean(self.log_likelihood_fn(params, x)(z), axis=0)
+    if KLEstimator(kl) == KLEstimator.sampled:  # -log w with log p(y | z) = 0 is log q(z) - log p(z)
+      kl_term = -jnp.mean(log_importance_weights(jnp.zeros(z.shape[:2]), z, eps, q_logvar, prior=prior), axis=0)
+    else:
+      kl_term = gaussian_kl_between(q_mean, q_logvar, *prior)
+    return {"rec": rec, "kl": kl_term, "neg_elbo": rec + kl_term}
 
   def conditional_nll(self, params, baseline_params, x, key, samples: int, chunk: int):
     """-log p(y | x) by the k-sample importance-weighted bound, proposal q(z | x, y), prior p(z | x).  [B]"""
@@ -270,8 +275,9 @@ def train_and_evaluate(cfg: Config, workdir: str | Path, dataset: Optional[Datas
   cvae_init = task.cvae.init(jax.random.fold_in(init_key, 1), x0, x0, jax.random.fold_in(init_key, 2))["params"]
   cvae_params, cvae_fit = fit(
       cfg, workdir / "cvae", cvae_init,
-      lambda p, images, key: jnp.mean(task.cvae_terms(p, baseline_params, task.images(images), key, 1)["neg_elbo"]),
-      mean_over(stopping, lambda p, x, key: task.cvae_terms(p, baseline_params, x, key, q.elbo_samples)["neg_elbo"]),
+      lambda p, images, key: jnp.mean(task.cvae_terms(p, baseline_params, task.images(images), key, 1, q.kl)["neg_elbo"]),
+      mean_over(stopping, lambda p, x, key: task.cvae_terms(p, baseline_params, x, key, q.stopping_samples,
+                                                            q.kl)["neg_elbo"]),
       train_images, seed_stream=1)
 
   # 3. Test metrics.

@@ -51,6 +51,9 @@ def restore_run(workdir: Path, dataset: Optional[Dataset] = None) -> Restored:
     if ckpt.latest_step() is None:
       raise RestoreError(f"{ckpt_dir} holds no checkpoint: train the run first (rerun its training command).")
     ds = dataset if dataset is not None else data.load(cfg.data)
+    if ds.spec.vocab:  # token data: the ids must mean what they meant in training
+      from cvae_jax import moses
+      moses.save_or_check_vocabulary(workdir, ds.spec, cfg.data.syntax)
     model = create_model(cfg.model, ds.spec, cfg.objective.likelihood)
     state = ckpt.restore_latest_good(create_train_state(cfg, model, ds.spec))
     if state is None:

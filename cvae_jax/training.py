@@ -17,9 +17,9 @@ from flax.training import train_state
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
-from cvae_jax import anomaly, annealing, checkpoints, data, figures, rundir
+from cvae_jax import anomaly, annealing, checkpoints, data, figures, moses, rundir
 from cvae_jax.config import (Arch, Config, ConfigError, EpochLoop, Estimator, LRSchedule, OptimizerConfig,
-                             OptimizerName, to_dict, validate)
+                             OptimizerName, Pixels, to_dict, validate)
 from cvae_jax.data import Dataset, DatasetSpec, model_input
 from cvae_jax.evaluate import evaluate_model
 from cvae_jax.evaluation import decoder_log_likelihood, make_diagnostics, make_evaluate, one_hot_condition
@@ -275,7 +275,8 @@ def finish_run(cfg: Config, ds: Dataset, model: VAE, params, workdir: Path, metr
   # The last epoch's row already holds the test (and validation) metrics of the final parameters.
   final = {k: v for k, v in metrics_log.rows[-1].items() if k.startswith(("test/", "val/"))}
   figure_paths = []
-  if cfg.training.figures:
+  tokens = Pixels(ds.spec.pixels) == Pixels.tokens
+  if cfg.training.figures and not tokens:  # molecules draw their own figures (cvae_jax/molecules.py)
     figure_paths = figures.write_all(workdir / "figures", model, params, ds.spec, cfg.objective.likelihood,
                                      ds.test, stream_key(cfg.seed, Stream.FIGURES))
   evaluated = evaluate_model(cfg, ds, model, params, workdir, cfg.evaluation.iwae_samples,
@@ -294,6 +295,10 @@ def finish_run(cfg: Config, ds: Dataset, model: VAE, params, workdir: Path, metr
     results["anomaly_auroc"] = evaluated["anomaly_auroc"]
   if "test/mutual_information" in final:
     results["mutual_information"] = final["test/mutual_information"]
+  if tokens and model.stochastic:  # sample molecules: validity, uniqueness, novelty, property control
+    from cvae_jax import molecules
+    generated = molecules.evaluate_generation(cfg, ds, model, params, workdir, cfg.evaluation.molecules)
+    results["molecules"] = {k: generated[k] for k in ("conditional", "unconditional", "mae_ratio") if k in generated}
   rundir.write_json_atomic(workdir / "results.json", results)
   log.info("Finished %s: test ELBO %.3f nats (rec %.3f, kl %.3f) after %d steps, %.1f s", workdir, results["elbo"],
            results["rec"], results["kl"], results["steps"], results["wall_time"])
@@ -330,6 +335,8 @@ def train_and_evaluate(cfg: Config, workdir: str | Path, dataset: Optional[Datas
     ckpt.close()
     raise
   rundir.init(workdir, config)
+  if spec.vocab:  # token data: the ids the checkpoint was trained with, beside it
+    moses.save_or_check_vocabulary(workdir, spec, cfg.data.syntax)
   if restored is not None:
     state = restored
     log.info("Resumed from step %d in %s", int(state.step), workdir)

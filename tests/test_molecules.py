@@ -1,0 +1,205 @@
+"""Molecules (issue: conditional molecule generation): the tokenizer and vocabulary, the categorical
+likelihood against closed forms, the GRU decoder's sampler against its own likelihood, RDKit properties
+and MOSES metrics with known answers, the MOSES loader on a small file, and a whole run from the CLI."""
+import gzip
+import json
+import math
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cvae_jax import moses, molecules, smiles
+from cvae_jax.config import ConfigError, validate
+from cvae_jax.data import DataError, DatasetSpec
+from cvae_jax.models import GRUDecoder, create_model, sample_tokens
+from cvae_jax.objectives import categorical_log_prob
+from conftest import REPO, small_config
+
+# Real MOSES molecules (the first rows of its train.csv.gz) and a few more for variety.
+SMILES = ["CCCS(=O)c1ccc2[nH]c(=NC(=O)OC)[nH]c2c1", "CC(C)(C)C(=O)C(Oc1ccc(Cl)cc1)n1ccnc1",
+          "CC1C2CCC(C2)C1CN(CCO)C(=O)c1ccc(Cl)cc1", "Cc1c(Cl)cccc1Nc1ncccc1C(=O)OCC(O)CO",
+          "Cn1cnc2c1c(=O)n(CC(O)CO)c(=O)n2C", "CC1Oc2ccc(Cl)cc2N(CC(O)CO)C1=O", "Cc1ccc(C(=O)Nc2ccccc2Br)cc1",
+          "COc1ccc(-c2nc3ccccc3s2)cc1", "O=C(NCc1ccco1)c1cccc(F)c1", "CC(=O)Nc1ccc(S(=O)(=O)N2CCCC2)cc1",
+          "N#Cc1ccc(NC(=O)C2CC2)cc1", "CCOC(=O)c1ccc(N)cc1"] * 3
+
+
+def test_smiles_tokens_round_trip_and_bad_strings_are_named():
+  assert smiles.tokenize_smiles("Clc1cc[nH]c1Br") == ["Cl", "c", "1", "c", "c", "[nH]", "c", "1", "Br"]
+  assert smiles.tokenize_smiles("C%12CC%12") == ["C", "%12", "C", "C", "%12"]
+  tokens = [smiles.tokenize_smiles(s) for s in SMILES]
+  vocab = smiles.Vocabulary.build(tokens, "smiles")
+  assert vocab.tokens[:3] == smiles.SPECIALS and vocab.length == max(map(len, tokens)) + 1
+  ids = vocab.encode(tokens)
+  assert ids.dtype == np.uint8 and ids.shape == (len(SMILES), vocab.length)
+  assert vocab.decode(ids) == SMILES
+  with pytest.raises(smiles.TokenizeError, match="outside the SMILES alphabet"):
+    smiles.tokenize_smiles("CCÅ")
+  with pytest.raises(smiles.TokenizeError, match="not in the vocabulary"):
+    vocab.encode([["[Se]"]])
+  with pytest.raises(smiles.TokenizeError, match="does not fit"):
+    vocab.encode([["C"] * vocab.length])
+
+
+def test_selfies_tokens_decode_to_the_same_molecule(tmp_path):
+  strings = [smiles.to_selfies(s) for s in SMILES[:12]]
+  vocab = smiles.Vocabulary.build([smiles.tokenize_selfies(s) for s in strings], "selfies")
+  decoded = vocab.to_smiles(vocab.decode(vocab.encode([smiles.tokenize_selfies(s) for s in strings])))
+  assert molecules.canonical(decoded) == molecules.canonical(SMILES[:12])
+  vocab.save(tmp_path / "vocab.json")
+  assert smiles.Vocabulary.load(tmp_path / "vocab.json") == vocab
+
+
+def test_categorical_log_prob_matches_closed_forms():
+  x = jnp.asarray([[5, 3, 2, 0, 0], [4, 2, 0, 0, 0]])  # tokens, end (2), padding (0, not scored)
+  uniform = jnp.zeros((2, 5, 7))
+  np.testing.assert_allclose(categorical_log_prob(x, uniform), [-3 * math.log(7), -2 * math.log(7)], rtol=1e-6)
+  logits = jax.random.normal(jax.random.key(0), (2, 5, 7))
+  log_softmax = jax.nn.log_softmax(logits)
+  expected = [log_softmax[0, 0, 5] + log_softmax[0, 1, 3] + log_softmax[0, 2, 2], log_softmax[1, 0, 4] + log_softmax[1, 1, 2]]
+  np.testing.assert_allclose(categorical_log_prob(x, logits), expected, rtol=1e-6)
+
+
+def _tiny_sequence_model(vocab_size=5, length=3):
+  spec = DatasetSpec("moses", (length,), 2, "tokens", vocab=tuple(str(i) for i in range(vocab_size)))
+  cfg = small_config(**{"data.name": "moses", "data.pixels": "tokens", "model.arch": "gru", "model.kind": "cvae",
+                        "objective.likelihood": "categorical", "model.rnn_size": 8, "model.embedding_size": 4,
+                        "model.latent_size": 2})
+  model = create_model(cfg.model, spec, cfg.objective.likelihood)
+  params = model.init(jax.random.key(0), jnp.zeros((1, length)), jnp.zeros((1, 2)), jax.random.key(1))["params"]
+  params = jax.tree.map(lambda p: p * 3.0, params)  # sharper distributions: the frequencies differ clearly
+  return model, params
+
+
+def test_sampler_draws_sequences_with_the_probabilities_the_decoder_scores():
+  """Sample 40k two-token prefixes from p(x | z, c) by ancestral sampling; their frequencies must match
+  exp(log p) from the teacher-forced decoder (the likelihood used in training)."""
+  model, params = _tiny_sequence_model()
+  n = 40_000
+  z, c = jnp.full((n, 2), 0.3), jnp.full((n, 2), -0.5)
+  tokens = np.asarray(sample_tokens(model, params, z, c, jax.random.key(2), 2))
+  grid = jnp.asarray([[a, b] for a in range(5) for b in range(5)])  # every two-token sequence
+  logits = model.apply({"params": params}, z[:25], c[:25], grid, method=type(model).decode)
+  log_p = jnp.sum(jnp.take_along_axis(jax.nn.log_softmax(logits), grid[..., None], -1)[..., 0], axis=1)
+  expected = np.exp(np.asarray(log_p))
+  np.testing.assert_allclose(expected.sum(), 1.0, rtol=1e-5)
+  observed = np.bincount(tokens[:, 0] * 5 + tokens[:, 1], minlength=25) / n
+  assert np.max(np.abs(observed - expected) / np.sqrt(expected * (1 - expected) / n + 1e-12)) < 5
+
+
+def test_rdkit_properties_and_moses_metrics_have_known_values():
+  mw, logp, tpsa, hbd, hba, qed = moses.molecule_properties("CCO")  # ethanol
+  assert mw == pytest.approx(46.069, abs=1e-3) and tpsa == pytest.approx(20.23, abs=1e-2)
+  assert (hbd, hba) == (1.0, 1.0) and 0 < qed < 1 and logp == pytest.approx(-0.0014, abs=1e-3)
+  assert np.isnan(moses.molecule_properties("")).all() and np.isnan(moses.molecule_properties("C1CC")).all()
+  samples = ["OCC", "CCO", "c1ccccc1", "C1CC", "", "CC(=O)O", "CC(=O)O"]  # 5 valid, 3 distinct, 2 in training
+  m = molecules.generation_metrics(samples, training={"CCO", "c1ccccc1"})
+  assert m["validity"] == pytest.approx(5 / 7) and m["unique@1k"] == pytest.approx(3 / 5)
+  assert m["unique@1k_of"] == 5 and m["novelty"] == pytest.approx(1 / 3)
+  errors = molecules.property_errors(["CCO", "", "C"], np.array([[40.0, 0.0], [0, 0], [20.0, 1.0]]), ["mw", "hbd"])
+  assert errors["scored"] == 2
+  assert errors["mae"]["mw"] == pytest.approx((6.069 + 3.957) / 2, abs=1e-3)
+  assert errors["mae"]["hbd"] == pytest.approx(1.0)
+
+
+@pytest.fixture
+def moses_dir(tmp_path, monkeypatch):
+  """A small MOSES-format folder (manual dir) and a private property cache."""
+  folder = tmp_path / "manual" / "moses"
+  folder.mkdir(parents=True)
+  for name, rows in (("train.csv.gz", SMILES), ("test.csv.gz", SMILES[:10] + ["C[Se]C"])):
+    with gzip.open(folder / name, "wt") as f:
+      f.write("SMILES\n" + "".join(f"{s}\n" for s in rows))
+  monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "cache"))
+  return folder.parent
+
+
+def test_moses_loader_tokenizes_normalizes_and_caches(moses_dir, monkeypatch):
+  cfg = small_config(**{"data.name": "moses", "data.pixels": "tokens", "data.manual_dir": str(moses_dir),
+                        "data.properties": ["logp", "qed"]})
+  train, test, spec = moses.load(cfg.data)
+  assert train.images.shape == (len(SMILES), spec.image_shape[0]) and train.labels.shape == (len(SMILES), 2)
+  assert len(test) == 10  # the [Se] molecule has a token training never saw: left out
+  np.testing.assert_allclose(train.labels.mean(axis=0), 0, atol=1e-5)
+  np.testing.assert_allclose(train.labels.std(axis=0), 1, rtol=1e-4)
+  vocab = moses.vocabulary(spec, "smiles")
+  assert sorted(vocab.decode(train.images)) == sorted(SMILES)
+  qed = [moses.molecule_properties(s)[5] for s in vocab.decode(test.images)]
+  np.testing.assert_allclose(test.labels[:, 1] * spec.condition_std[1] + spec.condition_mean[1], qed, rtol=1e-5)
+  monkeypatch.setattr(moses, "compute_properties", lambda *a: pytest.fail("the cache was not used"))
+  again = moses.load(cfg.data)
+  np.testing.assert_array_equal(again[0].labels, train.labels)
+
+
+def test_missing_moses_files_and_bad_settings_say_what_to_do(tmp_path, monkeypatch):
+  monkeypatch.setattr(moses.importlib.util, "find_spec", lambda name: None)
+  monkeypatch.delenv("CVAE_JAX_MANUAL_DIR", raising=False)
+  with pytest.raises(DataError, match="pip install --no-deps molsets"):
+    moses.find_files(str(tmp_path))
+  with pytest.raises(ConfigError, match="data.pixels"):
+    validate(small_config(**{"data.name": "moses"}))
+  with pytest.raises(ConfigError, match="model.arch"):
+    validate(small_config(**{"data.name": "moses", "data.pixels": "tokens", "objective.likelihood": "categorical"}))
+  cfg = small_config(**{"data.name": "moses", "data.pixels": "tokens", "data.properties": ["color"]})
+  with pytest.raises(DataError, match="data.properties"):
+    moses.load(cfg.data)
+
+
+def test_a_molecule_run_trains_samples_scores_and_resamples_from_the_cli(moses_dir, tmp_path, env_for_cli):
+  env = dict(env_for_cli, CVAE_JAX_MANUAL_DIR=str(moses_dir), TFDS_DATA_DIR=str(tmp_path / "cache"))
+  run = tmp_path / "run"
+  command = [sys.executable, "-m", "cvae_jax.train", "+experiment=molecules_cvae", "data.train_limit=null",
+             "data.test_limit=null", "training.epochs=2", "training.batch_size=8", "model.rnn_size=16",
+             "model.embedding_size=8", "model.latent_size=4", "evaluation.molecules=20", "training.progress=false",
+             f"hydra.run.dir={run}"]
+  done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+  results = json.loads((run / "results.json").read_text())
+  generated = json.loads((run / "molecules.json").read_text())
+  assert generated["conditional"]["samples"] == 10  # one per test target (10 test molecules)
+  assert generated["unconditional"]["samples"] == 20
+  for kind in ("conditional", "unconditional"):
+    assert 0 <= generated[kind]["validity"] <= 1
+    assert set(generated[kind]) >= {"unique@1k", "unique@10k", "novelty", "novelty_all_moses_train"}
+  assert results["molecules"]["conditional"] == generated["conditional"]
+  assert smiles.Vocabulary.load(run / "vocab.json").tokens[:3] == smiles.SPECIALS
+  assert {"property_control.png", "molecules.png"} <= {p.name for p in (run / "figures").iterdir()}
+  lines = (run / "samples.csv").read_text().splitlines()
+  assert lines[0].startswith("kind,smiles,target_mw") and len(lines) == 1 + 10 + 20
+  again = subprocess.run([sys.executable, "-m", "cvae_jax.molecules", str(run), "--samples", "4"], cwd=REPO,
+                         env=env, capture_output=True, text=True, timeout=600)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert "conditional: validity=" in again.stdout
+  assert json.loads((run / "molecules.json").read_text())["num_samples"] == 4
+  chosen = subprocess.run([sys.executable, "-m", "cvae_jax.molecules", str(run), "--samples", "5", "--target",
+                           "logp=2.5", "--target", "qed=0.8"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=600)
+  assert chosen.returncode == 0, chosen.stderr[-3000:]
+  assert "logp: " in chosen.stdout and "target 2.5" in chosen.stdout
+  assert len((run / "targets.csv").read_text().splitlines()) == 1 + 5
+  vocab_file = run / "vocab.json"  # a vocabulary other than the checkpoint's is refused, and the file is kept
+  original = vocab_file.read_text()
+  vocab_file.write_text(original.replace('"length": ', '"length": 1'))
+  refused = subprocess.run([sys.executable, "-m", "cvae_jax.molecules", str(run), "--samples", "2"], cwd=REPO,
+                           env=env, capture_output=True, text=True, timeout=600)
+  assert refused.returncode == 1 and "vocabulary" in refused.stderr
+  vocab_file.write_text(original)
+  wrong = subprocess.run([sys.executable, "-m", "cvae_jax.molecules", str(run), "--target", "color=1"], cwd=REPO,
+                         env=env, capture_output=True, text=True, timeout=600)
+  assert wrong.returncode == 1 and "conditioned on" in wrong.stderr
+
+
+def test_targets_keep_the_named_values_and_borrow_the_rest_from_near_training_molecules():
+  from cvae_jax.data import Dataset, Split
+  labels = np.array([[0.0, 10.0], [1.0, 20.0], [2.0, 30.0], [3.0, 40.0]], np.float32)  # z-scored already
+  spec = DatasetSpec("moses", (5,), 2, "tokens", class_names=("logp", "qed"), condition_mean=(1.0, 0.0),
+                     condition_std=(2.0, 1.0))
+  ds = Dataset(spec, Split(np.zeros((4, 5), np.uint8), labels), Split(np.zeros((1, 5), np.uint8), labels[:1]))
+  c = molecules.targets_for(ds, {"logp": 6.0}, n=50, seed=0, neighbours=2)  # logp 6 -> z = 2.5: rows 2 and 3
+  np.testing.assert_array_equal(c[:, 0], 2.5)
+  assert set(c[:, 1]) == {30.0, 40.0}
+  with pytest.raises(ValueError, match="conditioned on"):
+    molecules.targets_for(ds, {"mw": 300.0}, n=1, seed=0)
