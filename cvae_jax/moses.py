@@ -15,6 +15,7 @@ import gzip
 import hashlib
 import importlib.util
 import logging
+import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -82,7 +83,8 @@ def compute_properties(smiles: Sequence[str], workers: Optional[int] = None) -> 
   workers = workers or os.cpu_count() or 1
   if workers == 1 or len(smiles) < 1000:
     return np.asarray([molecule_properties(s) for s in smiles], np.float64).reshape(-1, len(PROPERTIES))
-  with ProcessPoolExecutor(workers) as pool:
+  # Not fork: JAX's threads may hold locks in the parent, and a forked child would inherit them held.
+  with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("forkserver")) as pool:
     rows = list(pool.map(molecule_properties, smiles, chunksize=500))
   return np.asarray(rows, np.float64)
 
