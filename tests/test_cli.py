@@ -76,6 +76,7 @@ def _saving(workdir):
   return folder.exists() and any("tmp" in p.name for p in folder.iterdir())
 
 
+@pytest.mark.slow  # about 95 s; test_training.py::test_resume_is_bit_identical and test_faults.py cover resume
 def test_kill_9_at_random_moments_then_rerun_gives_the_same_parameters(tmp_path, env_for_cli):
   """SIGKILL three times (once during a checkpoint save, twice at random moments after a new
   checkpoint), rerunning the same command each time; the result equals an uninterrupted run's."""
@@ -121,6 +122,7 @@ def test_kill_9_at_random_moments_then_rerun_gives_the_same_parameters(tmp_path,
   assert [r["step"] for r in rows] == [50 * e for e in range(1, 9)]  # no duplicated or missing epochs
 
 
+@pytest.mark.slow  # about 30 s; the two-job sweep below covers command-line sweeps, test_config the swept values
 def test_beta_sweep_runs_with_no_extra_flag(tmp_path, env_for_cli):
   sweep = tmp_path / "sweep"
   proc = run_cli(["+experiment=beta_sweep", "objective.beta=1,8", f"hydra.sweep.dir={sweep}",
