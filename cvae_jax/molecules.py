@@ -79,7 +79,7 @@ def generation_metrics(samples: Sequence[str], training: set[str], all_training:
 
 def property_errors(samples: Sequence[str], targets: np.ndarray, names: Sequence[str]) -> dict:
   """Mean absolute error between each valid sample's RDKit properties and its target row, per property."""
-  values = moses.compute_properties(samples)[:, [moses.PROPERTIES.index(p) for p in names]]
+  values = moses.properties_of(samples, names)
   ok = np.all(np.isfinite(values), axis=1)
   errors = np.abs(values[ok] - targets[ok])
   return {"mae": {p: float(e) for p, e in zip(names, errors.mean(axis=0))} if ok.any() else {},
@@ -113,19 +113,18 @@ def evaluate_generation(cfg: Config, ds: Dataset, model: VAE, params, workdir: P
   spec = ds.spec
   vocab = moses.vocabulary(spec, cfg.data.syntax)
   names = list(spec.class_names)
-  mean, std = np.asarray(spec.condition_mean), np.asarray(spec.condition_std)
   sample = make_sampler(model, vocab.length)
   key = stream_key(cfg.seed, Stream.FIGURES)
   to_smiles = lambda ids: vocab.to_smiles(vocab.decode(ids))
-  train_smiles = moses.training_smiles(cfg.data)
-  training = set(train_smiles)
-  all_training = set(moses.read_smiles(moses.find_files(cfg.data.manual_dir) / moses.FILES["train"]))
+  all_train_smiles = moses.read_smiles(moses.find_files(cfg.data.manual_dir) / moses.FILES["train"])
+  training = set(moses.subset(all_train_smiles, cfg.data.train_limit))  # the molecules trained on
+  all_training = set(all_train_smiles)
   n = min(num_samples, len(ds.test))  # one conditional sample per test target
   result = {"num_samples": num_samples, "properties": names, "syntax": vocab.syntax}
   rows = []
   if model.num_classes:
     targets_z = ds.test.labels[:n]
-    targets = targets_z * std + mean
+    targets = moses.in_property_units(spec, targets_z)
     conditional = to_smiles(sample(params, targets_z, n, jax.random.fold_in(key, 0)))
     # The baseline: conditions of randomly chosen training molecules, blind to the targets.
     pick = np.random.default_rng(cfg.seed).integers(0, len(ds.train), num_samples)
@@ -177,7 +176,7 @@ def sample_for_targets(cfg: Config, ds: Dataset, model: VAE, params, named: dict
   ids = make_sampler(model, vocab.length)(params, conditions, n, jax.random.fold_in(stream_key(cfg.seed, Stream.FIGURES), 7))
   samples = vocab.to_smiles(vocab.decode(ids))
   names = list(ds.spec.class_names)
-  values = moses.compute_properties(samples)[:, [moses.PROPERTIES.index(p) for p in names]]
+  values = moses.properties_of(samples, names)
   ok = np.all(np.isfinite(values), axis=1)
   achieved = {p: {"target": named.get(p), "mean": float(values[ok, j].mean()) if ok.any() else None,
                   "std": float(values[ok, j].std()) if ok.any() else None} for j, p in enumerate(names)}
@@ -212,30 +211,29 @@ def write_figures(directory: Path, cfg: Config, ds: Dataset, model: VAE, params,
   RDLogger.DisableLog("rdApp.*")  # invalid samples are expected; do not log each one
   directory.mkdir(parents=True, exist_ok=True)
   names = list(ds.spec.class_names)
-  mean, std = np.asarray(ds.spec.condition_mean), np.asarray(ds.spec.condition_std)
   column = names.index("logp") if "logp" in names else 0
   picks = figure_targets(ds, column)
   per_target_smiles = []
   for i, idx in enumerate(picks):
     c = np.repeat(ds.test.labels[idx][None], per_target, axis=0)
     per_target_smiles.append(vocab.to_smiles(vocab.decode(sample(params, c, per_target, jax.random.fold_in(key, i)))))
-  columns = [moses.PROPERTIES.index(p) for p in names]
-  base = moses.compute_properties(list(unconditional)[:2000])[:, columns]
-  per_target_values = [moses.compute_properties(smiles)[:, columns] for smiles in per_target_smiles]
+  base = moses.properties_of(list(unconditional)[:2000], names)
+  per_target_values = [moses.properties_of(smiles, names) for smiles in per_target_smiles]
+  targets = moses.in_property_units(ds.spec, ds.test.labels[picks])  # [3, P]
+  train_values = moses.in_property_units(ds.spec, ds.train.labels)
   fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3.0))
   axes = np.atleast_1d(axes)
   colors = ["tab:blue", "tab:orange", "tab:green"]
   for j, (ax, name) in enumerate(zip(axes, names)):
     finite = base[:, j][np.isfinite(base[:, j])]
-    targets = ds.test.labels[picks, j] * std[j] + mean[j]
-    low, high = np.quantile(ds.train.labels[:, j] * std[j] + mean[j], [0.005, 0.995])  # the data's range
-    bins = np.linspace(min(low, targets.min()), max(high, targets.max()), 31)
+    low, high = np.quantile(train_values[:, j], [0.005, 0.995])  # the data's range
+    bins = np.linspace(min(low, targets[:, j].min()), max(high, targets[:, j].max()), 31)
     ax.hist(finite, bins=bins, density=True, color="0.8", label="unconditional")
     for i, all_values in enumerate(per_target_values):
       values = all_values[:, j]
       ax.hist(values[np.isfinite(values)], bins=bins, density=True, histtype="step", color=colors[i], lw=1.5,
               label=f"target {i + 1}")
-      ax.axvline(targets[i], color=colors[i], ls="--", lw=1)
+      ax.axvline(targets[i, j], color=colors[i], ls="--", lw=1)
     ax.set_title(moses.PROPERTY_LABELS[name])
     ax.set_yticks([])
   axes[0].legend(fontsize=7)
@@ -247,7 +245,7 @@ def write_figures(directory: Path, cfg: Config, ds: Dataset, model: VAE, params,
   mols, legends = [], []
   for i, smiles in enumerate(per_target_smiles):
     valid = [m for m in (Chem.MolFromSmiles(s) for s in smiles if s) if m is not None][:6]
-    target = ds.test.labels[picks[i], column] * std[column] + mean[column]
+    target = targets[i, column]
     mols += valid + [Chem.MolFromSmiles("")] * (6 - len(valid))
     legends += [f"target {i + 1}: {names[column]} {target:.2f}"] * 6
   Draw.MolsToGridImage(mols, molsPerRow=6, subImgSize=(220, 180), legends=legends).save(paths[1])

@@ -89,6 +89,16 @@ def compute_properties(smiles: Sequence[str], workers: Optional[int] = None) -> 
   return np.asarray(rows, np.float64)
 
 
+def properties_of(smiles: Sequence[str], names: Sequence[str]) -> np.ndarray:
+  """[N, len(names)] RDKit values of the named properties (NaN rows for strings RDKit cannot parse)."""
+  return compute_properties(smiles)[:, [PROPERTIES.index(p) for p in names]]
+
+
+def in_property_units(spec: DatasetSpec, conditions: np.ndarray) -> np.ndarray:
+  """z-scored condition vectors [..., P] -> the properties in their own units."""
+  return conditions * np.asarray(spec.condition_std) + np.asarray(spec.condition_mean)
+
+
 def cache_dir(data_dir: Optional[str]) -> Path:
   root = data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets"
   return Path(root).expanduser() / "cvae_jax_moses"
@@ -184,7 +194,3 @@ def save_or_check_vocabulary(workdir: Path, spec: DatasetSpec, syntax: Syntax) -
                     f"one {path} was trained with ({saved.size} tokens, length {saved.length}): the MOSES files "
                     "or the data settings changed. Restore the files it was trained on, or train a new run.")
 
-
-def training_smiles(cfg: DataConfig) -> list[str]:
-  """The training subset's SMILES (canonical as MOSES ships them), for novelty."""
-  return subset(read_smiles(find_files(cfg.manual_dir) / FILES["train"]), cfg.train_limit)
