@@ -146,6 +146,7 @@ class OptimizerConfig:
   b2: float = 0.999
   eps: float = 1e-8
   grad_clip_norm: Optional[float] = None  # clip the global gradient norm to this value (None: no clipping)
+  flatten: bool = False  # update all parameters as one flat vector: fewer, larger kernels (experiments/speed)
 
 
 @dataclass
@@ -158,6 +159,7 @@ class TrainingConfig:
   skip_nonfinite: bool = False        # skip updates with a NaN/inf loss or gradient (counted in train/skipped)
                                       # instead of stopping the run at the first one
   epoch_loop: EpochLoop = EpochLoop.auto  # how an epoch runs: one lax.scan, or a host loop of jitted steps
+  scan_unroll: int = 1                # steps per iteration of the epoch's lax.scan (fewer loop trips; longer compile)
   data_parallel: bool = False         # split each minibatch over all local devices (a 1-D mesh, axis "data");
                                       # batch_size must be a multiple of the device count
   progress: bool = True               # show a progress bar
@@ -248,6 +250,7 @@ def validate(cfg: Config) -> Config:
   _check(t.batch_size >= 1, "training.batch_size", t.batch_size, "must be at least 1")
   _check(t.epochs >= 1, "training.epochs", t.epochs, "must be at least 1")
   _check(t.eval_batch_size >= 1, "training.eval_batch_size", t.eval_batch_size, "must be at least 1")
+  _check(t.scan_unroll >= 1, "training.scan_unroll", t.scan_unroll, "must be at least 1")
   _check(t.checkpoint_every_epochs >= 1, "training.checkpoint_every_epochs", t.checkpoint_every_epochs,
          "must be at least 1")
   _check(t.max_checkpoints >= 1, "training.max_checkpoints", t.max_checkpoints, "must be at least 1")

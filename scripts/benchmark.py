@@ -1,20 +1,27 @@
 """Training throughput of cvae_jax against the usual loops, on this machine, in one run.
 
   python scripts/benchmark.py                       # mlp (the Flax example's 784-500-20), batch 128
-  python scripts/benchmark.py --arch mlp conv conv_deep --epochs 3
+  python scripts/benchmark.py --arch mlp conv conv_deep --kind vae cvae --epochs 3
+  python scripts/benchmark.py --batch-size 128 4096 # several batch sizes (a GPU wants large ones too)
   python scripts/benchmark.py --sweep-runs 8        # also a batched sweep of 8 models vs separate runs
   python scripts/benchmark.py --iwae-images 200     # also the k=5000 bound's speed at a few chunk sizes
+  python scripts/benchmark.py --unroll 1 8 --flat-optimizer   # variants of the MLP's compiled epoch
 
-For each architecture it measures, on statically binarized MNIST:
+For each architecture, kind and batch size it measures, on statically binarized MNIST:
   - cvae_jax: whole epochs as one compiled lax.scan over on-device data (conv models on CPU: a host loop
     of the jitted step, see training.uses_step_loop) (images/s, median over epochs after a warm-up) and
-    the compile time (first epoch minus a median one); FLOPs per training image from XLA's cost analysis of one train step;
+    the compile time (first epoch minus a median one); FLOPs per training image from XLA's cost analysis
+    of one train step;
   - a conventional loop: a tf.data pipeline (shuffle, batch, prefetch) feeding the same train step,
-    jitted, one Python call per step;
-  - a PyTorch loop of the same MLP, if PyTorch happens to be installed (never a dependency);
+    jitted, one Python call per step (fed from NumPy where TensorFlow is not installed);
+  - a PyTorch loop of the same MLP, if PyTorch happens to be installed (never a dependency), on the GPU
+    when JAX runs on one;
   - the machine's float32 matmul rate at the model's shapes and for large matrices, and from it the
     throughput bound (rate / FLOPs per image) and the fraction of it reached.
-Prints a markdown table and writes JSON (--out).
+The loops of a row (and the batched sweep against the same runs one after another) run round-robin, one
+epoch of each in turn, so that drift in the machine's speed slows all of them alike.
+Prints markdown tables and writes JSON (--out). Machines without TensorFlow Datasets (a bare GPU box) can
+read the data from a file written beforehand with --save-data (--data FILE).
 """
 from __future__ import annotations
 
@@ -23,18 +30,19 @@ import json
 import platform
 import statistics
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from omegaconf import OmegaConf
 
 from cvae_jax import data
 from cvae_jax.config import Config, DataConfig, Pixels
+from cvae_jax.data import Dataset, DatasetSpec, Split
 from cvae_jax.models import create_model
 from cvae_jax.training import create_train_state, make_train_epoch, make_train_step, uses_step_loop
 
-MODELS = {  # conf/model/*.yaml, as VAEs
+MODELS = {  # conf/model/*.yaml
     "mlp": {"arch": "mlp", "hidden": [500], "latent_size": 20},
     "conv": {"arch": "conv", "encoder_channels": [32], "decoder_channels": [], "latent_size": 2, "dense": 64},
     "conv_deep": {"arch": "conv", "encoder_channels": [32, 64], "decoder_channels": [64, 32], "conv_stride": 2,
@@ -42,11 +50,30 @@ MODELS = {  # conf/model/*.yaml, as VAEs
 }
 
 
-def config(arch: str, kind: str, batch_size: int) -> Config:
-  cfg = OmegaConf.merge(OmegaConf.structured(Config), {"model": MODELS[arch] | {"kind": kind},
-                                                        "data": {"pixels": "static_binary"},
-                                                        "training": {"batch_size": batch_size}})
-  return OmegaConf.to_object(cfg)
+def config(arch: str, kind: str, batch_size: int, unroll: int = 1, flat_optimizer: bool = False) -> Config:
+  cfg = Config()
+  for key, value in (MODELS[arch] | {"kind": kind}).items():
+    setattr(cfg.model, key, value)
+  cfg.data.pixels = Pixels.static_binary
+  cfg.training.batch_size, cfg.training.scan_unroll = batch_size, unroll
+  cfg.optimizer.flatten = flat_optimizer
+  return cfg
+
+
+def load_dataset(path: str | None) -> Dataset:
+  """Statically binarized MNIST through TFDS, or from a file written by --save-data."""
+  if path is None:
+    return data.load(DataConfig(name="mnist", pixels=Pixels.static_binary))
+  arrays = np.load(path)
+  spec = DatasetSpec(name="mnist", image_shape=tuple(int(d) for d in arrays["image_shape"]), num_classes=10,
+                     pixels=Pixels.static_binary)
+  return Dataset(spec, Split(arrays["train_images"], arrays["train_labels"]),
+                 Split(arrays["test_images"], arrays["test_labels"]))
+
+
+def save_dataset(ds: Dataset, path: str) -> None:
+  np.savez_compressed(path, image_shape=np.asarray(ds.spec.image_shape), train_images=ds.train.images,
+                      train_labels=ds.train.labels, test_images=ds.test.images, test_labels=ds.test.labels)
 
 
 def matmul_rate(shapes, iters: int = 200) -> float:
@@ -69,48 +96,106 @@ def matmul_rate(shapes, iters: int = 200) -> float:
   return float(statistics.median(rates))
 
 
-def bench_project(cfg, ds, epochs: int) -> dict:
+def xla_flops(jitted, *args) -> float:
+  """XLA's FLOP count of a jitted function, compiled for the CPU whatever the default device: on GPUs the
+  compiled module's count leaves out the matmuls and convolutions handed to cuBLAS and cuDNN."""
+  cost = jitted.lower(*jax.device_put(args, jax.devices("cpu")[0])).compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost["flops"])
+
+
+def step_flops(cfg, model, spec, state, images, labels) -> float:
+  """FLOPs of one train step per image (XLA counts a scan's body once, so ask the step)."""
+  b = cfg.training.batch_size
+  step = jax.jit(make_train_step(cfg, model, spec, len(images) // b))
+  return xla_flops(step, state, images[:b], labels[:b]) / b
+
+
+def project_loop(cfg, ds, hlo_path: str | None = None):
+  """cvae_jax's compiled epoch: (run_epoch(e) -> images, info). With several runs (a batched sweep),
+  see batched_loop."""
   model = create_model(cfg.model, ds.spec, cfg.objective.likelihood)
   state = create_train_state(cfg, model, ds.spec)
   images, labels = jax.device_put(ds.train.images), jax.device_put(ds.train.labels)
   epoch_fn = make_train_epoch(cfg, model, ds.spec, len(ds.train))
-  # FLOPs of one train step (XLA counts a scan's body once, so ask the step itself).
-  b = cfg.training.batch_size
-  cost = jax.jit(make_train_step(cfg, model, ds.spec, len(ds.train) // cfg.training.batch_size)).lower(state, images[:b], labels[:b]).compile().cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  n = (len(ds.train) // b) * b
-  times = []
-  for e in range(epochs + 1):  # the first epoch compiles
-    t = time.perf_counter()
+  info = {"flops_per_image": step_flops(cfg, model, ds.spec, state, images, labels), "step_loop": uses_step_loop(cfg)}
+  if hlo_path and not uses_step_loop(cfg):
+    Path(hlo_path).write_text(epoch_fn.lower(state, images, labels, 0).compile().as_text())
+  n = (len(ds.train) // cfg.training.batch_size) * cfg.training.batch_size
+
+  def run_epoch(e):
+    nonlocal state
     state, metrics = epoch_fn(state, images, labels, e)
     jax.block_until_ready(metrics)
-    times.append(time.perf_counter() - t)
-  epoch_s = statistics.median(times[1:])
-  return {"images_per_s": n / epoch_s, "compile_s": times[0] - epoch_s, "flops_per_image": float(cost["flops"]) / b,
-          "step_loop": uses_step_loop(cfg)}
+    info["final_loss"] = float(np.mean(jax.device_get(metrics["loss"])))
+    return n
+
+  return run_epoch, info
 
 
-def bench_batched(cfg, ds, epochs: int, runs: int) -> dict:
-  """A batched sweep: `runs` models (different seeds and betas) as one vmapped epoch. Images/s summed
-  over the models, to set against `runs` separate epochs (cvae_jax img/s of one model)."""
+def batched_loop(cfg, ds, runs: int):
+  """A batched sweep: `runs` models (seeds 0.., betas 1..) as one program (training.over_runs)."""
   from cvae_jax.batched import stack, stack_states
   from cvae_jax.training import run_hyper
   model = create_model(cfg.model, ds.spec, cfg.objective.likelihood)
-  configs = [OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cfg), {"seed": r, "objective": {"beta": 1.0 + r}}))
-             for r in range(runs)]
+  configs = run_configs(cfg, runs)
   states = stack_states([create_train_state(c, model, ds.spec) for c in configs])
   hypers = stack([run_hyper(c) for c in configs])
   images, labels = jax.device_put(ds.train.images), jax.device_put(ds.train.labels)
-  compiled = make_train_epoch(cfg, model, ds.spec, len(ds.train), batched=True)
+  epoch_fn = make_train_epoch(cfg, model, ds.spec, len(ds.train), batched=True)
   n = (len(ds.train) // cfg.training.batch_size) * cfg.training.batch_size
-  states, _ = compiled(states, images, labels, 0, hypers)  # warm-up epoch (compiles)
-  times = []
-  for e in range(1, epochs + 1):
-    t = time.perf_counter()
-    states, metrics = compiled(states, images, labels, e, hypers)
+
+  def run_epoch(e):
+    nonlocal states
+    states, metrics = epoch_fn(states, images, labels, e, hypers)
     jax.block_until_ready(metrics)
-    times.append(time.perf_counter() - t)
-  return {"runs": runs, "images_per_s": runs * n / statistics.median(times)}
+    return runs * n
+
+  return run_epoch
+
+
+def separate_loop(cfg, ds, runs: int):
+  """The same `runs` models trained one after another, as separate runs (one compiled epoch, reused)."""
+  from cvae_jax.training import run_hyper
+  model = create_model(cfg.model, ds.spec, cfg.objective.likelihood)
+  configs = run_configs(cfg, runs)
+  states = [create_train_state(c, model, ds.spec) for c in configs]
+  hypers = [run_hyper(c) for c in configs]
+  images, labels = jax.device_put(ds.train.images), jax.device_put(ds.train.labels)
+  epoch_fn = make_train_epoch(cfg, model, ds.spec, len(ds.train))
+  n = (len(ds.train) // cfg.training.batch_size) * cfg.training.batch_size
+
+  def run_epoch(e):
+    for r in range(runs):
+      states[r], metrics = epoch_fn(states[r], images, labels, e, hypers[r])
+      jax.block_until_ready(metrics)
+    return runs * n
+
+  return run_epoch
+
+
+def run_configs(cfg, runs: int) -> list[Config]:
+  configs = []
+  for r in range(runs):
+    c = config(cfg.model.arch, cfg.model.kind, cfg.training.batch_size, cfg.training.scan_unroll, cfg.optimizer.flatten)
+    c.model, c.seed, c.objective.beta = cfg.model, r, 1.0 + r
+    configs.append(c)
+  return configs
+
+
+def interleaved(loops: dict, epochs: int) -> dict:
+  """Times each loop's epochs round-robin (one epoch of each in turn), so that a machine whose speed drifts
+  (other jobs, clocks) slows every loop alike. The first epoch of each warms up (compiles); images/s is the
+  median over the timed epochs; compile_s is the first epoch's excess over that median."""
+  times = {name: [] for name in loops}
+  images = {}
+  for e in range(epochs + 1):
+    for name, run_epoch in loops.items():
+      t = time.perf_counter()
+      images[name] = run_epoch(e)
+      times[name].append(time.perf_counter() - t)
+  return {name: {"images_per_s": images[name] / statistics.median(ts[1:]),
+                 "compile_s": ts[0] - statistics.median(ts[1:])} for name, ts in times.items()}
 
 
 def bench_iwae(cfg, ds, images: int, k: int, chunks) -> list[dict]:
@@ -126,9 +211,7 @@ def bench_iwae(cfg, ds, images: int, k: int, chunks) -> list[dict]:
     iwae = evaluation.make_iwae(model, ds.spec, cfg.objective.likelihood, k, batch, chunk)
     compiled = iwae.lower(params, x, y, jax.random.key(0)).compile()
     one = evaluation.make_iwae(model, ds.spec, cfg.objective.likelihood, chunk, batch, chunk)
-    cost = one.lower(params, x[:batch], y[:batch], jax.random.key(0)).compile().cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    flops_per_pass = float(cost["flops"]) / (batch * chunk)
+    flops_per_pass = xla_flops(one, params, x[:batch], y[:batch], jax.random.key(0)) / (batch * chunk)
     compiled(params, x, y, jax.random.key(0)).block_until_ready()  # warm-up
     t = time.perf_counter()
     compiled(params, x, y, jax.random.key(1)).block_until_ready()
@@ -139,43 +222,64 @@ def bench_iwae(cfg, ds, images: int, k: int, chunks) -> list[dict]:
   return out
 
 
-def bench_tf_data_loop(cfg, ds, epochs: int) -> dict:
-  import tensorflow as tf
+def minibatches(ds, batch_size: int, epoch: int):
+  """The conventional input pipeline: tf.data (shuffle, batch, prefetch), or NumPy without TensorFlow."""
+  try:
+    import tensorflow as tf
+  except ImportError:
+    order = np.random.default_rng(epoch).permutation(len(ds.train))
+    for i in range(0, len(order) - batch_size + 1, batch_size):
+      idx = order[i:i + batch_size]
+      yield ds.train.images[idx], ds.train.labels[idx]
+    return
+  pipeline = (tf.data.Dataset.from_tensor_slices((ds.train.images, ds.train.labels))
+              .shuffle(len(ds.train), seed=epoch).batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE))
+  yield from pipeline.as_numpy_iterator()
+
+
+def step_loop(cfg, ds):
+  """The conventional loop: one Python call of the jitted step per minibatch from `minibatches`."""
   model = create_model(cfg.model, ds.spec, cfg.objective.likelihood)
   state = create_train_state(cfg, model, ds.spec)
   step = jax.jit(make_train_step(cfg, model, ds.spec, len(ds.train) // cfg.training.batch_size), donate_argnums=0)
-  b = cfg.training.batch_size
-  pipeline = (tf.data.Dataset.from_tensor_slices((ds.train.images, ds.train.labels))
-              .shuffle(len(ds.train), seed=0).batch(b, drop_remainder=True).prefetch(tf.data.AUTOTUNE))
-  times = []
-  for e in range(epochs + 1):  # the first epoch warms up (compile, pipeline)
-    t = time.perf_counter()
+
+  def run_epoch(e):
+    nonlocal state
     n = 0
-    for x, y in pipeline.as_numpy_iterator():
+    for x, y in minibatches(ds, cfg.training.batch_size, e):
       state, metrics = step(state, x, y)
       n += len(y)
     jax.block_until_ready(metrics)
-    if e:
-      times.append(time.perf_counter() - t)
-  return {"images_per_s": n / statistics.median(times)}
+    return n
+
+  return run_epoch
 
 
-def bench_torch(ds, batch_size: int, epochs: int) -> dict | None:
-  """pytorch/examples-style loop for the MLP VAE (784-500-20), or None without PyTorch."""
+def feeder() -> str:
+  try:
+    import tensorflow  # noqa: F401
+    return "tf.data"
+  except ImportError:
+    return "numpy"
+
+
+def torch_loop(ds, batch_size: int):
+  """pytorch/examples-style loop for the MLP VAE (784-500-20): (run_epoch, info), or None without PyTorch."""
   try:
     import torch
   except ImportError:
     return None
+  device = "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
   torch.manual_seed(0)
   enc, mean, logvar = torch.nn.Linear(784, 500), torch.nn.Linear(500, 20), torch.nn.Linear(500, 20)
   dec1, dec2 = torch.nn.Linear(20, 500), torch.nn.Linear(500, 784)
-  params = [p for m in (enc, mean, logvar, dec1, dec2) for p in m.parameters()]
+  layers = [m.to(device) for m in (enc, mean, logvar, dec1, dec2)]
+  params = [p for m in layers for p in m.parameters()]
   opt = torch.optim.Adam(params, lr=1e-3)
-  x_all = torch.from_numpy(ds.train.images.reshape(len(ds.train), -1).astype(np.float32))
-  times = []
-  for e in range(epochs + 1):
-    t = time.perf_counter()
-    order = torch.randperm(len(x_all))
+  x_all = torch.from_numpy(ds.train.images.reshape(len(ds.train), -1).astype(np.float32)).to(device)
+
+  def run_epoch(e):
+    order = torch.randperm(len(x_all), device=device)
     n = 0
     for i in range(0, len(x_all) - batch_size + 1, batch_size):
       x = x_all[order[i:i + batch_size]]
@@ -189,73 +293,140 @@ def bench_torch(ds, batch_size: int, epochs: int) -> dict | None:
       ((rec + kl) / batch_size).backward()
       opt.step()
       n += batch_size
-    if e:
-      times.append(time.perf_counter() - t)
-  return {"images_per_s": n / statistics.median(times), "threads": torch.get_num_threads()}
+    if device == "cuda":
+      torch.cuda.synchronize()
+    return n
+
+  return run_epoch, {"threads": torch.get_num_threads(), "device": device, "version": torch.__version__}
+
+
+def print_tables(result: dict) -> None:
+  print(f"device: {result['device']} ({result['backend']}), jax {result['jax']}; large matmuls "
+        f"{result['matmul_gflops_large']:.1f} GFLOP/s\n")
+  print("| arch | kind | batch | MFLOP/image | cvae_jax img/s | compile s | matmul GFLOP/s at these shapes | "
+        "bound img/s | fraction | per-step loop img/s | ratio | PyTorch loop img/s | ratio |")
+  print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+  for r in result["rows"]:
+    p, loop, torch_row = r["cvae_jax"], r.get("step_loop"), r.get("pytorch_loop")
+    print(f"| {r['arch']} | {r['kind']} | {r['batch_size']} | {p['flops_per_image'] / 1e6:.2f} | "
+          f"{p['images_per_s']:,.0f} | {p['compile_s']:.2f} | {r['matmul_gflops']:.1f} | "
+          f"{r['bound_images_per_s']:,.0f} | {r['fraction_of_bound']:.2f} | "
+          + (f"{loop['images_per_s']:,.0f} ({loop['feeder']}) | {r['vs_step_loop']:.2f} | " if loop else "n/a | | ")
+          + (f"{torch_row['images_per_s']:,.0f} ({torch_row['device']}) | {r['vs_pytorch_loop']:.2f} |"
+             if torch_row else "n/a | |"))
+  if result.get("variants"):
+    print("\nvariants of the compiled epoch (MLP VAE):")
+    print("| batch | scan unroll | flat optimizer | img/s | compile s | batched sweep img/s | vs separate |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for v in result["variants"]:
+      sweep = v.get("batched_sweep")
+      print(f"| {v['batch_size']} | {v['unroll']} | {v['flat_optimizer']} | {v['images_per_s']:,.0f} | {v['compile_s']:.2f} | "
+            + (f"{sweep['images_per_s']:,.0f} ({sweep['runs']} models) | "
+               f"{sweep['images_per_s'] / v['separate_runs']['images_per_s']:.2f} |" if sweep else " | |"))
+  for r in result["rows"]:
+    if "batched_sweep" in r:
+      s = r["batched_sweep"]
+      print(f"\n{r['arch']} batch {r['batch_size']}: batched sweep of {s['runs']} models: {s['images_per_s']:,.0f} img/s "
+            f"over all models (compile {s['compile_s']:.2f} s) vs {r['separate_runs']['images_per_s']:,.0f} for the "
+            f"same {s['runs']} runs one after another: {r['batched_vs_separate']:.2f}x")
+  if result.get("iwae"):
+    print(f"\nk=5000 importance-weighted bound, Flax example's MLP, {result['iwae_images']} test images:")
+    print("| batch | sample chunk | s | s for 10,000 images | decoder passes/s | MFLOP/pass | GFLOP/s | "
+          "fraction of large-matmul rate |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in result["iwae"]:
+      print(f"| {r['batch_size']} | {r['sample_chunk']} | {r['seconds']:.2f} | {r['seconds_for_10000_images']:.1f} | "
+            f"{r['passes_per_s']:,.0f} | {r['flops_per_pass'] / 1e6:.3f} | {r['gflops']:.1f} | "
+            f"{r['gflops'] / result['matmul_gflops_large']:.2f} |")
 
 
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--arch", nargs="+", default=["mlp"], choices=list(MODELS))
-  parser.add_argument("--kind", default="vae", choices=["vae", "cvae"])
-  parser.add_argument("--batch-size", type=int, default=128)
+  parser.add_argument("--kind", nargs="+", default=["vae"], choices=["vae", "cvae"])
+  parser.add_argument("--batch-size", nargs="+", type=int, default=[128])
   parser.add_argument("--epochs", type=int, default=3, help="timed epochs per loop (after one warm-up)")
+  parser.add_argument("--no-baselines", action="store_true", help="time cvae_jax alone (no per-step or PyTorch loop)")
   parser.add_argument("--sweep-runs", type=int, default=0,
-                      help="also time a batched sweep of this many models against separate runs (0: skip)")
+                      help="also time a batched sweep of this many models against separate runs (0: skip); "
+                           "first architecture and kind, each batch size")
+  parser.add_argument("--unroll", nargs="+", type=int, default=[],
+                      help="also time the MLP VAE's epoch (and batched sweep) with these training.scan_unroll values")
+  parser.add_argument("--flat-optimizer", action="store_true",
+                      help="also time the variants with optimizer.flatten=true (one parameter vector)")
   parser.add_argument("--iwae-images", type=int, default=0,
                       help="also time the k=5000 importance-weighted bound on this many test images (0: skip)")
+  parser.add_argument("--iwae-chunks", nargs="+", default=["100x500", "100x100", "20x250", "10x100"],
+                      help="(images per chunk)x(samples per chunk) settings of the bound to time")
+  parser.add_argument("--data", help="read the data from this file (written by --save-data) instead of TFDS")
+  parser.add_argument("--save-data", help="write the benchmark's data to this .npz file and stop")
+  parser.add_argument("--hlo-dir", help="write the MLP epoch's optimized HLO here, one file per batch size")
   parser.add_argument("--out", help="write the results as JSON here")
   args = parser.parse_args(argv)
-  ds = data.load(DataConfig(name="mnist", pixels=Pixels.static_binary))
-  b = args.batch_size
-  rate = matmul_rate([(b, 784, 500), (b, 500, 784), (b, 500, 40)])
-  large = matmul_rate([(2048, 2048, 2048)], iters=10)
-  result = {"device": jax.devices()[0].device_kind, "backend": jax.default_backend(), "cpu": platform.processor(),
-            "batch_size": b, "matmul_gflops_model_shapes": rate, "matmul_gflops_large": large, "archs": {}}
-  for arch in args.arch:
-    cfg = config(arch, args.kind, b)
-    row = {"cvae_jax": bench_project(cfg, ds, args.epochs), "tf_data_loop": bench_tf_data_loop(cfg, ds, args.epochs)}
-    if arch == "mlp" and args.kind == "vae":
-      row["pytorch_loop"] = bench_torch(ds, b, args.epochs)
-    flops = row["cvae_jax"]["flops_per_image"]
-    row["bound_images_per_s"] = rate * 1e9 / flops
-    row["fraction_of_bound"] = row["cvae_jax"]["images_per_s"] / row["bound_images_per_s"]
-    row["vs_tf_data_loop"] = row["cvae_jax"]["images_per_s"] / row["tf_data_loop"]["images_per_s"]
-    if row.get("pytorch_loop"):
-      row["vs_pytorch_loop"] = row["cvae_jax"]["images_per_s"] / row["pytorch_loop"]["images_per_s"]
-    if args.sweep_runs and arch == args.arch[0]:  # the first architecture only: a sweep of conv models is long
-      row["batched_sweep"] = bench_batched(cfg, ds, args.epochs, args.sweep_runs)
-      row["batched_vs_separate"] = row["batched_sweep"]["images_per_s"] / row["cvae_jax"]["images_per_s"]
-    result["archs"][arch] = row
-  print(f"device: {result['device']} ({result['backend']}), batch {b}; matmul rate at the model's shapes "
-        f"{rate:.1f} GFLOP/s, large matmuls {large:.1f} GFLOP/s\n")
-  print("| arch | MFLOP/image | cvae_jax img/s | compile s | bound img/s | fraction | tf.data loop img/s | "
-        "ratio | PyTorch loop img/s | ratio |")
-  print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-  for arch, r in result["archs"].items():
-    torch_row = r.get("pytorch_loop")
-    print(f"| {arch} | {r['cvae_jax']['flops_per_image'] / 1e6:.2f} | {r['cvae_jax']['images_per_s']:,.0f} | "
-          f"{r['cvae_jax']['compile_s']:.2f} | {r['bound_images_per_s']:,.0f} | {r['fraction_of_bound']:.2f} | "
-          f"{r['tf_data_loop']['images_per_s']:,.0f} | {r['vs_tf_data_loop']:.2f} | "
-          + (f"{torch_row['images_per_s']:,.0f} | {r['vs_pytorch_loop']:.2f} |" if torch_row else "n/a | |"))
+  ds = load_dataset(args.data)
+  if args.save_data:
+    save_dataset(ds, args.save_data)
+    return
+  result = {"device": jax.devices()[0].device_kind, "backend": jax.default_backend(), "jax": jax.__version__,
+            "cpu": platform.processor(), "matmul_gflops_large": matmul_rate([(2048, 2048, 2048)], iters=10),
+            "rows": [], "variants": []}
+  for b in args.batch_size:
+    rate = matmul_rate([(b, 784, 500), (b, 500, 784), (b, 500, 40)])
+    for arch in args.arch:
+      for kind in args.kind:
+        cfg = config(arch, kind, b)
+        hlo = f"{args.hlo_dir}/mlp_epoch_batch{b}.txt" if args.hlo_dir and arch == "mlp" and kind == "vae" else None
+        project, info = project_loop(cfg, ds, hlo)
+        loops = {"cvae_jax": project}
+        torch_info = None
+        if not args.no_baselines:
+          loops["step_loop"] = step_loop(cfg, ds)
+          made = torch_loop(ds, b) if arch == "mlp" and kind == "vae" else None
+          if made:
+            loops["pytorch_loop"], torch_info = made
+        sweep = args.sweep_runs and arch == args.arch[0] and kind == args.kind[0]
+        if sweep:
+          loops["batched_sweep"] = batched_loop(cfg, ds, args.sweep_runs)
+          loops["separate_runs"] = separate_loop(cfg, ds, args.sweep_runs)
+        timed = interleaved(loops, args.epochs)
+        row = {"arch": arch, "kind": kind, "batch_size": b, "matmul_gflops": rate, "cvae_jax": timed["cvae_jax"] | info}
+        row["bound_images_per_s"] = rate * 1e9 / info["flops_per_image"]
+        row["fraction_of_bound"] = timed["cvae_jax"]["images_per_s"] / row["bound_images_per_s"]
+        if "step_loop" in timed:
+          row["step_loop"] = timed["step_loop"] | {"feeder": feeder()}
+          row["vs_step_loop"] = timed["cvae_jax"]["images_per_s"] / timed["step_loop"]["images_per_s"]
+        if "pytorch_loop" in timed:
+          row["pytorch_loop"] = timed["pytorch_loop"] | torch_info
+          row["vs_pytorch_loop"] = timed["cvae_jax"]["images_per_s"] / timed["pytorch_loop"]["images_per_s"]
+        if sweep:
+          row["batched_sweep"] = timed["batched_sweep"] | {"runs": args.sweep_runs}
+          row["separate_runs"] = timed["separate_runs"]
+          row["batched_vs_separate"] = timed["batched_sweep"]["images_per_s"] / timed["separate_runs"]["images_per_s"]
+        result["rows"].append(row)
+        print(json.dumps(row), flush=True)
+    for unroll in args.unroll:
+      for flat in ([False, True] if args.flat_optimizer else [False]):
+        cfg = config("mlp", "vae", b, unroll, flat)
+        project, info = project_loop(cfg, ds)
+        loops = {"cvae_jax": project}
+        if args.sweep_runs:
+          loops["batched_sweep"] = batched_loop(cfg, ds, args.sweep_runs)
+          loops["separate_runs"] = separate_loop(cfg, ds, args.sweep_runs)
+        timed = interleaved(loops, args.epochs)
+        variant = {"batch_size": b, "unroll": unroll, "flat_optimizer": flat} | timed["cvae_jax"] | info
+        if args.sweep_runs:
+          variant["batched_sweep"] = timed["batched_sweep"] | {"runs": args.sweep_runs}
+          variant["separate_runs"] = timed["separate_runs"]
+        result["variants"].append(variant)
+        print(json.dumps(variant), flush=True)
   if args.iwae_images:
-    result["iwae"] = bench_iwae(config("mlp", "vae", b), ds, args.iwae_images, 5000,
-                                [(100, 500), (100, 100), (20, 250), (10, 100)])
-    print(f"\nk=5000 importance-weighted bound, Flax example's MLP, {args.iwae_images} test images "
-          f"(matmul rate for large matrices {large:.1f} GFLOP/s):")
-    print("| batch | sample chunk | s | s for 10,000 images | decoder passes/s | MFLOP/pass | GFLOP/s | fraction of large-matmul rate |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-    for r in result["iwae"]:
-      print(f"| {r['batch_size']} | {r['sample_chunk']} | {r['seconds']:.1f} | {r['seconds_for_10000_images']:.0f} | "
-            f"{r['passes_per_s']:,.0f} | {r['flops_per_pass'] / 1e6:.3f} | {r['gflops']:.1f} | {r['gflops'] / large:.2f} |")
-  for arch, r in result["archs"].items():
-    if "batched_sweep" in r:
-      print(f"\n{arch}: batched sweep of {r['batched_sweep']['runs']} models: "
-            f"{r['batched_sweep']['images_per_s']:,.0f} img/s over all models vs {r['cvae_jax']['images_per_s']:,.0f} "
-            f"for separate runs one after another: {r['batched_vs_separate']:.2f}x")
+    chunks = [tuple(int(v) for v in c.split("x")) for c in args.iwae_chunks]
+    result["iwae_images"] = args.iwae_images
+    result["iwae"] = bench_iwae(config("mlp", "vae", 128), ds, args.iwae_images, 5000, chunks)
+  print()
+  print_tables(result)
   if args.out:
-    with open(args.out, "w") as f:
-      json.dump(result, f, indent=2)
+    Path(args.out).write_text(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

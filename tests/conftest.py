@@ -4,11 +4,16 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
 from cvae_jax.config import Config, DataConfig, Pixels
 from cvae_jax.data import Dataset, DatasetSpec, Split
+
+# Closed forms are checked to float32 precision: GPUs would otherwise run float32 matmuls as TF32
+# (JAX's default there), about 1e-3 relative. No effect on CPU.
+jax.config.update("jax_default_matmul_precision", "highest")
 
 REPO = Path(__file__).resolve().parents[1]
 
