@@ -14,8 +14,11 @@ import jax.numpy as jnp
 from cvae_jax.config import Likelihood
 
 
-def _sum_except_batch(x: jax.Array) -> jax.Array:
-  return x.reshape(x.shape[0], -1).sum(axis=-1)
+def _flat(*arrays: jax.Array) -> tuple[jax.Array, ...]:
+  """[B, ...] -> [B, D] each, before the elementwise terms: XLA:CPU runs elementwise work on image
+  shapes [B, H, W, 1] (a minor dimension of 1) about half as fast as on [B, D] (the k=5000 bound spent
+  half its time there)."""
+  return tuple(a.reshape(a.shape[0], -1) for a in arrays)
 
 
 def bernoulli_log_prob(x: jax.Array, logits: jax.Array) -> jax.Array:
@@ -26,7 +29,8 @@ def bernoulli_log_prob(x: jax.Array, logits: jax.Array) -> jax.Array:
   PyTorch examples, which is NOT a normalized density on [0, 1]: its "ELBO" is not a bound on
   log p(x) and is not comparable with published NLLs. Use the continuous Bernoulli for that.
   """
-  return _sum_except_batch(x * logits - jax.nn.softplus(logits))
+  x, logits = _flat(x, logits)
+  return jnp.sum(x * logits - jax.nn.softplus(logits), axis=-1)
 
 
 def continuous_bernoulli_log_norm(logits: jax.Array) -> jax.Array:
@@ -47,7 +51,8 @@ def continuous_bernoulli_log_norm(logits: jax.Array) -> jax.Array:
 
 def continuous_bernoulli_log_prob(x: jax.Array, logits: jax.Array) -> jax.Array:
   """log p(x | lambda) = log C(lambda) + x log lambda + (1 - x) log(1 - lambda), x in [0, 1].  [B]"""
-  return _sum_except_batch(x * logits - jax.nn.softplus(logits) + continuous_bernoulli_log_norm(logits))
+  x, logits = _flat(x, logits)
+  return jnp.sum(x * logits - jax.nn.softplus(logits) + continuous_bernoulli_log_norm(logits), axis=-1)
 
 
 def continuous_bernoulli_mean(logits: jax.Array) -> jax.Array:
@@ -69,8 +74,8 @@ def gaussian_mean_scale(outputs: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 def gaussian_log_prob(x: jax.Array, outputs: jax.Array) -> jax.Array:
   """log N(x | mean, sigma^2) summed over dimensions, mean and sigma from the decoder outputs.  [B]"""
-  mean, sigma = gaussian_mean_scale(outputs)
-  return _sum_except_batch(-0.5 * jnp.square((x - mean) / sigma) - jnp.log(sigma) - 0.5 * math.log(2 * math.pi))
+  x, mean, sigma = _flat(x, *gaussian_mean_scale(outputs))
+  return jnp.sum(-0.5 * jnp.square((x - mean) / sigma) - jnp.log(sigma) - 0.5 * math.log(2 * math.pi), axis=-1)
 
 
 def categorical_log_prob(x: jax.Array, logits: jax.Array) -> jax.Array:

@@ -16,8 +16,8 @@ For each architecture, kind and batch size it measures, on statically binarized 
     jitted, one Python call per step (fed from NumPy where TensorFlow is not installed);
   - a PyTorch loop of the same MLP, if PyTorch happens to be installed (never a dependency), on the GPU
     when JAX runs on one;
-  - the machine's float32 matmul rate at the model's shapes and for large matrices, and from it the
-    throughput bound (rate / FLOPs per image) and the fraction of it reached.
+  - the machine's float32 matmul rate at the MLP's shapes (timed between the epochs, with them) and for
+    large matrices, and from it the throughput bound (rate / FLOPs per image) and the fraction reached.
 The loops of a row (and the batched sweep against the same runs one after another) run round-robin, one
 epoch of each in turn, so that drift in the machine's speed slows all of them alike.
 Prints markdown tables and writes JSON (--out). Machines without TensorFlow Datasets (a bare GPU box) can
@@ -94,6 +94,30 @@ def matmul_rate(shapes, iters: int = 200) -> float:
     run(a, w).block_until_ready()
     rates.append(2 * m * k * n * iters / (time.perf_counter() - t) / 1e9)
   return float(statistics.median(rates))
+
+
+def matmul_loop(shapes, iters: int = 200):
+  """The model's matmul shapes [m, k] x [k, n], chained as in matmul_rate; run_epoch returns the FLOPs
+  done, so that `interleaved` reports FLOP/s measured between the epochs it sets them against."""
+  runs = []
+  for m, k, n in shapes:
+    a = jnp.ones((m, k), jnp.float32) * 0.01
+    w = jnp.ones((k, n), jnp.float32) * 0.01
+
+    def run(a, w):
+      def body(acc, _):
+        return acc + jnp.dot(a + acc[:1, :1], w)[:1, :1], None
+      return jax.lax.scan(body, jnp.zeros((1, 1)), None, length=iters)[0]
+
+    runs.append((jax.jit(run), a, w))
+  flops = sum(2 * m * k * n * iters for m, k, n in shapes)
+
+  def run_epoch(e):
+    for run, a, w in runs:
+      run(a, w).block_until_ready()
+    return flops
+
+  return run_epoch
 
 
 def xla_flops(jitted, *args) -> float:
@@ -371,7 +395,7 @@ def main(argv=None) -> None:
             "cpu": platform.processor(), "matmul_gflops_large": matmul_rate([(2048, 2048, 2048)], iters=10),
             "rows": [], "variants": []}
   for b in args.batch_size:
-    rate = matmul_rate([(b, 784, 500), (b, 500, 784), (b, 500, 40)])
+    shapes = [(b, 784, 500), (b, 500, 784), (b, 500, 40)]  # the MLP's; the bound for every row
     for arch in args.arch:
       for kind in args.kind:
         cfg = config(arch, kind, b)
@@ -388,7 +412,9 @@ def main(argv=None) -> None:
         if sweep:
           loops["batched_sweep"] = batched_loop(cfg, ds, args.sweep_runs)
           loops["separate_runs"] = separate_loop(cfg, ds, args.sweep_runs)
+        loops["matmul"] = matmul_loop(shapes)
         timed = interleaved(loops, args.epochs)
+        rate = timed.pop("matmul")["images_per_s"] / 1e9  # its work is counted in FLOPs: GFLOP/s
         row = {"arch": arch, "kind": kind, "batch_size": b, "matmul_gflops": rate, "cvae_jax": timed["cvae_jax"] | info}
         row["bound_images_per_s"] = rate * 1e9 / info["flops_per_image"]
         row["fraction_of_bound"] = timed["cvae_jax"]["images_per_s"] / row["bound_images_per_s"]
