@@ -77,28 +77,17 @@ def save_dataset(ds: Dataset, path: str) -> None:
 
 
 def matmul_rate(shapes, iters: int = 200) -> float:
-  """GFLOP/s of float32 matmuls [m, k] x [k, n], chained so XLA cannot skip any."""
-  rates = []
-  for m, k, n in shapes:
-    a = jnp.ones((m, k), jnp.float32) * 0.01
-    w = jnp.ones((k, n), jnp.float32) * 0.01
-
-    @jax.jit
-    def run(a, w):
-      def body(acc, _):
-        return acc + jnp.dot(a + acc[:1, :1], w)[:1, :1], None
-      return jax.lax.scan(body, jnp.zeros((1, 1)), None, length=iters)[0]
-
-    run(a, w).block_until_ready()
-    t = time.perf_counter()
-    run(a, w).block_until_ready()
-    rates.append(2 * m * k * n * iters / (time.perf_counter() - t) / 1e9)
-  return float(statistics.median(rates))
+  """GFLOP/s of float32 matmuls [m, k] x [k, n] (matmul_loop), one timed pass after a warm-up."""
+  run = matmul_loop(shapes, iters)
+  run(0)
+  t = time.perf_counter()
+  flops = run(1)
+  return flops / (time.perf_counter() - t) / 1e9
 
 
 def matmul_loop(shapes, iters: int = 200):
-  """The model's matmul shapes [m, k] x [k, n], chained as in matmul_rate; run_epoch returns the FLOPs
-  done, so that `interleaved` reports FLOP/s measured between the epochs it sets them against."""
+  """float32 matmuls [m, k] x [k, n], each chained `iters` times so XLA cannot skip any; run_epoch returns
+  the FLOPs done, so that `interleaved` reports FLOP/s measured between the epochs it sets them against."""
   runs = []
   for m, k, n in shapes:
     a = jnp.ones((m, k), jnp.float32) * 0.01
