@@ -3,8 +3,9 @@
 `train_batched(cfgs, workdirs)` stacks the runs' train states on a leading axis and trains them with one
 jitted epoch over the shared data (vmapped over the runs; a lax.map on CPU: training.over_runs). Every
 run still gets its own run directory, metrics, checkpoints, figures, eval.json and results.json, equal
-(within float tolerance: vmapped matmuls may round differently) to training it alone with `train_and_evaluate`. Runs already finished are skipped;
-runs resumed from different steps fall back to training one after another.
+(within float tolerance: vmapped matmuls may round differently) to training it alone with
+`train_and_evaluate`. Runs already finished are skipped; runs resumed from different steps fall back to
+training one after another.
 The Hydra launcher `hydra/launcher=batched` (hydra_plugins/cvae_jax_batched) groups a sweep's jobs
 with this module's `group_key`.
 """

@@ -26,6 +26,7 @@ read the data from a file written beforehand with --save-data (--data FILE).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import platform
 import statistics
@@ -124,6 +125,10 @@ def step_flops(cfg, model, spec, state, images, labels) -> float:
   return xla_flops(step, state, images[:b], labels[:b]) / b
 
 
+def images_per_epoch(cfg, ds) -> int:
+  return (len(ds.train) // cfg.training.batch_size) * cfg.training.batch_size  # the last partial batch dropped
+
+
 def project_loop(cfg, ds, hlo_path: str | None = None):
   """cvae_jax's compiled epoch: (run_epoch(e) -> images, info). With several runs (a batched sweep),
   see batched_loop."""
@@ -134,66 +139,62 @@ def project_loop(cfg, ds, hlo_path: str | None = None):
   info = {"flops_per_image": step_flops(cfg, model, ds.spec, state, images, labels), "step_loop": uses_step_loop(cfg)}
   if hlo_path and not uses_step_loop(cfg):
     Path(hlo_path).write_text(epoch_fn.lower(state, images, labels, 0).compile().as_text())
-  n = (len(ds.train) // cfg.training.batch_size) * cfg.training.batch_size
+  n = images_per_epoch(cfg, ds)
 
   def run_epoch(e):
     nonlocal state
     state, metrics = epoch_fn(state, images, labels, e)
     jax.block_until_ready(metrics)
-    info["final_loss"] = float(np.mean(jax.device_get(metrics["loss"])))
     return n
 
   return run_epoch, info
 
 
-def batched_loop(cfg, ds, runs: int):
-  """A batched sweep: `runs` models (seeds 0.., betas 1..) as one program (training.over_runs)."""
-  from cvae_jax.batched import stack, stack_states
+def sweep_runs(cfg, ds, runs: int):
+  """The `runs` models of a sweep (seeds 0.., betas 1..): their train states and RunHypers, and the model."""
   from cvae_jax.training import run_hyper
   model = create_model(cfg.model, ds.spec, cfg.objective.likelihood)
-  configs = run_configs(cfg, runs)
-  states = stack_states([create_train_state(c, model, ds.spec) for c in configs])
-  hypers = stack([run_hyper(c) for c in configs])
+  states, hypers = [], []
+  for r in range(runs):
+    c = config(cfg.model.arch, cfg.model.kind, cfg.training.batch_size, cfg.training.scan_unroll, cfg.optimizer.flatten)
+    c.model, c.seed, c.objective.beta = cfg.model, r, 1.0 + r
+    states.append(create_train_state(c, model, ds.spec))
+    hypers.append(run_hyper(c))
+  return model, states, hypers
+
+
+def batched_loop(cfg, ds, runs: int):
+  """A batched sweep: the runs as one program (training.over_runs)."""
+  from cvae_jax.batched import stack, stack_states
+  model, states, hypers = sweep_runs(cfg, ds, runs)
+  states, hypers = stack_states(states), stack(hypers)
   images, labels = jax.device_put(ds.train.images), jax.device_put(ds.train.labels)
   epoch_fn = make_train_epoch(cfg, model, ds.spec, len(ds.train), batched=True)
-  n = (len(ds.train) // cfg.training.batch_size) * cfg.training.batch_size
+  n = runs * images_per_epoch(cfg, ds)
 
   def run_epoch(e):
     nonlocal states
     states, metrics = epoch_fn(states, images, labels, e, hypers)
     jax.block_until_ready(metrics)
-    return runs * n
+    return n
 
   return run_epoch
 
 
 def separate_loop(cfg, ds, runs: int):
-  """The same `runs` models trained one after another, as separate runs (one compiled epoch, reused)."""
-  from cvae_jax.training import run_hyper
-  model = create_model(cfg.model, ds.spec, cfg.objective.likelihood)
-  configs = run_configs(cfg, runs)
-  states = [create_train_state(c, model, ds.spec) for c in configs]
-  hypers = [run_hyper(c) for c in configs]
+  """The same runs trained one after another, as separate runs (one compiled epoch, reused)."""
+  model, states, hypers = sweep_runs(cfg, ds, runs)
   images, labels = jax.device_put(ds.train.images), jax.device_put(ds.train.labels)
   epoch_fn = make_train_epoch(cfg, model, ds.spec, len(ds.train))
-  n = (len(ds.train) // cfg.training.batch_size) * cfg.training.batch_size
+  n = runs * images_per_epoch(cfg, ds)
 
   def run_epoch(e):
     for r in range(runs):
       states[r], metrics = epoch_fn(states[r], images, labels, e, hypers[r])
       jax.block_until_ready(metrics)
-    return runs * n
+    return n
 
   return run_epoch
-
-
-def run_configs(cfg, runs: int) -> list[Config]:
-  configs = []
-  for r in range(runs):
-    c = config(cfg.model.arch, cfg.model.kind, cfg.training.batch_size, cfg.training.scan_unroll, cfg.optimizer.flatten)
-    c.model, c.seed, c.objective.beta = cfg.model, r, 1.0 + r
-    configs.append(c)
-  return configs
 
 
 def interleaved(loops: dict, epochs: int) -> dict:
@@ -235,16 +236,19 @@ def bench_iwae(cfg, ds, images: int, k: int, chunks) -> list[dict]:
   return out
 
 
+def has_tensorflow() -> bool:
+  return importlib.util.find_spec("tensorflow") is not None
+
+
 def minibatches(ds, batch_size: int, epoch: int):
   """The conventional input pipeline: tf.data (shuffle, batch, prefetch), or NumPy without TensorFlow."""
-  try:
-    import tensorflow as tf
-  except ImportError:
+  if not has_tensorflow():
     order = np.random.default_rng(epoch).permutation(len(ds.train))
     for i in range(0, len(order) - batch_size + 1, batch_size):
       idx = order[i:i + batch_size]
       yield ds.train.images[idx], ds.train.labels[idx]
     return
+  import tensorflow as tf
   pipeline = (tf.data.Dataset.from_tensor_slices((ds.train.images, ds.train.labels))
               .shuffle(len(ds.train), seed=epoch).batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE))
   yield from pipeline.as_numpy_iterator()
@@ -266,14 +270,6 @@ def step_loop(cfg, ds):
     return n
 
   return run_epoch
-
-
-def feeder() -> str:
-  try:
-    import tensorflow  # noqa: F401
-    return "tf.data"
-  except ImportError:
-    return "numpy"
 
 
 def torch_loop(ds, batch_size: int):
@@ -408,7 +404,7 @@ def main(argv=None) -> None:
         row["bound_images_per_s"] = rate * 1e9 / info["flops_per_image"]
         row["fraction_of_bound"] = timed["cvae_jax"]["images_per_s"] / row["bound_images_per_s"]
         if "step_loop" in timed:
-          row["step_loop"] = timed["step_loop"] | {"feeder": feeder()}
+          row["step_loop"] = timed["step_loop"] | {"feeder": "tf.data" if has_tensorflow() else "numpy"}
           row["vs_step_loop"] = timed["cvae_jax"]["images_per_s"] / timed["step_loop"]["images_per_s"]
         if "pytorch_loop" in timed:
           row["pytorch_loop"] = timed["pytorch_loop"] | torch_info
