@@ -17,7 +17,11 @@ For each architecture, kind and batch size it measures, on statically binarized 
   - a PyTorch loop of the same MLP, if PyTorch happens to be installed (never a dependency), on the GPU
     when JAX runs on one;
   - the machine's float32 matmul rate at the MLP's shapes (timed between the epochs, with them) and for
-    large matrices, and from it the throughput bound (rate / FLOPs per image) and the fraction reached.
+    large matrices, and from it the throughput bound (rate / FLOPs per image) and the fraction reached;
+  - each model's own bound: the train step's own matmuls and convolutions (forward and backward, at their
+    shapes and layouts, from its jaxpr) run alone, as images/s, and the fraction of it reached. For the
+    conv models this is the honest bound: their dense layer's shapes and their convolutions run at a
+    fraction of the rate the MLP's shapes reach.
 The loops of a row (and the batched sweep against the same runs one after another) run round-robin, one
 epoch of each in turn, so that drift in the machine's speed slows all of them alike.
 Prints markdown tables and writes JSON (--out). Machines without TensorFlow Datasets (a bare GPU box) can
@@ -125,13 +129,62 @@ def step_flops(cfg, model, spec, state, images, labels) -> float:
   return xla_flops(step, state, images[:b], labels[:b]) / b
 
 
+def step_ops(cfg, model, spec, state, images, labels) -> list:
+  """The train step's matmuls and convolutions, forward and backward, as XLA is handed them: (primitive,
+  params, operand avals) of each dot_general and conv_general_dilated in the step's jaxpr."""
+  b = cfg.training.batch_size
+  step = make_train_step(cfg, model, spec, len(images) // b)
+  ops = []
+
+  def walk(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name in ("dot_general", "conv_general_dilated"):
+        ops.append((eqn.primitive, eqn.params, [v.aval for v in eqn.invars]))
+      for param in eqn.params.values():
+        for sub in param if isinstance(param, (tuple, list)) else [param]:
+          if isinstance(sub, (jax.extend.core.ClosedJaxpr, jax.extend.core.Jaxpr)):
+            walk(getattr(sub, "jaxpr", sub))
+
+  walk(jax.make_jaxpr(step)(state, images[:b], labels[:b]).jaxpr)
+  return ops
+
+
+def step_ops_loop(cfg, model, spec, state, images, labels, copies: int = 8, steps: int = 48):
+  """The step's own matmuls and convolutions alone (step_ops, at their shapes and layouts; one program that
+  runs them for `copies` steps' worth of distinct operands, so dispatch is amortized): run_epoch(e) ->
+  images whose matmul and conv work it did. Timed by `interleaved`, that is the model's own bound in
+  images/s: what the step would reach if everything but its matmuls and convolutions were free."""
+  ops = step_ops(cfg, model, spec, state, images, labels)
+  key = jax.random.key(0)
+  operands = [[jax.random.normal(jax.random.fold_in(key, 1000 * c + i), a.shape, a.dtype) * 0.01
+               for i, (_, _, avals) in enumerate(ops) for a in avals] for c in range(copies)]
+  arity = [len(avals) for _, _, avals in ops]
+
+  @jax.jit
+  def run(operands):
+    outs = []
+    for args in operands:
+      it = iter(args)
+      outs += [prim.bind(*[next(it) for _ in range(n)], **params) for (prim, params, _), n in zip(ops, arity)]
+    return outs
+
+  reps = max(1, steps // copies)
+
+  def run_epoch(e):
+    for _ in range(reps):
+      jax.block_until_ready(run(operands))
+    return reps * copies * cfg.training.batch_size
+
+  return run_epoch
+
+
 def images_per_epoch(cfg, ds) -> int:
   return (len(ds.train) // cfg.training.batch_size) * cfg.training.batch_size  # the last partial batch dropped
 
 
 def project_loop(cfg, ds, hlo_path: str | None = None):
-  """cvae_jax's compiled epoch: (run_epoch(e) -> images, info). With several runs (a batched sweep),
-  see batched_loop."""
+  """cvae_jax's compiled epoch: (run_epoch(e) -> images, info, the step's own matmuls and convolutions
+  as a loop, see step_ops_loop). With several runs (a batched sweep), see batched_loop."""
   model = create_model(cfg.model, ds.spec, cfg.objective.likelihood)
   state = create_train_state(cfg, model, ds.spec)
   images, labels = jax.device_put(ds.train.images), jax.device_put(ds.train.labels)
@@ -140,6 +193,7 @@ def project_loop(cfg, ds, hlo_path: str | None = None):
   if hlo_path and not uses_step_loop(cfg):
     Path(hlo_path).write_text(epoch_fn.lower(state, images, labels, 0).compile().as_text())
   n = images_per_epoch(cfg, ds)
+  ops_epoch = step_ops_loop(cfg, model, ds.spec, state, images, labels)
 
   def run_epoch(e):
     nonlocal state
@@ -147,7 +201,7 @@ def project_loop(cfg, ds, hlo_path: str | None = None):
     jax.block_until_ready(metrics)
     return n
 
-  return run_epoch, info
+  return run_epoch, info, ops_epoch
 
 
 def sweep_runs(cfg, ds, runs: int):
@@ -312,14 +366,16 @@ def torch_loop(ds, batch_size: int):
 def print_tables(result: dict) -> None:
   print(f"device: {result['device']} ({result['backend']}), jax {result['jax']}; large matmuls "
         f"{result['matmul_gflops_large']:.1f} GFLOP/s\n")
-  print("| arch | kind | batch | MFLOP/image | cvae_jax img/s | compile s | matmul GFLOP/s at these shapes | "
-        "bound img/s | fraction | per-step loop img/s | ratio | PyTorch loop img/s | ratio |")
-  print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+  print("| arch | kind | batch | MFLOP/image | cvae_jax img/s | compile s | matmul GFLOP/s at the MLP's shapes | "
+        "bound img/s | fraction | own-ops bound img/s | fraction | per-step loop img/s | ratio | "
+        "PyTorch loop img/s | ratio |")
+  print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
   for r in result["rows"]:
     p, loop, torch_row = r["cvae_jax"], r.get("step_loop"), r.get("pytorch_loop")
     print(f"| {r['arch']} | {r['kind']} | {r['batch_size']} | {p['flops_per_image'] / 1e6:.2f} | "
           f"{p['images_per_s']:,.0f} | {p['compile_s']:.2f} | {r['matmul_gflops']:.1f} | "
           f"{r['bound_images_per_s']:,.0f} | {r['fraction_of_bound']:.2f} | "
+          f"{r['own_ops_images_per_s']:,.0f} | {r['fraction_of_own_ops']:.2f} | "
           + (f"{loop['images_per_s']:,.0f} ({loop['feeder']}) | {r['vs_step_loop']:.2f} | " if loop else "n/a | | ")
           + (f"{torch_row['images_per_s']:,.0f} ({torch_row['device']}) | {r['vs_pytorch_loop']:.2f} |"
              if torch_row else "n/a | |"))
@@ -385,8 +441,8 @@ def main(argv=None) -> None:
       for kind in args.kind:
         cfg = config(arch, kind, b)
         hlo = f"{args.hlo_dir}/mlp_epoch_batch{b}.txt" if args.hlo_dir and arch == "mlp" and kind == "vae" else None
-        project, info = project_loop(cfg, ds, hlo)
-        loops = {"cvae_jax": project}
+        project, info, own_ops = project_loop(cfg, ds, hlo)
+        loops = {"cvae_jax": project, "own_ops": own_ops}
         torch_info = None
         if not args.no_baselines:
           loops["step_loop"] = step_loop(cfg, ds)
@@ -403,6 +459,8 @@ def main(argv=None) -> None:
         row = {"arch": arch, "kind": kind, "batch_size": b, "matmul_gflops": rate, "cvae_jax": timed["cvae_jax"] | info}
         row["bound_images_per_s"] = rate * 1e9 / info["flops_per_image"]
         row["fraction_of_bound"] = timed["cvae_jax"]["images_per_s"] / row["bound_images_per_s"]
+        row["own_ops_images_per_s"] = timed["own_ops"]["images_per_s"]
+        row["fraction_of_own_ops"] = timed["cvae_jax"]["images_per_s"] / row["own_ops_images_per_s"]
         if "step_loop" in timed:
           row["step_loop"] = timed["step_loop"] | {"feeder": "tf.data" if has_tensorflow() else "numpy"}
           row["vs_step_loop"] = timed["cvae_jax"]["images_per_s"] / timed["step_loop"]["images_per_s"]
@@ -418,7 +476,7 @@ def main(argv=None) -> None:
     for unroll in args.unroll:
       for flat in ([False, True] if args.flat_optimizer else [False]):
         cfg = config("mlp", "vae", b, unroll, flat)
-        project, info = project_loop(cfg, ds)
+        project, info, _ = project_loop(cfg, ds)
         loops = {"cvae_jax": project}
         if args.sweep_runs:
           loops["batched_sweep"] = batched_loop(cfg, ds, args.sweep_runs)
