@@ -38,6 +38,7 @@ import time
 from pathlib import Path
 
 import jax
+import jax.extend.core  # the jaxpr types step_ops walks
 import jax.numpy as jnp
 import numpy as np
 
