@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import tempfile
+import zipfile
 from pathlib import Path
 from typing import Optional
 
@@ -146,7 +148,6 @@ def prepare(cfg: DataConfig):
   if folder is None and not cfg.download:
     raise DataError(f"Dataset {cfg.name!r} is not prepared in {builder.data_dir} and no manual files "
                     "were found. " + _missing_help(cfg.name, looked))
-  import tempfile
   # A fresh extraction folder per dataset: TFDS names extracted files after the archive alone
   # (GZIP.t10k-images-idx3-ubyte.gz), so with a shared one fashion_mnist is prepared from MNIST's
   # extracted files when MNIST was prepared first.
@@ -162,14 +163,52 @@ def prepare(cfg: DataConfig):
 
 
 def _read_split(builder, split: str) -> Split:
+  """A split as arrays. TFDS decodes every image of it (6.5 s for MNIST's 70,000 on 2 cores), and each run
+  of a sweep would pay that again, so the arrays are kept beside the prepared dataset, one uncompressed
+  .npz per split (0.1 s to read), and a copy that is unreadable or of another size is rewritten."""
   import tensorflow_datasets as tfds
   if split not in builder.info.splits:
     raise DataError(f"Dataset {builder.name!r} has no {split!r} split (it has {list(builder.info.splits)}).")
+  cached = _read_cached_split(split_cache(builder, split), builder.info.splits[split].num_examples)
+  if cached is not None:
+    return cached
   arrays = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))
   images = np.asarray(arrays["image"])
   if images.dtype != np.uint8:
     raise DataError(f"Dataset {builder.name!r} images are {images.dtype}; expected uint8 pixels.")
-  return Split(images=images, labels=np.asarray(arrays["label"], dtype=np.int32))
+  result = Split(images=images, labels=np.asarray(arrays["label"], dtype=np.int32))
+  _write_cached_split(split_cache(builder, split), result)
+  return result
+
+
+def split_cache(builder, split: str) -> Path:
+  return Path(builder.data_dir) / f"cvae_jax_{split}.npz"
+
+
+def _read_cached_split(path: Path, num_examples: int) -> Optional[Split]:
+  try:
+    with np.load(path) as arrays:
+      images, labels = arrays["images"], arrays["labels"]
+  except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):  # absent, truncated or not ours
+    return None
+  if len(images) != num_examples or len(labels) != num_examples or images.dtype != np.uint8:
+    return None
+  return Split(images=images, labels=labels.astype(np.int32))
+
+
+def _write_cached_split(path: Path, split: Split) -> None:
+  """Written to a temporary name and renamed, so a reader never sees half a file; a data_dir that cannot
+  be written (read-only, remote) only means no cache."""
+  temporary = None
+  try:
+    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=path.stem, suffix=".tmp", delete=False) as f:
+      temporary = Path(f.name)
+      np.savez(f, images=split.images, labels=split.labels)
+    temporary.chmod(0o644)  # NamedTemporaryFile makes it private; the dataset's other files are not
+    os.replace(temporary, path)
+  except OSError:
+    if temporary is not None:
+      temporary.unlink(missing_ok=True)
 
 
 def load_ecg5000(cfg: DataConfig) -> tuple[Split, Split, DatasetSpec]:

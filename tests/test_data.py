@@ -19,6 +19,24 @@ def test_mnist_loads_from_the_vendored_files(mnist):
   assert mnist.train.images.mean() == pytest.approx(33.318, abs=1e-3)
 
 
+
+def test_decoded_splits_are_kept_beside_the_dataset_and_a_bad_copy_is_rewritten(mnist):
+  builder = data.prepare(DataConfig(name="mnist"))
+  path = data.split_cache(builder, "test")
+  assert path.parent == Path(builder.data_dir)
+  for bad in (b"PK\x03\x04 cut short", None):  # a truncated file, then one of another size
+    if bad is None:
+      np.savez(path, images=mnist.test.images[:10], labels=mnist.test.labels[:10])
+    else:
+      path.write_bytes(bad)
+    again = data.load(DataConfig(name="mnist"))
+    assert np.array_equal(again.test.images, mnist.test.images) and np.array_equal(again.test.labels, mnist.test.labels)
+    with np.load(path) as kept:  # rewritten whole
+      assert np.array_equal(kept["images"], mnist.test.images) and np.array_equal(kept["labels"], mnist.test.labels)
+  assert not list(path.parent.glob("*.tmp"))
+  assert np.array_equal(data.load(DataConfig(name="mnist")).train.images, mnist.train.images)  # read back as decoded
+
+
 def test_static_binarization_is_one_fixed_sample(mnist):
   images = mnist.test.images[:500]
   a, b = data.static_binarize(images, seed=0), data.static_binarize(images, seed=0)
