@@ -169,7 +169,8 @@ def _read_split(builder, split: str) -> Split:
   import tensorflow_datasets as tfds
   if split not in builder.info.splits:
     raise DataError(f"Dataset {builder.name!r} has no {split!r} split (it has {list(builder.info.splits)}).")
-  cached = _read_cached_split(split_cache(builder, split), builder.info.splits[split].num_examples)
+  cache = split_cache(builder, split)
+  cached = _read_cached_split(cache, builder.info.splits[split].num_examples)
   if cached is not None:
     return cached
   arrays = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))
@@ -177,7 +178,7 @@ def _read_split(builder, split: str) -> Split:
   if images.dtype != np.uint8:
     raise DataError(f"Dataset {builder.name!r} images are {images.dtype}; expected uint8 pixels.")
   result = Split(images=images, labels=np.asarray(arrays["label"], dtype=np.int32))
-  _write_cached_split(split_cache(builder, split), result)
+  _write_cached_split(cache, result)
   return result
 
 

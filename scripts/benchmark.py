@@ -130,11 +130,13 @@ def step_flops(cfg, model, spec, state, images, labels) -> float:
   return xla_flops(step, state, images[:b], labels[:b]) / b
 
 
-def step_ops(cfg, model, spec, state, images, labels) -> list:
+def step_ops(cfg, ds) -> list:
   """The train step's matmuls and convolutions, forward and backward, as XLA is handed them: (primitive,
   params, operand avals) of each dot_general and conv_general_dilated in the step's jaxpr."""
   b = cfg.training.batch_size
-  step = make_train_step(cfg, model, spec, len(images) // b)
+  model = create_model(cfg.model, ds.spec, cfg.objective.likelihood)
+  state = create_train_state(cfg, model, ds.spec)
+  step = make_train_step(cfg, model, ds.spec, len(ds.train) // b)
   ops = []
 
   def walk(jaxpr):
@@ -146,20 +148,20 @@ def step_ops(cfg, model, spec, state, images, labels) -> list:
           if isinstance(sub, (jax.extend.core.ClosedJaxpr, jax.extend.core.Jaxpr)):
             walk(getattr(sub, "jaxpr", sub))
 
-  walk(jax.make_jaxpr(step)(state, images[:b], labels[:b]).jaxpr)
+  walk(jax.make_jaxpr(step)(state, ds.train.images[:b], ds.train.labels[:b]).jaxpr)
   return ops
 
 
-def step_ops_loop(cfg, model, spec, state, images, labels, copies: int = 8, steps: int = 48):
+def step_ops_loop(cfg, ds, copies: int = 8, steps: int = 48):
   """The step's own matmuls and convolutions alone (step_ops, at their shapes and layouts; one program that
   runs them for `copies` steps' worth of distinct operands, so dispatch is amortized): run_epoch(e) ->
   images whose matmul and conv work it did. Timed by `interleaved`, that is the model's own bound in
   images/s: what the step would reach if everything but its matmuls and convolutions were free."""
-  ops = step_ops(cfg, model, spec, state, images, labels)
-  key = jax.random.key(0)
-  operands = [[jax.random.normal(jax.random.fold_in(key, 1000 * c + i), a.shape, a.dtype) * 0.01
-               for i, (_, _, avals) in enumerate(ops) for a in avals] for c in range(copies)]
-  arity = [len(avals) for _, _, avals in ops]
+  ops = step_ops(cfg, ds)
+  avals = [a for _, _, op_avals in ops for a in op_avals]
+  keys = jax.random.split(jax.random.key(0), (copies, len(avals)))
+  operands = [[jax.random.normal(k, a.shape, a.dtype) * 0.01 for k, a in zip(row, avals)] for row in keys]
+  arity = [len(op_avals) for _, _, op_avals in ops]
 
   @jax.jit
   def run(operands):
@@ -184,8 +186,8 @@ def images_per_epoch(cfg, ds) -> int:
 
 
 def project_loop(cfg, ds, hlo_path: str | None = None):
-  """cvae_jax's compiled epoch: (run_epoch(e) -> images, info, the step's own matmuls and convolutions
-  as a loop, see step_ops_loop). With several runs (a batched sweep), see batched_loop."""
+  """cvae_jax's compiled epoch: (run_epoch(e) -> images, info). With several runs (a batched sweep),
+  see batched_loop."""
   model = create_model(cfg.model, ds.spec, cfg.objective.likelihood)
   state = create_train_state(cfg, model, ds.spec)
   images, labels = jax.device_put(ds.train.images), jax.device_put(ds.train.labels)
@@ -194,7 +196,6 @@ def project_loop(cfg, ds, hlo_path: str | None = None):
   if hlo_path and not uses_step_loop(cfg):
     Path(hlo_path).write_text(epoch_fn.lower(state, images, labels, 0).compile().as_text())
   n = images_per_epoch(cfg, ds)
-  ops_epoch = step_ops_loop(cfg, model, ds.spec, state, images, labels)
 
   def run_epoch(e):
     nonlocal state
@@ -202,7 +203,7 @@ def project_loop(cfg, ds, hlo_path: str | None = None):
     jax.block_until_ready(metrics)
     return n
 
-  return run_epoch, info, ops_epoch
+  return run_epoch, info
 
 
 def sweep_runs(cfg, ds, runs: int):
@@ -442,8 +443,8 @@ def main(argv=None) -> None:
       for kind in args.kind:
         cfg = config(arch, kind, b)
         hlo = f"{args.hlo_dir}/mlp_epoch_batch{b}.txt" if args.hlo_dir and arch == "mlp" and kind == "vae" else None
-        project, info, own_ops = project_loop(cfg, ds, hlo)
-        loops = {"cvae_jax": project, "own_ops": own_ops}
+        project, info = project_loop(cfg, ds, hlo)
+        loops = {"cvae_jax": project, "own_ops": step_ops_loop(cfg, ds)}
         torch_info = None
         if not args.no_baselines:
           loops["step_loop"] = step_loop(cfg, ds)
@@ -477,7 +478,7 @@ def main(argv=None) -> None:
     for unroll in args.unroll:
       for flat in ([False, True] if args.flat_optimizer else [False]):
         cfg = config("mlp", "vae", b, unroll, flat)
-        project, info, _ = project_loop(cfg, ds)
+        project, info = project_loop(cfg, ds)
         loops = {"cvae_jax": project}
         if args.sweep_runs:
           loops["batched_sweep"] = batched_loop(cfg, ds, args.sweep_runs)

@@ -19,7 +19,6 @@ def test_mnist_loads_from_the_vendored_files(mnist):
   assert mnist.train.images.mean() == pytest.approx(33.318, abs=1e-3)
 
 
-
 def test_decoded_splits_are_kept_beside_the_dataset_and_a_bad_copy_is_rewritten(mnist):
   builder = data.prepare(DataConfig(name="mnist"))
   path = data.split_cache(builder, "test")
