@@ -50,6 +50,26 @@ def small_config(**overrides) -> Config:
   return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.structured(cfg)))
 
 
+# Fashion-MNIST does not ship with the repository (MNIST does, in data/mnist/): the tests that need it are
+# marked `fashion_mnist` and skip unless its official files are found. CI runs them in a second step with
+# the files and CVAE_JAX_REQUIRE_FASHION_MNIST=1, which turns the skip into a failure.
+REQUIRE_FASHION_MNIST = "CVAE_JAX_REQUIRE_FASHION_MNIST"
+
+
+def require_fashion_mnist() -> Path:
+  """The folder holding Fashion-MNIST's four official .gz files; skips the calling test without them."""
+  from cvae_jax import data
+  folder, looked = data.find_manual_dir("fashion_mnist", None)
+  if folder is None:
+    reason = (f"Fashion-MNIST's official files are not in {' or '.join(map(str, looked))}: set "
+              f"{data.MANUAL_DIR_ENV} to a folder holding fashion_mnist/ with the four .gz files of "
+              "github.com/zalandoresearch/fashion-mnist to run this test")
+    if os.environ.get(REQUIRE_FASHION_MNIST):
+      pytest.fail(reason)
+    pytest.skip(reason)
+  return folder
+
+
 @pytest.fixture(scope="session")
 def mnist():
   from cvae_jax import data

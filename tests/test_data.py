@@ -1,5 +1,4 @@
 """TFDS loading from the official files, pixel modes, and the offline error."""
-import os
 from pathlib import Path
 
 import numpy as np
@@ -7,6 +6,7 @@ import pytest
 
 from cvae_jax import data
 from cvae_jax.config import DataConfig, Pixels
+from conftest import require_fashion_mnist
 
 MNIST_TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]  # data/mnist/README.md
 
@@ -65,11 +65,9 @@ def test_validation_split_and_limits():
   assert set(np.unique(ds.train.images)) <= {0, 1}
 
 
+@pytest.mark.fashion_mnist
 def test_fashion_mnist_through_the_manual_dir_setting(mnist):  # MNIST prepared first, in the same data_dir
-  if data.find_manual_dir("fashion_mnist", None)[0] is None:
-    if os.environ.get("CI"):
-      pytest.fail(f"CI must point {data.MANUAL_DIR_ENV} at a folder holding fashion_mnist/")
-    pytest.skip(f"set {data.MANUAL_DIR_ENV} to a folder holding fashion_mnist/ to run this test")
+  require_fashion_mnist()
   ds = data.load(DataConfig(name="fashion_mnist", test_limit=100))
   assert ds.spec.image_shape == (28, 28, 1) and ds.spec.class_names[0] == "T-shirt/top"
   assert len(ds.train) == 60000

@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 from cvae_jax import quadrants
 from cvae_jax.config import Config, Task, validate
 from cvae_jax.training import train_and_evaluate
-from conftest import REPO
+from conftest import REPO, require_fashion_mnist
 from test_config import compose_config
 
 # experiment -> its page under experiments/
@@ -23,8 +23,11 @@ def last_sweep_values(experiment: str) -> list[str]:
   return [f"{key}={str(values).split(',')[-1]}" for key, values in params.items()]
 
 
-@pytest.mark.parametrize("experiment", sorted(REPRODUCTIONS))
+@pytest.mark.parametrize("experiment", [pytest.param(e, marks=pytest.mark.fashion_mnist) if e.startswith("fashion")
+                                        else e for e in sorted(REPRODUCTIONS)])
 def test_reproduction_config_runs_a_few_steps(experiment, tmp_path):
+  if experiment.startswith("fashion"):
+    require_fashion_mnist()
   overrides = [f"+experiment={experiment}", *last_sweep_values(experiment), *SHRINK]
   cfg: Config = validate(OmegaConf.to_object(compose_config(overrides)))
   if Task(cfg.task) == Task.quadrants:
