@@ -14,11 +14,10 @@ import numpy as np  # noqa: E402
 from scipy.stats import norm  # noqa: E402
 
 from cvae_jax import generation  # noqa: E402
-from cvae_jax.config import Likelihood  # noqa: E402
-from cvae_jax.data import DatasetSpec, Split, model_input  # noqa: E402
-from cvae_jax.evaluation import one_hot_condition  # noqa: E402
+from cvae_jax.data import DatasetSpec, Modality, Split, model_input  # noqa: E402
+from cvae_jax.estimators import condition  # noqa: E402
+from cvae_jax.likelihoods import Likelihood  # noqa: E402
 from cvae_jax.models import VAE  # noqa: E402
-from cvae_jax.objectives import MEAN  # noqa: E402
 
 
 def tile(images: np.ndarray, rows: int, cols: int) -> np.ndarray:
@@ -35,14 +34,15 @@ def _show(ax, image):
 
 
 def _class_name(spec: DatasetSpec, k: int) -> str:
-  return spec.class_names[k] if spec.class_names else str(k)
+  return spec.condition_names[k] if spec.condition_names else str(k)
 
 
 def reconstruction_grid(path, model, params, spec, likelihood, split: Split, key, n: int = 10):
   """Top row: inputs as the model sees them; bottom row: the decoder's mean for their encoded mean."""
-  x = model_input(jnp.asarray(split.images[:n]), spec.pixels, key)
+  x = model_input(jnp.asarray(split.images[:n]), spec.encoding, key)
   labels = split.labels[:n]
-  recon = generation.decode_mean(model, params, generation.encode_mean(model, params, x, labels), labels, likelihood)
+  recon = generation.decode_mean(model, params, spec, generation.encode_mean(model, params, spec, x, labels), labels,
+                                 likelihood)
   fig, ax = plt.subplots(figsize=(n, 2.2))
   _show(ax, tile(np.concatenate([np.asarray(x), np.asarray(recon)]), 2, n))
   ax.set_title("inputs (top) and reconstructions (bottom)")
@@ -70,22 +70,22 @@ def grid_figure(path, images, title: str, row_labels=None, col_labels=None, cell
 
 def sample_grid(path, model, params, spec, likelihood, key, per_row: int = 10):
   """CVAE: one labelled row per class, z ~ N(0, I). VAE: a square of prior samples."""
-  if model.num_classes:
-    images = generation.class_conditional(model, params, key, np.arange(model.num_classes), per_row, likelihood)
+  if model.condition_size:
+    images = generation.class_conditional(model, params, spec, key, np.arange(spec.num_classes), per_row, likelihood)
     grid_figure(path, images, "samples, one row per class",
-                row_labels=[_class_name(spec, k) for k in range(model.num_classes)])
+                row_labels=[_class_name(spec, k) for k in range(spec.num_classes)])
   else:
     logits = model.apply({"params": params}, key, None, per_row * per_row, method=VAE.generate)
-    images = np.asarray(MEAN[likelihood](logits)).reshape(per_row, per_row, *spec.image_shape)
+    images = np.asarray(likelihood.mean(logits)).reshape(per_row, per_row, *spec.shape)
     grid_figure(path, images, "samples from the prior")
 
 
 def latent_scatter(path, model, params, spec, split: Split, key, n: int = 5000):
   """Encoder means of n test images in the 2-D latent space, coloured by class."""
-  x = model_input(jnp.asarray(split.images[:n]), spec.pixels, key)
+  x = model_input(jnp.asarray(split.images[:n]), spec.encoding, key)
   labels = split.labels[:n]
   mean, _ = jax.jit(lambda p, x, c: model.apply({"params": p}, x, c, method=VAE.encode))(
-      params, x, one_hot_condition(model, jnp.asarray(labels)))
+      params, x, condition(model, spec, jnp.asarray(labels)))
   mean = np.asarray(mean)
   fig, ax = plt.subplots(figsize=(7, 6))
   points = ax.scatter(mean[:, 0], mean[:, 1], c=labels, cmap="tab10", s=3)
@@ -93,7 +93,7 @@ def latent_scatter(path, model, params, spec, split: Split, key, n: int = 5000):
   cbar.ax.set_yticklabels([_class_name(spec, k) for k in range(spec.num_classes)])
   ax.set_xlabel("z[0]")
   ax.set_ylabel("z[1]")
-  ax.set_title("encoder means of test images" + (" (encoded with their labels)" if model.num_classes else ""))
+  ax.set_title("encoder means of test images" + (" (encoded with their labels)" if model.condition_size else ""))
   fig.savefig(path, bbox_inches="tight", dpi=80)
   plt.close(fig)
 
@@ -102,7 +102,7 @@ def manifold(path, model, params, spec, likelihood, n: int = 15):
   """Decodes a grid of z at Gaussian quantiles 0.05..0.95 of each axis. CVAE: one panel per class."""
   q = norm.ppf(np.linspace(0.05, 0.95, n)).astype(np.float32)
   z = np.stack(np.meshgrid(q, q[::-1]), axis=-1).reshape(-1, 2)  # rows: z[1] from high to low
-  classes = range(model.num_classes) if model.num_classes else [None]
+  classes = range(spec.num_classes) if model.condition_size else [None]
   panels = len(classes)
   cols = min(panels, 5)
   prows = -(-panels // cols)
@@ -110,8 +110,8 @@ def manifold(path, model, params, spec, likelihood, n: int = 15):
   for ax in axes.flat:
     ax.set_visible(False)
   for ax, k in zip(axes.flat, classes):
-    c = None if k is None else jax.nn.one_hot(jnp.full((len(z),), k), model.num_classes)
-    images = MEAN[likelihood](model.apply({"params": params}, jnp.asarray(z), c, method=VAE.decode))
+    c = None if k is None else spec.condition_input(jnp.full((len(z),), k))
+    images = likelihood.mean(model.apply({"params": params}, jnp.asarray(z), c, method=VAE.decode))
     ax.set_visible(True)
     _show(ax, tile(np.asarray(images), n, n))
     if k is not None:
@@ -123,9 +123,9 @@ def manifold(path, model, params, spec, likelihood, n: int = 15):
 
 def translation_figure(path, model, params, spec, likelihood, split: Split, key, n: int = 8):
   """Rows: test images; first column the input, then its code decoded under every class."""
-  x = model_input(jnp.asarray(split.images[:n]), spec.pixels, key)
+  x = model_input(jnp.asarray(split.images[:n]), spec.encoding, key)
   labels = split.labels[:n]
-  out = generation.translate(model, params, x, labels, likelihood, spec.num_classes)
+  out = generation.translate(model, params, spec, x, labels, likelihood)
   images = np.concatenate([np.asarray(x)[:, None], np.asarray(out)], axis=1)
   grid_figure(path, images, "image-to-image translation: each input's code decoded as every class",
               row_labels=[f"a {_class_name(spec, k)}" for k in labels],
@@ -135,12 +135,12 @@ def translation_figure(path, model, params, spec, likelihood, split: Split, key,
 def style_transfer_figure(path, model, params, spec, likelihood, split: Split, key, n_style: int = 8,
                           n_content: int = 10):
   """Top row: content images (their class is used); left column: style images (their code is used)."""
-  x = np.asarray(model_input(jnp.asarray(split.images[:n_style + n_content]), spec.pixels, key))
+  x = np.asarray(model_input(jnp.asarray(split.images[:n_style + n_content]), spec.encoding, key))
   labels = split.labels[:n_style + n_content]
   style_x, style_labels = x[:n_style], labels[:n_style]
   content_x, content_labels = x[n_style:], labels[n_style:]
-  out = np.asarray(generation.style_transfer(model, params, jnp.asarray(style_x), style_labels, content_labels,
-                                             likelihood))
+  out = np.asarray(generation.style_transfer(model, params, spec, jnp.asarray(style_x), style_labels,
+                                             content_labels, likelihood))
   blank = np.zeros_like(x[:1])
   top = np.concatenate([blank, content_x])[None]                               # [1, 1 + C, ...]
   body = np.concatenate([style_x[:, None], out], axis=1)                       # [S, 1 + C, ...]
@@ -152,12 +152,12 @@ def style_transfer_figure(path, model, params, spec, likelihood, split: Split, k
 
 def interpolation_figure(path, model, params, spec, likelihood, split: Split, key, pairs: int = 6, steps: int = 10):
   """Each row: decoded points between the codes (and labels) of two test images, the inputs at the ends."""
-  x = model_input(jnp.asarray(split.images[:2 * pairs]), spec.pixels, key)
+  x = model_input(jnp.asarray(split.images[:2 * pairs]), spec.encoding, key)
   labels = split.labels[:2 * pairs]
   rows = []
   for p in range(pairs):
     a, b = 2 * p, 2 * p + 1
-    path_images = np.asarray(generation.interpolate(model, params, x[a], labels[a], x[b], labels[b], steps,
+    path_images = np.asarray(generation.interpolate(model, params, spec, x[a], labels[a], x[b], labels[b], steps,
                                                     likelihood))
     rows.append(np.concatenate([np.asarray(x[a])[None], path_images, np.asarray(x[b])[None]]))
   grid_figure(path, np.stack(rows), "interpolation between two test images (inputs at both ends)",
@@ -169,8 +169,8 @@ def interpolation_figure(path, model, params, spec, likelihood, split: Split, ke
 def traversal_figure(path, model, params, spec, likelihood, split: Split, key, values=np.linspace(-3, 3, 11),
                      max_dims: int = 20):
   """Row d: the code of one test image with dimension d set to each value (others unchanged)."""
-  x = model_input(jnp.asarray(split.images[:1]), spec.pixels, key)[0]
-  images = np.asarray(generation.traverse(model, params, x, int(split.labels[0]), values, likelihood))[:max_dims]
+  x = model_input(jnp.asarray(split.images[:1]), spec.encoding, key)[0]
+  images = np.asarray(generation.traverse(model, params, spec, x, int(split.labels[0]), values, likelihood))[:max_dims]
   grid_figure(path, images, f"latent traversal around a test image (a {_class_name(spec, int(split.labels[0]))})",
               row_labels=[f"z[{d}]" for d in range(len(images))], col_labels=[f"{v:+.1f}" for v in values])
 
@@ -186,9 +186,9 @@ USE_FIGURES = {
 def signal_reconstructions(path, model, params, spec, likelihood, split: Split, key, per_class: int = 2):
   """1-D signals: test signals of each class (input, black) and the decoder's mean for their encoded mean."""
   picks = [i for k in range(spec.num_classes) for i in np.flatnonzero(split.labels == k)[:per_class]]
-  x = model_input(jnp.asarray(split.images[picks]), spec.pixels, key)
+  x = model_input(jnp.asarray(split.images[picks]), spec.encoding, key)
   labels = split.labels[picks]
-  recon = np.asarray(generation.decode_mean(model, params, generation.encode_mean(model, params, x, labels),
+  recon = np.asarray(generation.decode_mean(model, params, spec, generation.encode_mean(model, params, spec, x, labels),
                                             labels, likelihood))
   fig, axes = plt.subplots(1, len(picks), figsize=(2.2 * len(picks), 2.2), sharey=True, squeeze=False)
   for ax, signal, rec, k in zip(axes[0], np.asarray(x), recon, labels):
@@ -203,10 +203,13 @@ def signal_reconstructions(path, model, params, spec, likelihood, split: Split, 
 
 def write_all(directory: Path, model: VAE, params, spec: DatasetSpec, likelihood: Likelihood,
               split: Split, key) -> list[Path]:
-  """Every end-of-training figure that applies to this model; returns the paths written."""
+  """Every end-of-training figure that applies to this model and data (images and 1-D signals; token data
+  draws none here); returns the paths written."""
   directory.mkdir(parents=True, exist_ok=True)
   k_rec, k_sample, k_scatter = jax.random.split(key, 3)
-  if len(spec.image_shape) == 2:  # 1-D signals [T, C]
+  if spec.modality == Modality.tokens:
+    return []
+  if spec.modality == Modality.signal:
     path = directory / "reconstructions.png"
     signal_reconstructions(path, model, params, spec, likelihood, split, k_rec)
     return [path]

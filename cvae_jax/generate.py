@@ -6,51 +6,61 @@
   interpolation    between the codes (and labels) of pairs of test images
   traversal        one latent dimension at a time around a test image's code
   manifold         the decoded 2-D latent grid (latent size 2 only)
-Figures go to RUN_DIR/figures/ (or --out) with fixed keys, so reruns draw the same images.
+For image data. Figures go to RUN_DIR/figures/ (or --out) with fixed keys, so reruns draw the same images.
 """
 from __future__ import annotations
 
 import argparse
+import enum
 import sys
 from pathlib import Path
 
-import jax
-
-from cvae_jax import figures
-from cvae_jax.data import DataError
+from cvae_jax import experiment, figures, likelihoods, xla_cpu
+from cvae_jax.config import ConfigError
+from cvae_jax.data import DataError, Modality
 from cvae_jax.keys import Stream, stream_key
-from cvae_jax.restore import RestoreError, Restored, restore_run
+from cvae_jax.tasks import Restored, RestoreError
 
+
+class Figure(enum.IntEnum):
+  """Each figure's named part below the FIGURES key."""
+  SAMPLES = 100
+  TRANSLATION = 101
+  STYLE_TRANSFER = 102
+  INTERPOLATION = 103
+  TRAVERSAL = 104
+  MANIFOLD = 105
+
+
+ALL = tuple(f.name.lower() for f in Figure)
 CONDITIONAL_ONLY = {"translation", "style_transfer"}
-ALL = ("samples", "translation", "style_transfer", "interpolation", "traversal", "manifold")
 
 
 def applicable(restored: Restored) -> list[str]:
-  """The image figures that make sense for this run: none for 1-D signals (training plots those), no
-  prior samples for a plain autoencoder, CVAE-only uses for CVAEs, the manifold for 2-D latents."""
-  model = restored.model
-  if len(restored.dataset.spec.image_shape) != 3:
+  """The figures that make sense for this run: image data only (training draws signals' figures), no prior
+  samples for a plain autoencoder, the class-conditional uses for CVAEs of classes, the manifold for 2-D latents."""
+  model, spec = restored.model, restored.dataset.spec
+  if spec.modality != Modality.image:
     return []
-  names = [n for n in ALL if model.num_classes or n not in CONDITIONAL_ONLY]
+  names = [n for n in ALL if (model.condition_size and spec.num_classes) or n not in CONDITIONAL_ONLY]
   names = [n for n in names if model.stochastic or n not in ("samples", "manifold")]
   return [n for n in names if n != "manifold" or model.latent_size == 2]
 
 
 def write_figures(restored: Restored, names, out: Path) -> list[Path]:
   cfg, ds, model, params = restored.cfg, restored.dataset, restored.model, restored.params
-  likelihood = cfg.objective.likelihood
+  likelihood = likelihoods.get(cfg.objective.likelihood)
   out.mkdir(parents=True, exist_ok=True)
-  key = stream_key(cfg.seed, Stream.FIGURES)
   paths = []
-  for i, name in enumerate(names):
+  for name in names:
     path = out / f"{name}.png"
-    k = jax.random.fold_in(key, 100 + i)
+    key = stream_key(cfg.seed, Stream.FIGURES, Figure[name.upper()])
     if name == "samples":
-      figures.sample_grid(path, model, params, ds.spec, likelihood, k)
+      figures.sample_grid(path, model, params, ds.spec, likelihood, key)
     elif name == "manifold":
       figures.manifold(path, model, params, ds.spec, likelihood)
     else:
-      figures.USE_FIGURES[name](path, model, params, ds.spec, likelihood, ds.test, k)
+      figures.USE_FIGURES[name](path, model, params, ds.spec, likelihood, ds.test, key)
     paths.append(path)
   return paths
 
@@ -61,9 +71,11 @@ def main(argv=None) -> None:
   parser.add_argument("--figures", nargs="+", choices=ALL, help="which figures (default: all that apply)")
   parser.add_argument("--out", type=Path, help="output folder (default: RUN_DIR/figures)")
   args = parser.parse_args(argv)
+  xla_cpu.use_fast_scheduler()
+  experiment.load_plugins()
   try:
-    restored = restore_run(args.workdir)
-  except (RestoreError, DataError) as e:
+    restored = experiment.restore_run(args.workdir)
+  except (RestoreError, DataError, ConfigError) as e:
     sys.exit(f"error: {e}")
   names = args.figures or applicable(restored)
   wrong = [n for n in names if n not in applicable(restored)]

@@ -6,7 +6,8 @@
   style_transfer     the latent style of one image rendered with the class of another
   interpolate        decode points on the line between two images' latent codes (and labels)
   traverse           vary one latent dimension at a time around an image's code
-A VAE ignores every label argument. Outputs are images in [0, 1]: the likelihood's mean.
+A VAE ignores every label argument. Labels are the dataset's (DatasetSpec.condition_input makes the
+condition). Outputs are the likelihood's mean: images in [0, 1].
 """
 from __future__ import annotations
 
@@ -14,71 +15,72 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cvae_jax.config import Likelihood
-from cvae_jax.evaluation import one_hot_condition
+from cvae_jax.data import DatasetSpec
+from cvae_jax.estimators import condition
+from cvae_jax.likelihoods import Likelihood
 from cvae_jax.models import VAE
-from cvae_jax.objectives import MEAN
 
 
-def _one_hot(model: VAE, labels):
-  return one_hot_condition(model, jnp.asarray(labels))
-
-
-def encode_mean(model: VAE, params, x, labels) -> jax.Array:
+def encode_mean(model: VAE, params, spec: DatasetSpec, x, labels) -> jax.Array:
   """E_q[z | x, c]: the code a figure uses for an image (no sampling noise).  [B, Z]"""
-  mean, _ = model.apply({"params": params}, x, _one_hot(model, labels), method=VAE.encode)
+  mean, _ = model.apply({"params": params}, x, condition(model, spec, jnp.asarray(labels)), method=VAE.encode)
   return mean
 
 
-def decode_mean(model: VAE, params, z, labels, likelihood: Likelihood) -> jax.Array:
+def decode_mean(model: VAE, params, spec: DatasetSpec, z, labels, likelihood: Likelihood) -> jax.Array:
   """The likelihood's mean image for each z under each label.  [B, *shape]"""
-  c = _one_hot(model, labels)
-  return MEAN[likelihood](model.apply({"params": params}, z, c, method=VAE.decode))
+  c = condition(model, spec, jnp.asarray(labels))
+  return likelihood.mean(model.apply({"params": params}, z, c, method=VAE.decode))
 
 
-def class_conditional(model: VAE, params, key, classes, per_class: int, likelihood: Likelihood) -> jax.Array:
+def class_conditional(model: VAE, params, spec: DatasetSpec, key, classes, per_class: int,
+                      likelihood: Likelihood) -> jax.Array:
   """[len(classes), per_class, *shape]: per_class prior samples decoded under each class."""
   classes = np.asarray(classes)
   z = jax.random.normal(key, (len(classes) * per_class, model.latent_size))
-  images = decode_mean(model, params, z, np.repeat(classes, per_class), likelihood)
+  images = decode_mean(model, params, spec, z, np.repeat(classes, per_class), likelihood)
   return images.reshape(len(classes), per_class, *images.shape[1:])
 
 
-def translate(model: VAE, params, x, labels, likelihood: Likelihood, num_classes: int) -> jax.Array:
+def translate(model: VAE, params, spec: DatasetSpec, x, labels, likelihood: Likelihood) -> jax.Array:
   """[B, K, *shape]: image b's code (encoded under its own label) decoded under every class k."""
-  z = encode_mean(model, params, x, labels)  # [B, Z]
+  num_classes = spec.num_classes
+  z = encode_mean(model, params, spec, x, labels)  # [B, Z]
   b = z.shape[0]
   z_rep = jnp.repeat(z, num_classes, axis=0)
   targets = np.tile(np.arange(num_classes), b)
-  return decode_mean(model, params, z_rep, targets, likelihood).reshape(b, num_classes, *x.shape[1:])
+  return decode_mean(model, params, spec, z_rep, targets, likelihood).reshape(b, num_classes, *x.shape[1:])
 
 
-def style_transfer(model: VAE, params, style_x, style_labels, content_labels, likelihood: Likelihood) -> jax.Array:
+def style_transfer(model: VAE, params, spec: DatasetSpec, style_x, style_labels, content_labels,
+                   likelihood: Likelihood) -> jax.Array:
   """[S, C, *shape]: the style code of each style image rendered as the class of each content image."""
-  z = encode_mean(model, params, style_x, style_labels)  # [S, Z]
+  z = encode_mean(model, params, spec, style_x, style_labels)  # [S, Z]
   s, c = z.shape[0], len(content_labels)
-  images = decode_mean(model, params, jnp.repeat(z, c, axis=0), np.tile(np.asarray(content_labels), s), likelihood)
+  images = decode_mean(model, params, spec, jnp.repeat(z, c, axis=0), np.tile(np.asarray(content_labels), s),
+                       likelihood)
   return images.reshape(s, c, *style_x.shape[1:])
 
 
-def interpolate(model: VAE, params, x_a, label_a, x_b, label_b, steps: int, likelihood: Likelihood) -> jax.Array:
-  """[steps, *shape]: decodes (1 - t) z_a + t z_b under the one-hot label (1 - t) c_a + t c_b."""
-  z = encode_mean(model, params, jnp.stack([x_a, x_b]), np.array([label_a, label_b]))
+def interpolate(model: VAE, params, spec: DatasetSpec, x_a, label_a, x_b, label_b, steps: int,
+                likelihood: Likelihood) -> jax.Array:
+  """[steps, *shape]: decodes (1 - t) z_a + t z_b under the condition (1 - t) c_a + t c_b."""
+  z = encode_mean(model, params, spec, jnp.stack([x_a, x_b]), np.array([label_a, label_b]))
   t = jnp.linspace(0.0, 1.0, steps)[:, None]
   z_t = (1 - t) * z[0] + t * z[1]
   c = None
-  if model.num_classes:
-    one_hot = jax.nn.one_hot(jnp.array([label_a, label_b]), model.num_classes)
-    c = (1 - t) * one_hot[0] + t * one_hot[1]
-  return MEAN[likelihood](model.apply({"params": params}, z_t, c, method=VAE.decode))
+  if model.condition_size:
+    ends = spec.condition_input(jnp.array([label_a, label_b]))
+    c = (1 - t) * ends[0] + t * ends[1]
+  return likelihood.mean(model.apply({"params": params}, z_t, c, method=VAE.decode))
 
 
-def traverse(model: VAE, params, x, label, values, likelihood: Likelihood) -> jax.Array:
+def traverse(model: VAE, params, spec: DatasetSpec, x, label, values, likelihood: Likelihood) -> jax.Array:
   """[Z, len(values), *shape]: dimension d of the image's code set to each value, the others kept."""
-  z = encode_mean(model, params, x[None], np.array([label]))[0]  # [Z]
+  z = encode_mean(model, params, spec, x[None], np.array([label]))[0]  # [Z]
   values = jnp.asarray(values, jnp.float32)
   dims = model.latent_size
   codes = jnp.tile(z, (dims, len(values), 1))                    # [Z, V, Z]
   codes = codes.at[jnp.arange(dims), :, jnp.arange(dims)].set(values)
-  images = decode_mean(model, params, codes.reshape(-1, dims), np.full(dims * len(values), label), likelihood)
+  images = decode_mean(model, params, spec, codes.reshape(-1, dims), np.full(dims * len(values), label), likelihood)
   return images.reshape(dims, len(values), *x.shape)

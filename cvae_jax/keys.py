@@ -1,7 +1,9 @@
-"""Random keys as a pure function of (seed, stream, step): resume needs no saved RNG state.
+"""Random keys as a pure function of (seed, stream, parts): resume needs no saved RNG state.
 
 Each purpose has its own stream, so e.g. changing the evaluation batch size never changes training.
-Inside a step the stream key is folded with the global step (or epoch for the data order).
+Below a stream key, every further key is a named part (an IntEnum member of the module that draws it,
+such as figures.Figure.SAMPLES) or an index (the step, the epoch, a chunk, a class). The numbers of
+the streams and of the named parts are part of every drawn value: changing one changes the results.
 """
 import enum
 
@@ -14,8 +16,16 @@ class Stream(enum.IntEnum):
   DATA_ORDER = 2   # minibatch permutation, folded with the epoch
   BINARIZE = 3     # dynamic binarization in the train step, folded with the step
   EVAL = 4         # evaluation samples (fixed: every evaluation sees the same eps)
-  FIGURES = 5      # fixed z and eps for figures
+  FIGURES = 5      # fixed z and eps for figures and generated samples
 
 
-def stream_key(seed: int, stream: Stream) -> jax.Array:
-  return jax.random.fold_in(jax.random.key(seed), int(stream))
+def stream_key(seed, stream: Stream, *parts) -> jax.Array:
+  """fold_in(key(seed), stream), then each part in turn. seed and the index parts may be traced."""
+  return fold(jax.random.fold_in(jax.random.key(seed), int(stream)), *parts)
+
+
+def fold(key: jax.Array, *parts) -> jax.Array:
+  """The key of a named part (or an index) below `key`, one fold_in per part."""
+  for part in parts:
+    key = jax.random.fold_in(key, int(part) if isinstance(part, enum.IntEnum) else part)
+  return key

@@ -1,4 +1,4 @@
-"""Per-example log-likelihoods, the Gaussian KL and the ELBO loss.
+"""The ELBO and its terms: the Gaussian KLs, the importance weights, the k-sample terms, free bits and the loss.
 
 Every term is per example: summed over pixels and latent dimensions, averaged over the batch only at
 the very end. beta weights the KL in the optimized loss alone; the reported ELBO is the unweighted
@@ -11,96 +11,8 @@ import math
 import jax
 import jax.numpy as jnp
 
-from cvae_jax.config import Likelihood
-
-
-def _flat(*arrays: jax.Array) -> tuple[jax.Array, ...]:
-  """[B, ...] -> [B, D] each, before the elementwise terms: XLA:CPU runs elementwise work on image
-  shapes [B, H, W, 1] (a minor dimension of 1) about half as fast as on [B, D] (the k=5000 bound spent
-  half its time there)."""
-  return tuple(a.reshape(a.shape[0], -1) for a in arrays)
-
-
-def bernoulli_log_prob(x: jax.Array, logits: jax.Array) -> jax.Array:
-  """log p(x | logits) = sum_i x_i log sigmoid(l_i) + (1 - x_i) log(1 - sigmoid(l_i)).  [B]
-
-  = sum_i x_i l_i - softplus(l_i), stable for any logits. For x in {0, 1} this is the Bernoulli
-  log-likelihood. For grayscale x in [0, 1] it is minus the binary cross-entropy of the Keras and
-  PyTorch examples, which is NOT a normalized density on [0, 1]: its "ELBO" is not a bound on
-  log p(x) and is not comparable with published NLLs. Use the continuous Bernoulli for that.
-  """
-  x, logits = _flat(x, logits)
-  return jnp.sum(x * logits - jax.nn.softplus(logits), axis=-1)
-
-
-def continuous_bernoulli_log_norm(logits: jax.Array) -> jax.Array:
-  """log C(lambda), lambda = sigmoid(l), of the continuous Bernoulli (Loaiza-Ganem & Cunningham 2019, eq. 7).
-
-  C(lambda) = 2 artanh(1 - 2 lambda) / (1 - 2 lambda). With lambda = sigmoid(l), 1 - 2 lambda =
-  -tanh(l / 2) and artanh(1 - 2 lambda) = -l / 2, so C = l / tanh(l / 2): even in l, 2 at l = 0.
-  Near 0 we use the Taylor series log 2 + l^2 / 12 - 7 l^4 / 1440 to avoid 0 / 0.
-  """
-  a = jnp.abs(logits)
-  small = a < 1e-2
-  safe = jnp.where(small, 1.0, a)
-  exact = jnp.log(safe) - jnp.log(jnp.tanh(safe / 2))
-  a2 = a * a
-  taylor = math.log(2.0) + a2 / 12 - 7 * a2 * a2 / 1440
-  return jnp.where(small, taylor, exact)
-
-
-def continuous_bernoulli_log_prob(x: jax.Array, logits: jax.Array) -> jax.Array:
-  """log p(x | lambda) = log C(lambda) + x log lambda + (1 - x) log(1 - lambda), x in [0, 1].  [B]"""
-  x, logits = _flat(x, logits)
-  return jnp.sum(x * logits - jax.nn.softplus(logits) + continuous_bernoulli_log_norm(logits), axis=-1)
-
-
-def continuous_bernoulli_mean(logits: jax.Array) -> jax.Array:
-  """E[x] = lambda / (2 lambda - 1) + 1 / (2 artanh(1 - 2 lambda)) = 1/(1 - e^-l) - 1/l; 1/2 at l = 0."""
-  small = jnp.abs(logits) < 1e-2  # below this the two terms cancel; the series is exact to ~1e-9
-  safe = jnp.where(small, 1.0, logits)
-  exact = -1.0 / jnp.expm1(-safe) - 1.0 / safe
-  return jnp.where(small, 0.5 + logits / 12, exact)
-
-
-GAUSSIAN_MIN_SCALE = 1e-3  # keeps the density bounded when a dimension is reconstructed exactly
-
-
-def gaussian_mean_scale(outputs: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Decoder outputs [..., 2C] -> (mean [..., C], sigma [..., C]), sigma = softplus(raw) + 1e-3."""
-  mean, raw = jnp.split(outputs, 2, axis=-1)
-  return mean, jax.nn.softplus(raw) + GAUSSIAN_MIN_SCALE
-
-
-def gaussian_log_prob(x: jax.Array, outputs: jax.Array) -> jax.Array:
-  """log N(x | mean, sigma^2) summed over dimensions, mean and sigma from the decoder outputs.  [B]"""
-  x, mean, sigma = _flat(x, *gaussian_mean_scale(outputs))
-  return jnp.sum(-0.5 * jnp.square((x - mean) / sigma) - jnp.log(sigma) - 0.5 * math.log(2 * math.pi), axis=-1)
-
-
-def categorical_log_prob(x: jax.Array, logits: jax.Array) -> jax.Array:
-  """log p(x | logits) = sum_t log softmax(logits_t)[x_t] over the non-padding positions (id 0 pads
-  after the end token, which is scored).  int [B, T], [B, T, V] -> [B]"""
-  log_probs = jnp.take_along_axis(jax.nn.log_softmax(logits), x[..., None].astype(jnp.int32), axis=-1)[..., 0]
-  return jnp.sum(jnp.where(x != 0, log_probs, 0.0), axis=-1)
-
-
-LOG_PROB = {
-    Likelihood.bernoulli: bernoulli_log_prob,
-    Likelihood.continuous_bernoulli: continuous_bernoulli_log_prob,
-    Likelihood.gaussian: gaussian_log_prob,
-    Likelihood.categorical: categorical_log_prob,
-}
-
-# The data a decoder "means": used for reconstructions and samples in figures.
-MEAN = {
-    Likelihood.bernoulli: jax.nn.sigmoid,
-    Likelihood.continuous_bernoulli: continuous_bernoulli_mean,
-    Likelihood.gaussian: lambda outputs: gaussian_mean_scale(outputs)[0],
-}
-
-# Decoder outputs per data channel: logits (1), or mean and scale (2).
-OUTPUTS_PER_CHANNEL = {Likelihood.bernoulli: 1, Likelihood.continuous_bernoulli: 1, Likelihood.gaussian: 2}
+from cvae_jax.likelihoods import Likelihood
+from cvae_jax.models import VAE
 
 
 def gaussian_kl(mean: jax.Array, logvar: jax.Array) -> jax.Array:
@@ -116,11 +28,6 @@ def gaussian_kl_per_dim(mean: jax.Array, logvar: jax.Array) -> jax.Array:
   return 0.5 * (mean**2 + jnp.exp(logvar) - 1.0 - logvar)
 
 
-def reparameterize(rng: jax.Array, mean: jax.Array, logvar: jax.Array) -> jax.Array:
-  """z = mean + exp(logvar / 2) * eps, eps ~ N(0, I): differentiable in mean and logvar."""
-  return mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape, mean.dtype)
-
-
 def elbo_terms(x: jax.Array, logits: jax.Array, mean: jax.Array, logvar: jax.Array | None,
                likelihood: Likelihood) -> dict[str, jax.Array]:
   """Per-example ELBO = E_q[log p(x|z)] - KL(q(z|x) || p(z)), one-sample estimate of the first term.
@@ -128,7 +35,7 @@ def elbo_terms(x: jax.Array, logits: jax.Array, mean: jax.Array, logvar: jax.Arr
   Returns [B] arrays: rec = -log p(x|z) (nats), kl, elbo = -(rec + kl). A plain autoencoder (logvar
   None) has no KL: its "elbo" is minus the reconstruction loss, not a bound.
   """
-  rec = -LOG_PROB[likelihood](x, logits)
+  rec = -likelihood.log_prob(x, logits)
   kl = gaussian_kl(mean, logvar) if logvar is not None else jnp.zeros_like(rec)
   return {"rec": rec, "kl": kl, "elbo": -(rec + kl)}
 
@@ -174,6 +81,20 @@ def k_sample_terms(log_likelihood, mean: jax.Array, logvar: jax.Array, rng: jax.
   kl = gaussian_kl(mean, logvar)
   return {"rec": rec, "kl": kl, "elbo": -(rec + kl),
           "iwae": jax.scipy.special.logsumexp(log_w, axis=0) - math.log(k)}
+
+
+def decoder_log_likelihood(model: VAE, params, x, c, likelihood: Likelihood):
+  """log_likelihood(z [S, B, Z]) -> log p(x | z[, c]) [S, B]: S draws of z per example, decoded in one batch.
+  Example b's condition is c[b] for every draw (the batch is tiled S times)."""
+
+  def log_likelihood(z):
+    s, b = z.shape[:2]
+    c_rep = None if c is None else jnp.tile(c, (s, 1))
+    x_rep = jnp.broadcast_to(x, (s, *x.shape)).reshape(s * b, *x.shape[1:])
+    logits = model.apply({"params": params}, z.reshape(s * b, -1), c_rep, x_rep, method=VAE.decode)
+    return likelihood.log_prob(x_rep, logits).reshape(s, b)
+
+  return log_likelihood
 
 
 def free_bits_kl(kl_per_dim: jax.Array, free_bits: float) -> jax.Array:

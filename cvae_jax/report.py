@@ -1,9 +1,10 @@
 """`python -m cvae_jax.report MULTIRUN_DIR`: one table and a few plots for a whole sweep.
 
-Writes into MULTIRUN_DIR (or --out): `report.csv`, `report.md` (the overrides that vary, status, test
-ELBO, rec, KL, active units, NLL where computed, wall time) and plots of ELBO, rec and KL against each
-numeric hyperparameter that varies (beta gives the rate-distortion view) and per architecture.
-Every job the sweep defines appears: finished, failed (with its error), incomplete, or not started.
+Writes into MULTIRUN_DIR (or --out): `report.csv`, `report.md` (the overrides that vary, status, and the
+numbers the runs' task reports: test ELBO, rec, KL, active units, NLL, wall time for the density tasks),
+best headline first, and plots of ELBO, rec and KL against each numeric hyperparameter that varies (beta
+gives the rate-distortion view) and per architecture. Every job the sweep defines appears: finished,
+failed (with its error), incomplete, or not started.
 """
 from __future__ import annotations
 
@@ -21,11 +22,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import yaml  # noqa: E402
 
-from cvae_jax.config import Config, to_dict  # noqa: E402
+from cvae_jax import experiment, schema, tasks  # noqa: E402
+from cvae_jax.tasks import Task  # noqa: E402
 
-METRICS = ("elbo", "rec", "kl", "nll", "active_units", "mutual_information", "steps", "wall_time")
-# task=quadrants (cvae_jax/quadrants.py): the baseline's and the CVAE's test numbers
-QUADRANT_METRICS = ("baseline_bce", "cvae_neg_elbo", "cvae_conditional_nll", "wall_time")
+PLOTTED = ("elbo", "rec", "kl")  # the numbers plotted against hyperparameters, where the task reports them
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
@@ -74,14 +74,10 @@ def collect(sweep_dir: Path) -> list[dict]:
       rows.append(row | {"status": "not started"})
       continue
     if (run / "config.yaml").exists():
-      row["config"] = _flatten(yaml.safe_load((run / "config.yaml").read_text()))
+      row["config"] = schema.migrate(yaml.safe_load((run / "config.yaml").read_text()))
     if (run / "results.json").exists():
       results = json.loads((run / "results.json").read_text())
-      row |= {"status": "finished"} | {k: results.get(k) for k in METRICS + QUADRANT_METRICS}
-      if (run / "eval.json").exists():  # python -m cvae_jax.evaluate: a larger k than training's
-        evaluated = json.loads((run / "eval.json").read_text())
-        if "iwae" in evaluated:
-          row["nll"], row["iwae_k"] = evaluated["iwae"]["nll"], evaluated["iwae"]["k"]
+      row |= {"status": "finished", "results": results, "path": run}
     elif (run / "failed.json").exists():
       row |= {"status": "failed", "error": json.loads((run / "failed.json").read_text()).get("error", "")}
     else:
@@ -93,8 +89,7 @@ def collect(sweep_dir: Path) -> list[dict]:
 def varying_keys(rows: list[dict]) -> list[str]:
   """Config keys whose value differs between runs, plus the keys the sweep itself varies."""
   # A key a run's config.yaml lacks (written before the key existed) holds the schema default.
-  defaults = _flatten(to_dict(Config()))
-  configs = [defaults | r["config"] for r in rows if "config" in r]
+  configs = [_flatten(schema.defaults_like(r["config"])) | _flatten(r["config"]) for r in rows if "config" in r]
   keys = sorted({k for c in configs for k in c})
   varying = {k for k in keys if len({json.dumps(c.get(k), sort_keys=True) for c in configs}) > 1}
   return sorted(varying | swept_keys(rows))
@@ -109,16 +104,26 @@ def swept_keys(rows: list[dict]) -> set[str]:
 def _value(row: dict, key: str):
   """A row's value of a key: from its config.yaml, else from the sweep's overrides (group choices such as
   `model=conv` and jobs that never started live only there)."""
-  return row.get("config", {}).get(key, row["overrides"].get(key, ""))
+  return row.get("flat", {}).get(key, row["overrides"].get(key, ""))
 
 
-def metrics_of(rows: list[dict]) -> tuple[str, ...]:
-  """The result columns of this sweep's task."""
-  return QUADRANT_METRICS if any(r.get("cvae_neg_elbo") is not None for r in rows) else METRICS
+def task_of(rows: list[dict]) -> Task:
+  """The sweep's task, from its runs' configs (the density task for runs written before configs named one)."""
+  names = {r["config"].get("task", "density") for r in rows if "config" in r} or {"density"}
+  if len(names) > 1:
+    raise ValueError(f"{sorted(names)}: the sweep mixes tasks; report each task's runs apart.")
+  return tasks.get(names.pop())
 
 
-def write_tables(rows: list[dict], keys: list[str], out: Path) -> tuple[Path, Path]:
-  metrics = metrics_of(rows)
+def sort_by_headline(rows: list[dict], task: Task) -> list[dict]:
+  """Finished runs first, best headline first (the job order among equals), then the others in job order."""
+  done = [r for r in rows if r.get(task.headline) is not None]
+  done.sort(key=lambda r: -task.headline_sign * r[task.headline])
+  return done + [r for r in rows if r.get(task.headline) is None]
+
+
+def write_tables(rows: list[dict], keys: list[str], task: Task, out: Path) -> tuple[Path, Path]:
+  metrics = task.report_columns
   columns = ["run", *keys, "status", *metrics]
   csv_path, md_path = out / "report.csv", out / "report.md"
   with open(csv_path, "w", newline="") as f:
@@ -139,9 +144,9 @@ def write_tables(rows: list[dict], keys: list[str], out: Path) -> tuple[Path, Pa
     lines.append("| " + " | ".join(cells) + " |")
   failed = [r for r in rows if r["status"] == "failed"]
   note = "".join(f"\n- `{r['run']}` failed: {r.get('error', '')}" for r in failed)
-  md_path.write_text(f"# Sweep report: {out.name}\n\nNats per image on the test split; elbo is the bound "
-                     "(negative), nll = -L_k where computed (quadrants: the baseline's masked BCE, the CVAE's "
-                     "negative ELBO and its conditional NLL -log p(y | x)).\n\n" + "\n".join(lines) + "\n" + note + "\n")
+  md_path.write_text(f"# Sweep report: {out.name}\n\ntask={task.name}; numbers on the test split as its "
+                     f"results.json holds them (nats per example), best {task.headline} first.\n\n"
+                     + "\n".join(lines) + "\n" + note + "\n")
   return csv_path, md_path
 
 
@@ -152,7 +157,7 @@ def _is_number(v) -> bool:
 def plot_against(rows: list[dict], key: str, keys: list[str], out: Path) -> Optional[Path]:
   """ELBO, rec and KL against one numeric hyperparameter, one line per setting of the other keys."""
   done = [r for r in rows if r["status"] == "finished"]
-  if len(done) < 2 or not all(_is_number(r["config"].get(key)) for r in done):
+  if len(done) < 2 or not all(_is_number(r["flat"].get(key)) for r in done):
     return None
   others = [k for k in keys if k != key]
   groups: dict[str, list[dict]] = {}
@@ -161,13 +166,13 @@ def plot_against(rows: list[dict], key: str, keys: list[str], out: Path) -> Opti
   panels = ["elbo", "rec", "kl"] + (["rate-distortion"] if key == "objective.beta" else [])
   fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.8))
   for label, group in groups.items():
-    group.sort(key=lambda r: r["config"][key])
-    xs = [r["config"][key] for r in group]
+    group.sort(key=lambda r: r["flat"][key])
+    xs = [r["flat"][key] for r in group]
     for ax, metric in zip(axes, panels):
       if metric == "rate-distortion":
         ax.plot([r["kl"] for r in group], [r["rec"] for r in group], "o-", label=label or None)
         for r in group:
-          ax.annotate(f"{r['config'][key]:g}", (r["kl"], r["rec"]), fontsize=8)
+          ax.annotate(f"{r['flat'][key]:g}", (r["kl"], r["rec"]), fontsize=8)
         ax.set_xlabel("rate: KL (nats)")
         ax.set_ylabel("distortion: rec (nats)")
         ax.set_title("rate-distortion (labels: beta)")
@@ -217,12 +222,19 @@ def write_report(sweep_dir: Path, out: Optional[Path] = None) -> dict:
   rows = collect(sweep_dir)
   if not rows:
     raise FileNotFoundError(f"{sweep_dir} holds no runs: pass the folder a --multirun or sweep experiment wrote")
+  task = task_of(rows)
+  for row in rows:  # the task's numbers as columns, the config flattened for lookups
+    if "results" in row:
+      row |= task.report_row(row.pop("path"), row.pop("results"))
+    if "config" in row:
+      row["flat"] = _flatten(row["config"])
+  rows = sort_by_headline(rows, task)
   keys = varying_keys(rows)
-  csv_path, md_path = write_tables(rows, keys, out)
+  csv_path, md_path = write_tables(rows, keys, task, out)
   # Plot against the numeric keys the sweep varies (not those that change only with the architecture).
   plotted = swept_keys(rows) or set(keys)
   plots = []
-  if metrics_of(rows) == METRICS:  # the ELBO plots; a quadrant sweep has its table only
+  if set(PLOTTED) <= set(task.report_columns):  # a task without an ELBO (quadrants) has its table only
     plots = [p for p in (plot_against(rows, k, keys, out) for k in keys if k in plotted) if p]
     arch = plot_per_architecture(rows, keys, out)
     plots += [arch] if arch else []
@@ -234,9 +246,10 @@ def main(argv=None) -> None:
   parser.add_argument("sweep_dir", type=Path, help="a sweep directory, e.g. multirun/beta_sweep")
   parser.add_argument("--out", type=Path, help="where to write (default: the sweep directory)")
   args = parser.parse_args(argv)
+  experiment.load_plugins()
   try:
     report = write_report(args.sweep_dir, args.out)
-  except FileNotFoundError as e:
+  except (FileNotFoundError, ValueError) as e:
     sys.exit(f"error: {e}")
   print(report["markdown"].read_text())
   for path in [report["csv"], report["markdown"], *report["plots"]]:

@@ -1,7 +1,9 @@
 """Command line: `python -m cvae_jax.train [+experiment=NAME] [key=value ...] [--multirun]`.
 
 A thin Hydra entry point: compose and type-check the config, find the run directory, call
-train_and_evaluate. Nothing below this module imports Hydra.
+experiment.train_and_evaluate. Nothing below this module imports Hydra. Before composing, it imports the
+plug-in modules named in $CVAE_JAX_PLUGINS and gives Hydra every registered dataset's and model family's
+config node (`<name>_schema` in the data and model groups, which conf/data/*.yaml and conf/model/*.yaml extend).
 """
 from __future__ import annotations
 
@@ -20,15 +22,22 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from cvae_jax.checkpoints import CheckpointMismatchError
-from cvae_jax import quadrants
-from cvae_jax.config import Config, ConfigError, Task, validate
+from cvae_jax import data, experiment, models, tasks, xla_cpu
+from cvae_jax.config import Config, ConfigError
 from cvae_jax.data import DataError
-from cvae_jax.rundir import RunDirError
-from cvae_jax.training import NonFiniteLossError, train_and_evaluate
+from cvae_jax.engine.checkpoints import CheckpointMismatchError
+from cvae_jax.engine.epoch import NonFiniteLossError
+from cvae_jax.engine.rundir import RunDirError
 
 log = logging.getLogger(__name__)
-ConfigStore.instance().store(name="config_schema", node=Config)
+
+experiment.load_plugins()
+_store = ConfigStore.instance()
+_store.store(name="config_schema", node=Config)
+for _entry in data.DATASETS.values():
+  _store.store(group="data", name=f"{_entry.name}_schema", node=_entry.config)
+for _family in models.FAMILIES.values():
+  _store.store(group="model", name=f"{_family.name}_schema", node=_family.config)
 
 # Errors that come from the user's input or environment: one clear line, exit code 2, no traceback.
 USER_ERRORS = (ConfigError, DataError, RunDirError, NonFiniteLossError, CheckpointMismatchError)
@@ -86,12 +95,12 @@ CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")  # the repository's
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(dict_cfg: DictConfig) -> float:
+  xla_cpu.use_fast_scheduler()  # before JAX's first computation creates its CPU client
   workdir = Path(HydraConfig.get().runtime.output_dir)
   in_sweep = HydraConfig.get().mode == RunMode.MULTIRUN
   try:
-    cfg: Config = validate(OmegaConf.to_object(dict_cfg))
-    run = quadrants.train_and_evaluate if Task(cfg.task) == Task.quadrants else train_and_evaluate
-    results = run(cfg, workdir)
+    cfg: Config = experiment.validate(OmegaConf.to_object(dict_cfg))
+    results = experiment.train_and_evaluate(cfg, workdir)
   except Exception as e:  # noqa: BLE001  a sweep goes on past one failed job; a single run stops
     if in_sweep:
       # Record the failure where the report finds it; the other jobs keep running.
@@ -106,9 +115,7 @@ def main(dict_cfg: DictConfig) -> float:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   (workdir / FAILED).unlink(missing_ok=True)  # a rerun that succeeded clears an earlier failure
-  # What a hyperparameter sweeper (e.g. Optuna) would maximize: the test ELBO (the quadrant task: minus
-  # the CVAE's negative ELBO).
-  return results["elbo"] if "elbo" in results else -results["cvae_neg_elbo"]
+  return tasks.get(cfg.task).headline_value(results)  # what a hyperparameter sweeper (e.g. Optuna) maximizes
 
 
 if __name__ == "__main__":

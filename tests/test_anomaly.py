@@ -7,18 +7,23 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cvae_jax import anomaly, data, evaluation, training
-from cvae_jax.config import Arch, Kind, Likelihood, ModelConfig, Pixels
-from cvae_jax.data import Dataset, DatasetSpec, Split
+from cvae_jax import data, estimators, likelihoods
+from cvae_jax.config import Kind
+from cvae_jax.data import Dataset, DatasetSpec, Encoding, Modality, Split
+from cvae_jax.data.images import ImageDataConfig
+from cvae_jax.evaluators import anomaly
+from cvae_jax.experiment import train_and_evaluate, validate
 from cvae_jax.models import create_model
+from cvae_jax.models.mlp import MLPConfig
 
 from conftest import small_config, synthetic_dataset
 
-SPEC = DatasetSpec("toy", (4, 4, 1), 3, Pixels.static_binary)
+SPEC = DatasetSpec("toy", (4, 4, 1), 3, Encoding.static_binary)
+BERNOULLI = likelihoods.get("bernoulli")
 
 
 def toy_model(kind):
-  model = create_model(ModelConfig(arch=Arch.mlp, kind=kind, hidden=[16], latent_size=3), SPEC, Likelihood.bernoulli)
+  model = create_model(MLPConfig(kind=kind, hidden=[16], latent_size=3), SPEC)
   c = jnp.zeros((1, 3)) if kind == Kind.cvae else None
   params = model.init({"params": jax.random.key(0)}, jnp.zeros((1, 4, 4, 1)), c, jax.random.key(1))["params"]
   images = jax.random.bernoulli(jax.random.key(2), 0.4, (6, 4, 4, 1)).astype(jnp.uint8)
@@ -40,9 +45,9 @@ def test_metrics_by_hand():
 
 def test_vae_scores_with_one_sample_agree():
   model, params, images, labels = toy_model(Kind.vae)
-  scores = anomaly.make_scores(model, SPEC, Likelihood.bernoulli, 1, 3, 1)(params, images, labels, jax.random.key(3))
+  scores = anomaly.make_scores(model, SPEC, BERNOULLI, 1, 3, 1)(params, images, labels, jax.random.key(3))
   np.testing.assert_allclose(scores["nll"], scores["neg_elbo"], rtol=1e-6)  # L_1 is the one-sample ELBO
-  many = anomaly.make_scores(model, SPEC, Likelihood.bernoulli, 64, 3, 16)(params, images, labels, jax.random.key(3))
+  many = anomaly.make_scores(model, SPEC, BERNOULLI, 64, 3, 16)(params, images, labels, jax.random.key(3))
   assert np.all(np.asarray(many["nll"]) <= np.asarray(many["neg_elbo"]) + 1e-4)  # L_k >= ELBO
 
 
@@ -50,11 +55,11 @@ def test_cvae_marginal_and_best_label_scores():
   model, params, images, labels = toy_model(Kind.cvae)
   log_prior = np.array([np.log(0.25), np.log(0.75), -np.inf])  # class 2 never trained on: left out of the marginal
   key = jax.random.key(4)
-  scores = anomaly.make_scores(model, SPEC, Likelihood.bernoulli, 8, 6, 8, log_prior)(params, images, labels, key)
+  scores = anomaly.make_scores(model, SPEC, BERNOULLI, 8, 6, 8, log_prior)(params, images, labels, key)
   x = images.astype(jnp.float32)
-  per_class = np.stack([np.asarray(evaluation.iwae_bound(
+  per_class = np.stack([np.asarray(estimators.iwae_bound(
       model, params, x, jax.nn.one_hot(jnp.full(6, k), 3), jax.random.fold_in(jax.random.fold_in(key, 0), 0), 8, 8,
-      Likelihood.bernoulli)) for k in (0, 1)])  # chunk 0's key, as map_over_split folds it
+      BERNOULLI)) for k in (0, 1)])  # chunk 0's key, as map_over_split folds it
   expected = -np.logaddexp(np.log(0.25) + per_class[0], np.log(0.75) + per_class[1])
   np.testing.assert_allclose(scores["marginal_nll"], expected, rtol=1e-5)
   np.testing.assert_allclose(scores["best_label_nll"], -per_class.max(axis=0), rtol=1e-5)
@@ -62,7 +67,7 @@ def test_cvae_marginal_and_best_label_scores():
 
 def test_autoencoder_score_is_its_reconstruction_loss():
   model, params, images, labels = toy_model(Kind.ae)
-  scores = anomaly.make_scores(model, SPEC, Likelihood.bernoulli, 1, 6, 1)(params, images, labels, jax.random.key(5))
+  scores = anomaly.make_scores(model, SPEC, BERNOULLI, 1, 6, 1)(params, images, labels, jax.random.key(5))
   x = images.astype(jnp.float32)
   mean, _ = model.apply({"params": params}, x, None, method=model.encode)
   logits = model.apply({"params": params}, mean, None, method=model.decode)
@@ -71,12 +76,11 @@ def test_autoencoder_score_is_its_reconstruction_loss():
 
 
 def test_excluded_classes_leave_train_and_validation_but_not_test():
-  from cvae_jax.config import DataConfig
-  ds = data.load(DataConfig(name="mnist", exclude_classes=[3, 7], validation_size=1000, test_limit=500))
+  ds = data.load(ImageDataConfig(name="mnist", exclude_classes=[3, 7], validation_size=1000, test_limit=500))
   assert not np.isin([3, 7], ds.train.labels).any() and not np.isin([3, 7], ds.validation.labels).any()
   assert np.isin([3, 7], ds.test.labels).all() and len(ds.test) == 500
   with pytest.raises(data.DataError, match="not among the 10 classes"):
-    data.load(DataConfig(name="mnist", exclude_classes=[10]))
+    data.load(ImageDataConfig(name="mnist", exclude_classes=[10]))
 
 
 def other_dataset(monkeypatch, ds):
@@ -95,7 +99,7 @@ def test_held_out_class_and_other_dataset_are_found(tmp_path, monkeypatch, kind)
   cfg = small_config(**{"model.kind": kind, "data.exclude_classes": [2], "evaluation.anomaly": True,
                         "evaluation.anomaly_samples": 8, "training.epochs": 5, "evaluation.anomaly_dataset": "other"})
   ds = Dataset(ds.spec, data.exclude(ds.train, [2]), ds.test)  # as data.load does for data.exclude_classes
-  results = training.train_and_evaluate(cfg, tmp_path, dataset=ds)
+  results = train_and_evaluate(cfg, tmp_path, dataset=ds)
   protocols = json.loads((tmp_path / "anomaly.json").read_text())["protocols"]
   num_held_out = int(np.sum(ds.test.labels == 2))
   assert (protocols["held_out"]["num_anomalous"], protocols["held_out"]["num_normal"]) == (num_held_out, 300 - num_held_out)
@@ -121,13 +125,13 @@ def signal_dataset(n_train=2048, n_test=200, length=32, seed=0) -> Dataset:
     signals = np.sin(2 * np.pi * t / np.where(labels[:, None] == 0, 16, 8) + phase) + 0.1 * rng.normal(size=(n, length))
     return Split(signals[..., None].astype(np.float32), labels)
 
-  return Dataset(DatasetSpec("signals", (length, 1), 2, Pixels.real), split(n_train), split(n_test))
+  return Dataset(DatasetSpec("signals", (length, 1), 2, Encoding.real, Modality.signal), split(n_train), split(n_test))
 
 
 @pytest.mark.parametrize("arch", ["mlp", "conv"])
 def test_signals_with_a_gaussian_likelihood(tmp_path, arch):
   ds = signal_dataset()
-  overrides = {"data.pixels": "real", "objective.likelihood": "gaussian", "model.arch": arch, "training.epochs": 8,
+  overrides = {"data.name": "ecg5000", "objective.likelihood": "gaussian", "model.arch": arch, "training.epochs": 8,
                "data.exclude_classes": [1], "evaluation.anomaly": True, "evaluation.anomaly_samples": 8,
                "training.figures": True, "optimizer.learning_rate": 3e-3}
   if arch == "conv":
@@ -135,7 +139,7 @@ def test_signals_with_a_gaussian_likelihood(tmp_path, arch):
                   "model.kernel_size": 5, "model.dense": 32}
   cfg = small_config(**overrides)
   ds = Dataset(ds.spec, data.exclude(ds.train, [1]), ds.test)
-  results = training.train_and_evaluate(cfg, tmp_path, dataset=ds)
+  results = train_and_evaluate(cfg, tmp_path, dataset=ds)
   rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert rows[-1]["train/elbo"] > rows[0]["train/elbo"] + 5  # it learns
   assert results["anomaly_auroc"]["held_out/nll"] > 0.9   # the other frequency is anomalous
@@ -143,17 +147,17 @@ def test_signals_with_a_gaussian_likelihood(tmp_path, arch):
 
 
 def test_real_valued_data_needs_the_gaussian_likelihood():
-  from cvae_jax.config import ConfigError, validate
+  from cvae_jax.config import ConfigError
   with pytest.raises(ConfigError, match="objective=gaussian"):
-    validate(small_config(**{"data.pixels": "real"}))
+    validate(small_config(**{"data.name": "ecg5000"}))
 
 
 def test_missing_ecg_files_say_how_to_fetch_them(tmp_path):
-  from cvae_jax.config import DataConfig
+  from cvae_jax.data.ecg5000 import ECG5000_FILES, SignalDataConfig
   with pytest.raises(data.DataError, match="fetch_ecg5000.py"):
-    data.load(DataConfig(name="ecg5000", pixels="real", manual_dir=str(tmp_path)))
+    data.load(SignalDataConfig(manual_dir=str(tmp_path)))
   (tmp_path / "ecg5000").mkdir()
-  for name in data.ECG5000_FILES:
+  for name in ECG5000_FILES:
     (tmp_path / "ecg5000" / name).write_text("1\t0.5\n")  # not the UCR file
   with pytest.raises(data.DataError, match="sha256 differs"):
-    data.load(DataConfig(name="ecg5000", pixels="real", manual_dir=str(tmp_path)))
+    data.load(SignalDataConfig(manual_dir=str(tmp_path)))

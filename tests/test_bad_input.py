@@ -56,9 +56,11 @@ def fashion_copy(tmp_path, damage=None):
 
 # (id, command-line args given tmp_path and the finished run, expected message, exit code)
 CASES = [
-    ("unknown key", lambda t, r: ["model.no_such_key=1"], "Key 'no_such_key' not in 'ModelConfig'", 1),
+    ("unknown key", lambda t, r: ["model.no_such_key=1"], "Key 'no_such_key' not in 'ConvConfig'", 1),
     ("wrong type", lambda t, r: ["model.latent_size=two"], "Value 'two' of type 'str' could not be converted", 1),
-    ("unknown choice", lambda t, r: ["model.arch=transformer"], "Invalid value 'transformer', expected one of", 1),
+    ("unknown choice", lambda t, r: ["objective.kl_schedule=sometimes"], "Invalid value 'sometimes', expected one of", 1),
+    ("key of another model family", lambda t, r: ["model.hidden=[64]"], "Key 'hidden' not in 'ConvConfig'", 1),
+    ("unknown model family", lambda t, r: ["model.arch=transformer"], "model.arch='transformer' is not a model family", 2),
     ("unknown config file", lambda t, r: ["model=transformer"], "Could not find 'model/transformer'", 1),
     ("latent size 0", lambda t, r: ["model.latent_size=0"], "model.latent_size=0 is invalid", 2),
     ("negative beta", lambda t, r: ["objective.beta=-1"], "objective.beta=-1.0 is invalid", 2),

@@ -8,8 +8,8 @@ import jax
 import numpy as np
 import pytest
 
-from cvae_jax import batched, training
-from cvae_jax.restore import restore_run
+from cvae_jax import batched
+from cvae_jax.experiment import restore_run, train_and_evaluate
 
 from conftest import REPO, small_config, synthetic_dataset
 
@@ -21,7 +21,7 @@ def test_batched_runs_equal_runs_alone(tmp_path):
   cfgs = [small_config(**{"objective.beta": b, "optimizer.learning_rate": lr, "seed": s, "model.kind": "cvae"})
           for b, lr, s in SETTINGS]
   together = batched.train_batched(cfgs, [tmp_path / f"batched{i}" for i in range(3)], ds)
-  alone = [training.train_and_evaluate(c, tmp_path / f"alone{i}", ds) for i, c in enumerate(cfgs)]
+  alone = [train_and_evaluate(c, tmp_path / f"alone{i}", ds) for i, c in enumerate(cfgs)]
   for i, (a, b) in enumerate(zip(together, alone)):
     for key in ("elbo", "rec", "kl", "nll"):
       assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-4), (i, key)

@@ -43,6 +43,8 @@ def test_smoke_experiment_end_to_end(tmp_path, env_for_cli):
     assert (workdir / "figures" / name).stat().st_size > 5000
   rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
   assert [r["step"] for r in rows] == [100, 200]
+  env = json.loads((workdir / "env.jsonl").read_text().splitlines()[0])
+  assert "--xla_cpu_enable_concurrency_optimized_scheduler=false" in env["xla_flags"]  # set by the command line
   assert results["iwae_samples"] == 10 and results["nll"] < -results["elbo"] + 1  # L_10 tightens the bound
 
   # Evaluation restores the checkpoint: the ELBO matches training's, and CVAE samples are judged.

@@ -8,11 +8,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cvae_jax import annealing, evaluation, training
+from cvae_jax import annealing, estimators
 from cvae_jax.config import ObjectiveConfig
-from cvae_jax.models import create_model
+from cvae_jax.engine import epoch as engine_epoch
+from cvae_jax.experiment import train_and_evaluate
+from cvae_jax.tasks.density import DensityTask
 
-from conftest import small_config, synthetic_dataset
+from conftest import model_and_state, small_config, synthetic_dataset
 
 
 def weights(cfg: ObjectiveConfig, steps, steps_per_epoch=10, total_steps=100):
@@ -39,9 +41,8 @@ def test_cyclical_schedule_follows_fu_et_al():
 def test_the_train_step_uses_the_schedule(tmp_path):
   ds = synthetic_dataset(n_train=320)  # 10 steps per epoch at batch 32
   cfg = small_config(**{"objective.kl_schedule": "linear", "objective.kl_warmup_epochs": 2.0, "training.epochs": 3})
-  model = create_model(cfg.model, ds.spec, cfg.objective.likelihood)
-  epoch = training.make_train_epoch(cfg, model, ds.spec, len(ds.train))
-  state = training.create_train_state(cfg, model, ds.spec)
+  model, state = model_and_state(cfg, ds.spec)
+  epoch = engine_epoch.make_train_epoch(DensityTask().plan(cfg, model, ds.spec, len(ds.train)))
   _, metrics = epoch(state, jnp.asarray(ds.train.images), jnp.asarray(ds.train.labels), 0)
   np.testing.assert_allclose(metrics["kl_weight"], np.arange(10) / 20, rtol=1e-6)
   np.testing.assert_allclose(metrics["loss"], metrics["rec"] + metrics["kl_weight"] * metrics["kl"], rtol=1e-5)
@@ -51,9 +52,9 @@ def test_free_bits_in_the_train_step():
   ds = synthetic_dataset()
   free = 100.0  # far above any dimension's KL: every dimension sits at the floor
   cfg = small_config(**{"objective.free_bits": free, "objective.beta": 0.5})
-  model = create_model(cfg.model, ds.spec, cfg.objective.likelihood)
-  step = jax.jit(training.make_train_step(cfg, model, ds.spec, len(ds.train) // cfg.training.batch_size))
-  _, metrics = step(training.create_train_state(cfg, model, ds.spec), jnp.asarray(ds.train.images[:32]),
+  model, state = model_and_state(cfg, ds.spec)
+  step = jax.jit(engine_epoch.make_train_step(DensityTask().plan(cfg, model, ds.spec, len(ds.train))))
+  _, metrics = step(state, jnp.asarray(ds.train.images[:32]),
                     jnp.asarray(ds.train.labels[:32]))
   assert float(metrics["loss"] - metrics["rec"]) == pytest.approx(0.5 * cfg.model.latent_size * free, rel=1e-5)
   assert float(metrics["kl"]) < 10  # the reported KL is the true one
@@ -65,15 +66,15 @@ def test_mutual_information_against_the_closed_form():
   x = np.random.default_rng(0).normal(size=(n, 3))
   mean, logvar = jnp.asarray(a * x, jnp.float32), jnp.full((n, 3), 2 * math.log(s), jnp.float32)
   expected = 0.5 * np.sum(np.log1p(a**2 / s**2))  # 1.151 nats
-  estimate = float(evaluation.mutual_information(mean, logvar, jax.random.key(0)))
+  estimate = float(estimators.mutual_information(mean, logvar, jax.random.key(0)))
   assert estimate == pytest.approx(expected, abs=0.06)
-  collapsed = float(evaluation.mutual_information(jnp.zeros((n, 3)), jnp.zeros((n, 3)), jax.random.key(1)))
+  collapsed = float(estimators.mutual_information(jnp.zeros((n, 3)), jnp.zeros((n, 3)), jax.random.key(1)))
   assert abs(collapsed) < 0.05  # q(z | x) = p(z) for every x: no information (Monte Carlo error 0.011)
 
 
 def test_diagnostics_are_logged_every_epoch(tmp_path):
   cfg = small_config(**{"training.epochs": 2, "optimizer.learning_rate": 1e-2})
-  training.train_and_evaluate(cfg, tmp_path, dataset=synthetic_dataset(n_train=1024, n_test=500))
+  train_and_evaluate(cfg, tmp_path, dataset=synthetic_dataset(n_train=1024, n_test=500))
   rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert len(rows) == 2
   for row in rows:

@@ -8,7 +8,8 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 import cvae_jax.train  # noqa: F401  registers the schema
-from cvae_jax.config import Config, ConfigError, validate
+from cvae_jax.config import Config, ConfigError
+from cvae_jax.experiment import validate
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
@@ -21,7 +22,7 @@ def compose_config(overrides, with_hydra=False):
 
 def test_default_is_the_seed_article_cvae():
   cfg: Config = validate(OmegaConf.to_object(compose_config([])))
-  assert (cfg.model.kind.value, cfg.model.arch.value, cfg.model.latent_size) == ("cvae", "conv", 2)
+  assert (cfg.model.kind.value, cfg.model.arch, cfg.model.latent_size) == ("cvae", "conv", 2)
   assert (cfg.data.name, cfg.data.pixels.value) == ("mnist", "grayscale")
   assert (cfg.training.batch_size, cfg.training.epochs) == (32, 10)
 
@@ -77,6 +78,10 @@ def test_sweeps_cover_the_asked_values():
     ("evaluation.anomaly_dataset=fashion_mnist", "needs evaluation.anomaly=true"),
     ("data.exclude_classes=[-1]", "data.exclude_classes"),
     ("seed=4294967296", "seed=4294967296"),
+    ("model.arch=transformer", "model.arch='transformer' is not a model family"),
+    ("model.arch=mlp", "choose the model family with model=NAME"),
+    ("objective.likelihood=poisson", "objective.likelihood='poisson'"),
+    ("task=nothing", "task='nothing'"),
     ("evaluation.anomaly=true", "needs anomalies"),
     ("evaluation.anomaly=true evaluation.anomaly_dataset=mnist", "is the training dataset"),
 ])
@@ -85,8 +90,8 @@ def test_bad_values_raise_config_error(override, message):
     validate(OmegaConf.to_object(compose_config(override.split())))
 
 
-@pytest.mark.parametrize("override", ["model.no_such_key=1", "model.arch=transformer", "model.latent_size=two",
-                                      "data.pixels=color"])
+@pytest.mark.parametrize("override", ["model.no_such_key=1", "model.hidden=[64]", "model.latent_size=two",
+                                      "data.pixels=color", "objective.kl_schedule=sometimes"])
 def test_unknown_keys_and_wrong_types_fail_at_composition(override):
   with pytest.raises(ConfigCompositionException):
     compose_config([override])

@@ -5,14 +5,15 @@ import numpy as np
 import pytest
 
 from cvae_jax import data
-from cvae_jax.config import DataConfig, Pixels
+from cvae_jax.data import Encoding, images
+from cvae_jax.data.images import ImageDataConfig as DataConfig
 from conftest import require_fashion_mnist
 
 MNIST_TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]  # data/mnist/README.md
 
 
 def test_mnist_loads_from_the_vendored_files(mnist):
-  assert mnist.spec.image_shape == (28, 28, 1) and mnist.spec.num_classes == 10
+  assert mnist.spec.shape == (28, 28, 1) and mnist.spec.num_classes == 10
   assert mnist.train.images.shape == (60000, 28, 28, 1) and mnist.test.images.shape == (10000, 28, 28, 1)
   assert mnist.train.images.dtype == np.uint8
   assert np.bincount(mnist.train.labels).tolist() == MNIST_TRAIN_COUNTS
@@ -20,8 +21,8 @@ def test_mnist_loads_from_the_vendored_files(mnist):
 
 
 def test_decoded_splits_are_kept_beside_the_dataset_and_a_bad_copy_is_rewritten(mnist):
-  builder = data.prepare(DataConfig(name="mnist"))
-  path = data.split_cache(builder, "test")
+  builder = images.prepare(DataConfig(name="mnist"))
+  path = images.split_cache(builder, "test")
   assert path.parent == Path(builder.data_dir)
   for bad in (b"PK\x03\x04 cut short", None):  # a truncated file, then one of another size
     if bad is None:
@@ -47,19 +48,19 @@ def test_static_binarization_is_one_fixed_sample(mnist):
 def test_pixel_modes():
   import jax
   images = np.array([[0, 128, 255]], dtype=np.uint8)
-  np.testing.assert_allclose(data.model_input(images, Pixels.grayscale), [[0, 128 / 255, 1]], rtol=1e-6)
+  np.testing.assert_allclose(data.model_input(images, Encoding.grayscale), [[0, 128 / 255, 1]], rtol=1e-6)
   key = jax.random.key(0)
   many = np.repeat(np.array([[0, 51, 255]], dtype=np.uint8), 20000, axis=0)
-  dyn = np.asarray(data.model_input(many, Pixels.dynamic_binary, key))
+  dyn = np.asarray(data.model_input(many, Encoding.dynamic_binary, key))
   assert set(np.unique(dyn)) <= {0.0, 1.0}
   np.testing.assert_allclose(dyn.mean(0), [0, 0.2, 1], atol=0.01)
-  other = np.asarray(data.model_input(many, Pixels.dynamic_binary, jax.random.key(1)))
+  other = np.asarray(data.model_input(many, Encoding.dynamic_binary, jax.random.key(1)))
   assert not np.array_equal(dyn, other)  # resampled with each key
 
 
 def test_validation_split_and_limits():
   cfg = DataConfig(name="mnist", validation_size=5000, train_limit=1000, test_limit=300,
-                   pixels=Pixels.static_binary)
+                   pixels="static_binary")
   ds = data.load(cfg)
   assert (len(ds.train), len(ds.validation), len(ds.test)) == (1000, 5000, 300)
   assert set(np.unique(ds.train.images)) <= {0, 1}
@@ -69,7 +70,7 @@ def test_validation_split_and_limits():
 def test_fashion_mnist_through_the_manual_dir_setting(mnist):  # MNIST prepared first, in the same data_dir
   require_fashion_mnist()
   ds = data.load(DataConfig(name="fashion_mnist", test_limit=100))
-  assert ds.spec.image_shape == (28, 28, 1) and ds.spec.class_names[0] == "T-shirt/top"
+  assert ds.spec.shape == (28, 28, 1) and ds.spec.condition_names[0] == "T-shirt/top"
   assert len(ds.train) == 60000
   # Fashion-MNIST's own pixels, not MNIST's: mean train intensities 72.94 (Fashion, 0.2860 * 255) and
   # 33.32 (MNIST, 0.1307 * 255). TFDS once prepared Fashion-MNIST from MNIST's extracted files.
@@ -79,7 +80,7 @@ def test_fashion_mnist_through_the_manual_dir_setting(mnist):  # MNIST prepared 
 
 def test_missing_offline_files_say_where_to_put_them(tmp_path, monkeypatch):
   monkeypatch.delenv(data.MANUAL_DIR_ENV, raising=False)
-  monkeypatch.setattr(data, "VENDORED_DATA_DIR", tmp_path / "nowhere")
+  monkeypatch.setattr(data.files, "VENDORED_DATA_DIR", tmp_path / "nowhere")
   cfg = DataConfig(name="fashion_mnist", data_dir=str(tmp_path / "tfds"), manual_dir=str(tmp_path / "manual"))
   with pytest.raises(data.DataError, match="train-images-idx3-ubyte.gz.*manual/fashion_mnist"):
     data.load(cfg)

@@ -6,11 +6,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cvae_jax import evaluation
-from cvae_jax.config import Arch, Kind, Likelihood, ModelConfig, Pixels
-from cvae_jax.data import DatasetSpec
+from cvae_jax import estimators, likelihoods
+from cvae_jax.config import Kind
+from cvae_jax.data import DatasetSpec, Encoding
 from cvae_jax.models import create_model
+from cvae_jax.models.mlp import MLPConfig
 from cvae_jax.objectives import elbo_terms
+
+BERNOULLI = likelihoods.get("bernoulli")
 
 
 def linear_gaussian(seed=0, dz=2, dx=3, sigma=0.5):
@@ -36,7 +39,7 @@ def linear_gaussian(seed=0, dz=2, dx=3, sigma=0.5):
 def test_exact_posterior_gives_log_px_for_any_k():
   log_likelihood, log_px, mean, var = linear_gaussian()
   for k in (1, 7):
-    bound = evaluation.importance_weighted_bound(log_likelihood, jnp.asarray(mean, jnp.float32),
+    bound = estimators.importance_weighted_bound(log_likelihood, jnp.asarray(mean, jnp.float32),
                                                  jnp.log(jnp.asarray(np.broadcast_to(var, mean.shape), jnp.float32)),
                                                  jax.random.key(0), k, chunk=3)
     np.testing.assert_allclose(bound, log_px, atol=1e-4)  # every weight equals p(x)
@@ -49,7 +52,7 @@ def test_bound_converges_to_log_px_as_k_grows():
   q_logvar = jnp.log(jnp.asarray(np.broadcast_to(2 * var, mean.shape), jnp.float32))
   gaps = []
   for k in (1, 10, 100, 5000):
-    repeat = jax.jit(jax.vmap(lambda key: evaluation.importance_weighted_bound(
+    repeat = jax.jit(jax.vmap(lambda key: estimators.importance_weighted_bound(
         log_likelihood, q_mean, q_logvar, key, k, chunk=500)))
     bounds = repeat(jax.random.split(jax.random.key(k), 20))  # [20, B]
     gaps.append(float(np.mean(log_px - np.mean(bounds, axis=0))))
@@ -63,15 +66,15 @@ def test_a_partial_last_chunk_is_masked_exactly():
   # samples leak in (60 samples in 4 chunks of 16 would then be off by log(64 / 60) = 0.065).
   log_likelihood, log_px, mean, var = linear_gaussian()
   logvar = jnp.log(jnp.asarray(np.broadcast_to(var, mean.shape), jnp.float32))
-  bound = evaluation.importance_weighted_bound(log_likelihood, jnp.asarray(mean, jnp.float32), logvar,
+  bound = estimators.importance_weighted_bound(log_likelihood, jnp.asarray(mean, jnp.float32), logvar,
                                                jax.random.key(3), 60, chunk=16)
   np.testing.assert_allclose(bound, log_px, atol=1e-4)
 
 
 @pytest.fixture(scope="module")
 def small_vae():
-  spec = DatasetSpec("toy", (4, 4, 1), 3, Pixels.static_binary)
-  model = create_model(ModelConfig(arch=Arch.mlp, kind=Kind.vae, hidden=[16], latent_size=3), spec, Likelihood.bernoulli)
+  spec = DatasetSpec("toy", (4, 4, 1), 3, Encoding.static_binary)
+  model = create_model(MLPConfig(kind=Kind.vae, hidden=[16], latent_size=3), spec)
   x = (jax.random.uniform(jax.random.key(5), (50, 4, 4, 1)) > 0.5).astype(jnp.float32)
   params = model.init({"params": jax.random.key(0)}, x, None, jax.random.key(1))["params"]
   return model, params, x
@@ -83,9 +86,9 @@ def test_iwae_with_k_1_equals_the_elbo_in_expectation(small_vae):
 
   def elbo(key):
     out = model.apply({"params": params}, x, None, key)
-    return elbo_terms(x, out.logits, out.mean, out.logvar, Likelihood.bernoulli)["elbo"]
+    return elbo_terms(x, out.logits, out.mean, out.logvar, BERNOULLI)["elbo"]
 
-  l1 = jax.jit(jax.vmap(lambda k: evaluation.iwae_bound(model, params, x, None, k, 1, 1, Likelihood.bernoulli)))(keys)
+  l1 = jax.jit(jax.vmap(lambda k: estimators.iwae_bound(model, params, x, None, k, 1, 1, BERNOULLI)))(keys)
   elbo = jax.jit(jax.vmap(elbo))(jax.random.split(jax.random.key(1), 400))
   # Both estimate E_q[log p(x|z)] - KL; the analytic-KL ELBO has lower variance. Mean over the 50 images:
   assert float(np.mean(l1)) == pytest.approx(float(np.mean(elbo)), abs=0.05)
@@ -94,8 +97,8 @@ def test_iwae_with_k_1_equals_the_elbo_in_expectation(small_vae):
 def test_iwae_grows_with_k_on_average(small_vae):
   model, params, x = small_vae
   def mean_bound(k):
-    repeat = jax.jit(jax.vmap(lambda key: evaluation.iwae_bound(model, params, x, None, key, k, 50,
-                                                                Likelihood.bernoulli)))
+    repeat = jax.jit(jax.vmap(lambda key: estimators.iwae_bound(model, params, x, None, key, k, 50,
+                                                                BERNOULLI)))
     return float(np.mean(repeat(jax.random.split(jax.random.key(k), 10))))
   means = [mean_bound(k) for k in (1, 10, 100)]
   assert means[0] < means[1] < means[2]
@@ -104,6 +107,6 @@ def test_iwae_grows_with_k_on_average(small_vae):
 def test_active_units():
   rng = np.random.default_rng(0)
   means = np.stack([rng.normal(0, 1, 1000), rng.normal(0, 0.05, 1000), rng.normal(3, 0.2, 1000)], axis=1)
-  count, variance = evaluation.active_units(means)
+  count, variance = estimators.active_units(means)
   assert count == 2  # variances about 1, 0.0025, 0.04
   np.testing.assert_allclose(variance, [1, 0.0025, 0.04], rtol=0.15)

@@ -9,9 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cvae_jax import rundir, training
-from cvae_jax.checkpoints import CheckpointMismatchError
-from cvae_jax.training import NonFiniteLossError, train_and_evaluate
+from cvae_jax.engine import epoch, rundir
+from cvae_jax.engine.checkpoints import CheckpointMismatchError
+from cvae_jax.engine.epoch import NonFiniteLossError
+from cvae_jax.experiment import train_and_evaluate
+from cvae_jax.tasks import density
 from conftest import small_config, synthetic_dataset
 from test_training import final_state, read_metrics
 
@@ -76,7 +78,7 @@ def test_a_checkpoint_of_another_architecture_is_refused_untouched(tmp_path, mon
 
 def poison_after(monkeypatch, epoch_index):
   """Makes the epoch function return a NaN loss from epoch `epoch_index` on, as a diverging run would."""
-  original = training.make_train_epoch
+  original = epoch.make_train_epoch
 
   def make(*args, **kwargs):
     epoch_fn = original(*args, **kwargs)
@@ -87,7 +89,7 @@ def poison_after(monkeypatch, epoch_index):
       return state, metrics
     return poisoned
 
-  monkeypatch.setattr(training, "make_train_epoch", make)
+  monkeypatch.setattr(epoch, "make_train_epoch", make)
 
 
 def test_divergence_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
@@ -103,14 +105,14 @@ def test_skip_nonfinite_skips_and_counts_the_bad_updates(tmp_path, monkeypatch):
   # One training image makes the loss NaN whenever its batch is drawn: exactly once per epoch.
   ds = synthetic_dataset()
   ds.train.images[5] = 255
-  original = training.elbo_terms
+  original = density.elbo_terms
 
   def poisoned_terms(x, logits, mean, logvar, likelihood):
     terms = original(x, logits, mean, logvar, likelihood)
     bad = jnp.all(x.reshape(x.shape[0], -1) == 1.0, axis=-1)
     return dict(terms, rec=jnp.where(bad, jnp.nan, terms["rec"]))
 
-  monkeypatch.setattr(training, "elbo_terms", poisoned_terms)
+  monkeypatch.setattr(density, "elbo_terms", poisoned_terms)
   with pytest.raises(NonFiniteLossError):
     train_and_evaluate(small_config(), tmp_path / "stop", dataset=ds)
   results = train_and_evaluate(small_config(**{"training.skip_nonfinite": True}), tmp_path / "skip", dataset=ds)

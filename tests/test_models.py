@@ -4,18 +4,20 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cvae_jax.config import Arch, Kind, Likelihood, ModelConfig, Pixels
+from cvae_jax.config import Kind
 from cvae_jax.data import DatasetSpec
 from cvae_jax.models import VAE, create_model
+from cvae_jax.models.conv import ConvConfig
+from cvae_jax.models.mlp import MLPConfig
 
-MNIST = DatasetSpec("mnist", (28, 28, 1), 10, Pixels.grayscale)
-CIFAR = DatasetSpec("cifar10", (32, 32, 3), 10, Pixels.grayscale)
+MNIST = DatasetSpec("mnist", (28, 28, 1), 10)
+CIFAR = DatasetSpec("cifar10", (32, 32, 3), 10)
 
 CONFIGS = {
-    "mlp": ModelConfig(arch=Arch.mlp, hidden=[64, 32], latent_size=5),
-    "seed_conv": ModelConfig(arch=Arch.conv, latent_size=2),
-    "deep_conv": ModelConfig(arch=Arch.conv, latent_size=6, encoder_channels=[8, 16], decoder_channels=[16, 8],
-                             conv_stride=2, kernel_size=4, dense=32),
+    "mlp": MLPConfig(hidden=[64, 32], latent_size=5),
+    "seed_conv": ConvConfig(latent_size=2),
+    "deep_conv": ConvConfig(latent_size=6, encoder_channels=[8, 16], decoder_channels=[16, 8], conv_stride=2,
+                            kernel_size=4, dense=32),
 }
 
 
@@ -25,23 +27,23 @@ CONFIGS = {
 def test_interface_shapes(name, kind, spec):
   cfg = CONFIGS[name]
   cfg.kind = kind
-  model = create_model(cfg, spec, Likelihood.bernoulli)
+  model = create_model(cfg, spec)
   batch = 3
-  x = jnp.ones((batch, *spec.image_shape))
-  c = jax.nn.one_hot(jnp.array([0, 1, 9]), spec.num_classes) if kind == Kind.cvae else None
+  x = jnp.ones((batch, *spec.shape))
+  c = jax.nn.one_hot(jnp.array([0, 1, 9]), spec.condition_size) if kind == Kind.cvae else None
   params = model.init({"params": jax.random.key(0)}, x, c, jax.random.key(1))["params"]
   out = model.apply({"params": params}, x, c, jax.random.key(2))
   assert out.mean.shape == out.logvar.shape == out.z.shape == (batch, cfg.latent_size)
-  assert out.logits.shape == (batch, *spec.image_shape)
+  assert out.logits.shape == (batch, *spec.shape)
   mean, logvar = model.apply({"params": params}, x, c, method=VAE.encode)
   assert mean.shape == (batch, cfg.latent_size)
-  assert model.apply({"params": params}, mean, c, method=VAE.decode).shape == (batch, *spec.image_shape)
+  assert model.apply({"params": params}, mean, c, method=VAE.decode).shape == (batch, *spec.shape)
   samples = model.apply({"params": params}, jax.random.key(3), c, batch, method=VAE.generate)
-  assert samples.shape == (batch, *spec.image_shape)
+  assert samples.shape == (batch, *spec.shape)
 
 
 def test_cvae_uses_the_condition_and_vae_ignores_it():
-  cvae = create_model(ModelConfig(arch=Arch.mlp, kind=Kind.cvae, hidden=[16], latent_size=2), MNIST, Likelihood.bernoulli)
+  cvae = create_model(MLPConfig(kind=Kind.cvae, hidden=[16], latent_size=2), MNIST)
   x = jnp.ones((2, 28, 28, 1))
   c0, c1 = jax.nn.one_hot(jnp.array([0, 0]), 10), jax.nn.one_hot(jnp.array([3, 3]), 10)
   params = cvae.init({"params": jax.random.key(0)}, x, c0, jax.random.key(1))["params"]
@@ -50,14 +52,14 @@ def test_cvae_uses_the_condition_and_vae_ignores_it():
   assert not jnp.allclose(decoded[0], decoded[1])  # same z, another label: another image
   with pytest.raises(ValueError, match="condition"):
     cvae.apply({"params": params}, x, None, jax.random.key(1))
-  vae = create_model(ModelConfig(arch=Arch.mlp, kind=Kind.vae, hidden=[16], latent_size=2), MNIST, Likelihood.bernoulli)
+  vae = create_model(MLPConfig(kind=Kind.vae, hidden=[16], latent_size=2), MNIST)
   vparams = vae.init({"params": jax.random.key(0)}, x, None, jax.random.key(1))["params"]
   same = [vae.apply({"params": vparams}, z, c, method=VAE.decode) for c in (c0, c1)]
   assert jnp.array_equal(same[0], same[1])
 
 
 def test_seed_article_conv_cvae_layers():
-  model = create_model(ModelConfig(), MNIST, Likelihood.bernoulli)  # the defaults are the seed article's CVAE
+  model = create_model(ConvConfig(), MNIST)  # the defaults are the seed article's CVAE
   x = jnp.ones((1, 28, 28, 1))
   c = jax.nn.one_hot(jnp.array([4]), 10)
   params = model.init({"params": jax.random.key(0)}, x, c, jax.random.key(1))["params"]
@@ -71,14 +73,14 @@ def test_seed_article_conv_cvae_layers():
 
 
 def test_decoder_upsampling_must_divide_the_image():
-  cfg = ModelConfig(arch=Arch.conv, encoder_channels=[8], decoder_channels=[8, 8, 8], conv_stride=2)
+  cfg = ConvConfig(encoder_channels=[8], decoder_channels=[8, 8, 8], conv_stride=2)
   with pytest.raises(ValueError, match="does not divide"):
-    create_model(cfg, MNIST, Likelihood.bernoulli)  # 28 is not divisible by 2^3
+    create_model(cfg, MNIST)  # 28 is not divisible by 2^3
 
 
 def test_depth_to_space_matches_tensorflow():
   import tensorflow as tf
-  from cvae_jax.models import depth_to_space
+  from cvae_jax.models.conv import depth_to_space
   x = np.arange(2 * 3 * 4 * 12, dtype=np.float32).reshape(2, 3, 4, 12)  # block 2: 12 = 4 * 3 channels
   np.testing.assert_array_equal(depth_to_space(jnp.asarray(x), 2), tf.nn.depth_to_space(x, 2).numpy())
   signal = np.arange(2 * 5 * 6, dtype=np.float32).reshape(2, 5, 6)  # 1-D, block 3: 6 = 3 * 2 channels

@@ -12,11 +12,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cvae_jax import moses, molecules, smiles
-from cvae_jax.config import ConfigError, validate
-from cvae_jax.data import DataError, DatasetSpec
-from cvae_jax.models import GRUDecoder, create_model, sample_tokens
-from cvae_jax.objectives import categorical_log_prob
+from cvae_jax.config import ConfigError
+from cvae_jax.data import Condition, DataError, DatasetSpec, Encoding, Modality, moses, smiles
+from cvae_jax.experiment import validate
+from cvae_jax.likelihoods import categorical_log_prob
+from cvae_jax.models import create_model
+from cvae_jax.models.gru import sample_tokens
+from cvae_jax.tasks import molecules
 from conftest import REPO, small_config
 
 # Real MOSES molecules (the first rows of its train.csv.gz) and a few more for variety.
@@ -64,11 +66,12 @@ def test_categorical_log_prob_matches_closed_forms():
 
 
 def _tiny_sequence_model(vocab_size=5, length=3):
-  spec = DatasetSpec("moses", (length,), 2, "tokens", vocab=tuple(str(i) for i in range(vocab_size)))
-  cfg = small_config(**{"data.name": "moses", "data.pixels": "tokens", "model.arch": "gru", "model.kind": "cvae",
+  spec = DatasetSpec("moses", (length,), 2, Encoding.tokens, Modality.tokens, Condition.vector,
+                     vocab=tuple(str(i) for i in range(vocab_size)))
+  cfg = small_config(**{"task": "molecules", "data.name": "moses", "model.arch": "gru", "model.kind": "cvae",
                         "objective.likelihood": "categorical", "model.rnn_size": 8, "model.embedding_size": 4,
                         "model.latent_size": 2})
-  model = create_model(cfg.model, spec, cfg.objective.likelihood)
+  model = create_model(cfg.model, spec)
   params = model.init(jax.random.key(0), jnp.zeros((1, length)), jnp.zeros((1, 2)), jax.random.key(1))["params"]
   params = jax.tree.map(lambda p: p * 3.0, params)  # sharper distributions: the frequencies differ clearly
   return model, params
@@ -118,10 +121,10 @@ def moses_dir(tmp_path, monkeypatch):
 
 
 def test_moses_loader_tokenizes_normalizes_and_caches(moses_dir, monkeypatch):
-  cfg = small_config(**{"data.name": "moses", "data.pixels": "tokens", "data.manual_dir": str(moses_dir),
+  cfg = small_config(**{"data.name": "moses", "data.manual_dir": str(moses_dir),
                         "data.properties": ["logp", "qed"]})
-  train, test, spec = moses.load(cfg.data)
-  assert train.images.shape == (len(SMILES), spec.image_shape[0]) and train.labels.shape == (len(SMILES), 2)
+  train, test, spec = moses.read(cfg.data)
+  assert train.images.shape == (len(SMILES), spec.shape[0]) and train.labels.shape == (len(SMILES), 2)
   assert len(test) == 10  # the [Se] molecule has a token training never saw: left out
   np.testing.assert_allclose(train.labels.mean(axis=0), 0, atol=1e-5)
   np.testing.assert_allclose(train.labels.std(axis=0), 1, rtol=1e-4)
@@ -130,7 +133,7 @@ def test_moses_loader_tokenizes_normalizes_and_caches(moses_dir, monkeypatch):
   qed = [moses.molecule_properties(s)[5] for s in vocab.decode(test.images)]
   np.testing.assert_allclose(test.labels[:, 1] * spec.condition_std[1] + spec.condition_mean[1], qed, rtol=1e-5)
   monkeypatch.setattr(moses, "compute_properties", lambda *a: pytest.fail("the cache was not used"))
-  again = moses.load(cfg.data)
+  again = moses.read(cfg.data)
   np.testing.assert_array_equal(again[0].labels, train.labels)
 
 
@@ -139,13 +142,15 @@ def test_missing_moses_files_and_bad_settings_say_what_to_do(tmp_path, monkeypat
   monkeypatch.delenv("CVAE_JAX_MANUAL_DIR", raising=False)
   with pytest.raises(DataError, match="pip install --no-deps molsets"):
     moses.find_files(str(tmp_path))
-  with pytest.raises(ConfigError, match="data.pixels"):
+  with pytest.raises(ConfigError, match="objective.likelihood"):
     validate(small_config(**{"data.name": "moses"}))
   with pytest.raises(ConfigError, match="model.arch"):
-    validate(small_config(**{"data.name": "moses", "data.pixels": "tokens", "objective.likelihood": "categorical"}))
-  cfg = small_config(**{"data.name": "moses", "data.pixels": "tokens", "data.properties": ["color"]})
+    validate(small_config(**{"data.name": "moses", "objective.likelihood": "categorical"}))
+  with pytest.raises(ConfigError, match="task=molecules"):
+    validate(small_config(**{"data.name": "moses", "objective.likelihood": "categorical", "model.arch": "gru"}))
+  cfg = small_config(**{"data.name": "moses", "data.properties": ["color"]})
   with pytest.raises(DataError, match="data.properties"):
-    moses.load(cfg.data)
+    moses.read(cfg.data)
 
 
 def test_a_molecule_run_trains_samples_scores_and_resamples_from_the_cli(moses_dir, tmp_path, env_for_cli):
@@ -195,8 +200,8 @@ def test_a_molecule_run_trains_samples_scores_and_resamples_from_the_cli(moses_d
 def test_targets_keep_the_named_values_and_borrow_the_rest_from_near_training_molecules():
   from cvae_jax.data import Dataset, Split
   labels = np.array([[0.0, 10.0], [1.0, 20.0], [2.0, 30.0], [3.0, 40.0]], np.float32)  # z-scored already
-  spec = DatasetSpec("moses", (5,), 2, "tokens", class_names=("logp", "qed"), condition_mean=(1.0, 0.0),
-                     condition_std=(2.0, 1.0))
+  spec = DatasetSpec("moses", (5,), 2, Encoding.tokens, Modality.tokens, Condition.vector,
+                     condition_names=("logp", "qed"), condition_mean=(1.0, 0.0), condition_std=(2.0, 1.0))
   ds = Dataset(spec, Split(np.zeros((4, 5), np.uint8), labels), Split(np.zeros((1, 5), np.uint8), labels[:1]))
   c = molecules.targets_for(ds, {"logp": 6.0}, n=50, seed=0, neighbours=2)  # logp 6 -> z = 2.5: rows 2 and 3
   np.testing.assert_array_equal(c[:, 0], 2.5)

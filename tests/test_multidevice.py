@@ -14,8 +14,7 @@ import json, sys
 import jax, numpy as np
 sys.path.insert(0, "tests")
 from conftest import small_config, synthetic_dataset
-from cvae_jax.training import train_and_evaluate
-from cvae_jax.restore import restore_run
+from cvae_jax.experiment import restore_run, train_and_evaluate
 out = {"devices": jax.device_count()}
 for parallel in (False, True):
   workdir = f"{sys.argv[1]}/parallel={parallel}"
@@ -27,13 +26,14 @@ for parallel in (False, True):
   out[str(parallel)] = {"metrics": results["metrics"], "params": [np.asarray(p).tolist() for p in jax.tree.leaves(params)]}
 # The compiled data-parallel epoch really splits the batch: gradients are summed across devices.
 from jax.sharding import NamedSharding, PartitionSpec
-from cvae_jax import training
-from cvae_jax.models import create_model
-mesh = training.data_parallel_mesh()
-model = create_model(cfg.model, ds.spec, cfg.objective.likelihood)
-epoch = training.make_train_epoch(cfg, model, ds.spec, len(ds.train), mesh=mesh)
+from cvae_jax.engine import epoch as engine_epoch
+from cvae_jax.tasks.density import DensityTask
+mesh = engine_epoch.data_parallel_mesh()
+task = DensityTask()
+model = task.build_model(cfg, ds.spec)
+epoch = engine_epoch.make_train_epoch(task.plan(cfg, model, ds.spec, len(ds.train)), mesh=mesh)
 put = lambda x: jax.device_put(x, NamedSharding(mesh, PartitionSpec()))
-state = put(training.create_train_state(cfg, model, ds.spec))
+state = put(task.initial_state(cfg, model, ds.spec))
 hlo = epoch.lower(state, put(ds.train.images), put(ds.train.labels), 0).compile().as_text()
 out["all_reduce"] = "all-reduce" in hlo
 print("RESULT" + json.dumps(out))

@@ -7,12 +7,11 @@ import numpy as np
 import optax
 import pytest
 
-from cvae_jax import training
-from cvae_jax.config import ConfigError, OptimizerConfig, validate
-from cvae_jax.models import create_model
+from cvae_jax.config import ConfigError, OptimizerConfig
+from cvae_jax.engine.optim import create_optimizer, learning_rate_factor
+from cvae_jax.experiment import train_and_evaluate, validate
 from cvae_jax.objectives import k_sample_terms
-from cvae_jax.training import create_optimizer, learning_rate_factor, train_and_evaluate
-from conftest import small_config, synthetic_dataset
+from conftest import model_and_state, small_config, synthetic_dataset
 from test_estimators import linear_gaussian
 from test_training import read_metrics
 
@@ -107,7 +106,6 @@ def test_unit_step_optimizer_scaled_by_the_rate_equals_optax(name, reference):
 def test_init_scale_sets_the_weight_spread():
   cfg = small_config(**{"model.init_scale": 0.01, "model.hidden": [256]})
   ds = synthetic_dataset()
-  model = create_model(cfg.model, ds.spec, cfg.objective.likelihood)
-  params = training.create_train_state(cfg, model, ds.spec).params
+  params = model_and_state(cfg, ds.spec)[1].params
   kernels = [leaf for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0] if "kernel" in str(path)]
   assert all(abs(float(jnp.std(k)) - 0.01) < 0.002 for k in kernels)

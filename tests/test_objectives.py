@@ -8,8 +8,7 @@ import pytest
 import scipy.stats
 from scipy import integrate
 
-from cvae_jax import objectives
-from cvae_jax.config import Likelihood
+from cvae_jax import likelihoods, models, objectives
 
 jax.config.update("jax_enable_x64", False)
 
@@ -28,7 +27,7 @@ def test_gaussian_kl_matches_monte_carlo():
   key = jax.random.key(0)
   mean = jnp.array([[0.7, -1.2, 0.1]])
   logvar = jnp.array([[-0.5, 0.3, -2.0]])
-  z = objectives.reparameterize(key, jnp.broadcast_to(mean, (400_000, 3)), jnp.broadcast_to(logvar, (400_000, 3)))
+  z = models.reparameterize(key, jnp.broadcast_to(mean, (400_000, 3)), jnp.broadcast_to(logvar, (400_000, 3)))
   std = jnp.exp(0.5 * logvar)
   log_q = jax.scipy.stats.norm.logpdf(z, mean, std).sum(-1)
   log_p = jax.scipy.stats.norm.logpdf(z).sum(-1)
@@ -44,14 +43,14 @@ def test_bernoulli_log_prob_by_hand():
   p = 1 / (1 + np.exp(-np.array([0.0, 2.0, -1.0, 0.5])))
   xs = np.array([1.0, 0.0, 1.0, 0.3])
   expected = np.sum(xs * np.log(p) + (1 - xs) * np.log(1 - p))
-  np.testing.assert_allclose(objectives.bernoulli_log_prob(x, logits), [expected], rtol=1e-6)
+  np.testing.assert_allclose(likelihoods.bernoulli_log_prob(x, logits), [expected], rtol=1e-6)
 
 
 def test_bernoulli_log_prob_is_stable_for_large_logits():
   x = jnp.array([[1.0, 0.0]])
-  value = objectives.bernoulli_log_prob(x, jnp.array([[100.0, -100.0]]))
+  value = likelihoods.bernoulli_log_prob(x, jnp.array([[100.0, -100.0]]))
   assert np.isfinite(value).all() and abs(float(value[0])) < 1e-6
-  np.testing.assert_allclose(objectives.bernoulli_log_prob(x, jnp.array([[-100.0, 0.0]])), [-100.0 - math.log(2)],
+  np.testing.assert_allclose(likelihoods.bernoulli_log_prob(x, jnp.array([[-100.0, 0.0]])), [-100.0 - math.log(2)],
                              rtol=1e-6)
 
 
@@ -59,7 +58,7 @@ def test_bernoulli_log_prob_is_stable_for_large_logits():
 def test_continuous_bernoulli_is_normalized(logit):
   # The density integrates to 1 over [0, 1]: C(lambda) is the right normalizer at every logit.
   def density(x):
-    return math.exp(float(objectives.continuous_bernoulli_log_prob(jnp.array([[x]]), jnp.array([[logit]]))[0]))
+    return math.exp(float(likelihoods.continuous_bernoulli_log_prob(jnp.array([[x]]), jnp.array([[logit]]))[0]))
   total, _ = integrate.quad(density, 0.0, 1.0)
   assert total == pytest.approx(1.0, abs=2e-5)
 
@@ -73,8 +72,8 @@ def test_continuous_bernoulli_norm_and_mean_against_paper_formulas(logit):
     log_c = math.log(2 * math.atanh(1 - 2 * lam) / (1 - 2 * lam))  # eq. 7 of Loaiza-Ganem & Cunningham
     mean = lam / (2 * lam - 1) + 1 / (2 * math.atanh(1 - 2 * lam))
   logits = jnp.array([logit])
-  assert float(objectives.continuous_bernoulli_log_norm(logits)[0]) == pytest.approx(log_c, abs=2e-5)
-  assert float(objectives.continuous_bernoulli_mean(logits)[0]) == pytest.approx(mean, abs=2e-5)
+  assert float(likelihoods.continuous_bernoulli_log_norm(logits)[0]) == pytest.approx(log_c, abs=2e-5)
+  assert float(likelihoods.continuous_bernoulli_mean(logits)[0]) == pytest.approx(mean, abs=2e-5)
 
 
 def test_gradients_flow_through_the_reparameterized_sample():
@@ -84,7 +83,7 @@ def test_gradients_flow_through_the_reparameterized_sample():
   eps = jax.random.normal(key, mean.shape)
 
   def f(mean, logvar):
-    return jnp.sum(objectives.reparameterize(key, mean, logvar) ** 2)
+    return jnp.sum(models.reparameterize(key, mean, logvar) ** 2)
 
   g_mean, g_logvar = jax.grad(f, argnums=(0, 1))(mean, logvar)
   z = mean + jnp.exp(0.5 * logvar) * eps
@@ -96,8 +95,8 @@ def test_beta_weights_only_the_loss():
   x = jnp.array([[1.0, 0.0, 1.0]] * 2)
   logits = jnp.array([[0.3, -0.2, 1.0], [2.0, 0.0, -1.0]])
   mean, logvar = jnp.array([[0.5], [1.0]]), jnp.array([[0.1], [-0.4]])
-  terms = objectives.elbo_terms(x, logits, mean, logvar, Likelihood.bernoulli)
-  rec = -np.asarray(objectives.bernoulli_log_prob(x, logits)).mean()
+  terms = objectives.elbo_terms(x, logits, mean, logvar, likelihoods.get("bernoulli"))
+  rec = -np.asarray(likelihoods.bernoulli_log_prob(x, logits)).mean()
   kl = np.asarray(objectives.gaussian_kl(mean, logvar)).mean()
   for beta in (0.0, 1.0, 4.0):
     loss, metrics = objectives.loss_and_metrics(terms, beta, num_dims=3)
@@ -112,10 +111,10 @@ def test_gaussian_log_prob_against_scipy():
   rng = np.random.default_rng(0)
   x, mean, raw = rng.normal(size=(3, 2, 5, 1)).astype(np.float32)
   outputs = np.concatenate([mean, raw], axis=-1)  # [B, T, 2]: mean and raw scale per dimension
-  sigma = np.log1p(np.exp(raw)) + objectives.GAUSSIAN_MIN_SCALE
+  sigma = np.log1p(np.exp(raw)) + likelihoods.GAUSSIAN_MIN_SCALE
   expected = scipy.stats.norm.logpdf(x, mean, sigma).sum(axis=(1, 2))
-  np.testing.assert_allclose(objectives.gaussian_log_prob(jnp.asarray(x), jnp.asarray(outputs)), expected, rtol=1e-5)
-  np.testing.assert_allclose(objectives.MEAN[Likelihood.gaussian](jnp.asarray(outputs)), mean)
+  np.testing.assert_allclose(likelihoods.gaussian_log_prob(jnp.asarray(x), jnp.asarray(outputs)), expected, rtol=1e-5)
+  np.testing.assert_allclose(likelihoods.get("gaussian").mean(jnp.asarray(outputs)), mean)
 
 
 def test_free_bits_by_hand():
@@ -135,5 +134,5 @@ def test_free_bits_replace_only_the_loss_kl():
 
 def test_autoencoder_terms_have_no_kl():
   x = jnp.array([[1.0, 0.0]])
-  terms = objectives.elbo_terms(x, jnp.array([[2.0, -1.0]]), jnp.zeros((1, 3)), None, Likelihood.bernoulli)
+  terms = objectives.elbo_terms(x, jnp.array([[2.0, -1.0]]), jnp.zeros((1, 3)), None, likelihoods.get("bernoulli"))
   assert float(terms["kl"][0]) == 0.0 and float(terms["elbo"][0]) == pytest.approx(-float(terms["rec"][0]))

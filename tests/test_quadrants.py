@@ -8,9 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cvae_jax import quadrants
-from cvae_jax.evaluation import importance_weighted_bound
+from cvae_jax.estimators import importance_weighted_bound
+from cvae_jax.tasks import quadrants
 from cvae_jax.objectives import gaussian_kl, gaussian_kl_between
+from cvae_jax.experiment import train_and_evaluate, validate
 from conftest import small_config, synthetic_dataset
 
 
@@ -43,7 +44,7 @@ def test_sampled_kl_has_the_closed_form_as_its_expectation():
   """Pyro's Trace_ELBO estimates KL(q || p(z | x)) by log q(z) - log p(z) at the drawn z: over many draws its
   mean is the closed form, the reconstruction term is the same, and a single draw differs from it."""
   cfg = small_config(**{"task": "quadrants", "model.hidden": [16], "model.latent_size": 3})
-  task = quadrants.Task(cfg, 4, 4)
+  task = quadrants.Networks(cfg, 4, 4)
   x = jax.random.uniform(jax.random.key(0), (5, 16))
   x0 = jnp.zeros((1, 16))
   params = task.cvae.init(jax.random.key(1), x0, x0, jax.random.key(2))["params"]
@@ -94,8 +95,9 @@ def test_early_stopping_keeps_the_best_epoch_and_stops_after_patience(tmp_path):
     return next(stopping)
 
   images = jnp.zeros((16, 2, 2, 1), jnp.uint8)
-  best, summary = quadrants.fit(cfg, tmp_path / "phase", {"w": jnp.asarray(1.0)},
-                                lambda p, x, key: (p["w"] - 3.0) ** 2, stopping_loss, images, seed_stream=0)
+  best, summary = quadrants.train_net(cfg, tmp_path / "phase", {"w": jnp.asarray(1.0)},
+                                      lambda p, x, key: (p["w"] - 3.0) ** 2, stopping_loss, images,
+                                      quadrants.Net.BASELINE)
   assert summary == {"epochs": 5, "best_loss": 4.0, "stopped_early": True}
   assert float(best["w"]) == seen[1]  # the parameters of epoch 2
   rows = [json.loads(line) for line in (tmp_path / "phase" / "metrics.jsonl").read_text().splitlines()]
@@ -107,7 +109,7 @@ def test_a_quadrant_run_trains_evaluates_and_resumes(tmp_path):
   cfg = small_config(**{"task": "quadrants", "model.hidden": [64], "model.latent_size": 4, "training.epochs": 6,
                         "quadrants.given": 2, "evaluation.iwae_samples": 64, "evaluation.sample_chunk": 16,
                         "training.figures": True})
-  results = quadrants.train_and_evaluate(cfg, tmp_path, dataset=ds)
+  results = train_and_evaluate(cfg, tmp_path, dataset=ds)
   assert results["baseline_fit"]["epochs"] >= 1 and results["cvae_fit"]["epochs"] >= 1
   # The k-sample bound is at least the ELBO: its NLL is no larger than the negative ELBO (up to noise).
   assert results["cvae_conditional_nll"] <= results["cvae_neg_elbo"] + 0.5
@@ -116,13 +118,13 @@ def test_a_quadrant_run_trains_evaluates_and_resumes(tmp_path):
   # Resume: with results.json gone, both models come back from their checkpoints without retraining.
   lines = {phase: (tmp_path / phase / "metrics.jsonl").read_text() for phase in ("baseline", "cvae")}
   (tmp_path / "results.json").unlink()
-  again = quadrants.train_and_evaluate(cfg, tmp_path, dataset=ds)
+  again = train_and_evaluate(cfg, tmp_path, dataset=ds)
   assert {phase: (tmp_path / phase / "metrics.jsonl").read_text() for phase in lines} == lines
   for key in ("baseline_bce", "cvae_neg_elbo", "cvae_conditional_nll"):
     assert again[key] == pytest.approx(results[key], rel=1e-6)
 
 
 def test_quadrants_refuse_binarized_pixels():
-  from cvae_jax.config import ConfigError, validate
+  from cvae_jax.config import ConfigError
   with pytest.raises(ConfigError, match="data.pixels"):
     validate(small_config(**{"task": "quadrants", "data.pixels": "static_binary"}))

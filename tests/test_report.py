@@ -4,12 +4,13 @@ import json
 import yaml
 
 from cvae_jax import report
-from cvae_jax.config import Config, to_dict
+from cvae_jax.config import to_dict
+from conftest import small_config
 
 
-def write_run(folder, beta, drop=(), **results):
+def write_run(folder, beta, drop=(), task="density", **results):
   folder.mkdir(parents=True)
-  config = to_dict(Config())
+  config = to_dict(small_config(task=task))
   config["objective"]["beta"] = beta
   for key in drop:
     del config[key]
@@ -26,8 +27,10 @@ def test_keys_missing_from_old_configs_count_as_their_default(tmp_path):
 
 
 def test_quadrant_sweeps_get_their_own_columns(tmp_path):
-  write_run(tmp_path / "q1", 1.0, baseline_bce=99.9, cvae_neg_elbo=68.6, cvae_conditional_nll=64.4, wall_time=1.0)
-  write_run(tmp_path / "q2", 2.0, baseline_bce=61.9, cvae_neg_elbo=48.0, cvae_conditional_nll=44.8, wall_time=1.0)
+  write_run(tmp_path / "q1", 1.0, task="quadrants", baseline_bce=99.9, cvae_neg_elbo=68.6, cvae_conditional_nll=64.4,
+            wall_time=1.0)
+  write_run(tmp_path / "q2", 2.0, task="quadrants", baseline_bce=61.9, cvae_neg_elbo=48.0, cvae_conditional_nll=44.8,
+            wall_time=1.0)
   text = report.write_report(tmp_path)["markdown"].read_text()
   assert "| baseline_bce | cvae_neg_elbo | cvae_conditional_nll | wall_time |" in text
   assert "| 2.00 | finished | 61.90 | 48.00 | 44.80 | 1.00 |" in text

@@ -1,5 +1,5 @@
 """`hydra/launcher=batched`: a sweep's runs that differ only in seed, beta and learning rate train as one
-vmapped program (cvae_jax.batched), then every job runs through the usual task function, which finds
+vmapped program (cvae_jax.batched) when their task can batch runs, then every job runs through the usual task function, which finds
 its results.json and returns at once. Jobs that cannot be batched run one after another as with the
 basic launcher; a batched group that fails (a NaN in one run, ...) falls back to that too, so each
 job's failure is recorded in its own directory.
@@ -37,8 +37,9 @@ class BatchedLauncher(BasicLauncher):
     self.max_runs = max_runs
 
   def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-    from cvae_jax.batched import group_key, train_batched
-    from cvae_jax.config import validate
+    # Imported here: Hydra imports every launcher plugin at start-up, and JAX should load only if this one runs.
+    from cvae_jax.batched import can_batch, group_key, train_batched
+    from cvae_jax.experiment import validate
 
     if self.max_runs < 0:
       raise ValueError(f"hydra.launcher.max_runs={self.max_runs}: use 0 (whole groups) or a positive cap.")
@@ -53,7 +54,7 @@ class BatchedLauncher(BasicLauncher):
         cfg = validate(OmegaConf.to_object(task_config))
       except Exception:  # noqa: BLE001  the job runs on its own below and reports its error there
         continue
-      if not cfg.training.data_parallel:
+      if can_batch(cfg):
         groups[group_key(cfg)].append((cfg, workdir))
     logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax logs every save at INFO
     for members in groups.values():

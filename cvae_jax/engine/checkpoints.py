@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 import orbax.checkpoint as ocp
@@ -60,8 +60,21 @@ class Checkpointer:
           f"{diff}). It was not changed. Use a run directory whose config matches that checkpoint, or a new "
           "one (hydra.run.dir=...).")
 
-  def restore_latest_good(self, like: Any) -> Optional[Any]:
+  def _restore_any(self, like: Any, step: int, legacy: Sequence[tuple[Any, Callable]]) -> Any:
+    """The checkpoint in `like`'s structure or, failing that, in a legacy layout converted to it."""
+    try:
+      return self.restore(like, step)
+    except Exception:  # noqa: BLE001  try the layouts earlier versions wrote before calling it unreadable
+      for old_like, convert in legacy:
+        try:
+          return convert(self.restore(old_like, step))
+        except Exception:  # noqa: BLE001
+          continue
+      raise
+
+  def restore_latest_good(self, like: Any, legacy: Sequence[tuple[Any, Callable]] = ()) -> Optional[Any]:
     """The newest readable checkpoint restored into `like`'s structure, or None when there is none.
+    `legacy`: (structure, convert) pairs of layouts an earlier version wrote, tried in turn.
 
     An unreadable checkpoint is renamed `<step>.corrupt` (kept for inspection, ignored from then on)
     with a warning naming it; one of another architecture stops the run instead.
@@ -69,7 +82,7 @@ class Checkpointer:
     for step in sorted(self._manager.all_steps(), reverse=True):
       try:
         self._check_architecture(step, like)
-        return self.restore(like, step)
+        return self._restore_any(like, step, legacy)
       except CheckpointMismatchError:
         raise
       except Exception as e:  # noqa: BLE001  any read failure means this checkpoint is unusable

@@ -14,36 +14,52 @@ and the CVAE's importance-sampled conditional NLL -log p(y | x) (the paper's mea
 targets the Bernoulli "likelihood" is the BCE, not a normalized density: these numbers compare models on
 this task only.
 
-Run directory: config.yaml, results.json, figures/quadrants.png, and baseline/ and cvae/, each with its
-metrics.jsonl, tb/, checkpoints/ and phase.json once that model is done. An interrupted run resumes.
+Run directory: config.yaml, env.jsonl, results.json, figures/quadrants.png, and baseline/ and cvae/, each a
+phase of the engine with its metrics.jsonl, tb/ and checkpoints/ (the early-stopping record in the state).
+An interrupted run resumes; a finished phase is not retrained.
 """
 from __future__ import annotations
 
+import enum
 import logging
 import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import flax.linen as nn
-import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from cvae_jax import checkpoints, data, rundir
-from cvae_jax.figures import grid_figure
-from cvae_jax.config import Config, ConfigError, KLEstimator, to_dict, validate
+from cvae_jax import data
+from cvae_jax.config import Config, ConfigError, KLEstimator, Pixels, check, to_dict
 from cvae_jax.data import Dataset
-from cvae_jax.evaluation import importance_weighted_bound, map_over_split
-from cvae_jax.keys import Stream, stream_key
-from cvae_jax.models import MLPEncoder
-from cvae_jax.objectives import gaussian_kl_between, log_importance_weights, reparameterize
-from cvae_jax.training import NonFiniteLossError, create_optimizer
+from cvae_jax.engine import epoch, loop, optim, rundir
+from cvae_jax.estimators import importance_weighted_bound, map_over_split
+from cvae_jax.figures import grid_figure
+from cvae_jax.keys import Stream, fold, stream_key
+from cvae_jax.models import reparameterize
+from cvae_jax.models.mlp import MLPEncoder
+from cvae_jax.objectives import gaussian_kl_between, log_importance_weights
+from cvae_jax.tasks.base import Task, register
 
 log = logging.getLogger(__name__)
 
 HIDDEN = -1.0  # the value of input pixels to be predicted (and of target pixels that are given), as in Pyro
+
+
+class Net(enum.IntEnum):
+  """The two models, trained one after the other; the named part below each stream key of their training."""
+  BASELINE = 0
+  CVAE = 1
+
+
+class InitPart(enum.IntEnum):
+  """The named parts below the PARAMS key."""
+  BASELINE = 0
+  CVAE = 1
+  CVAE_SAMPLE = 2  # the z drawn while the CVAE's parameters are initialized (it shapes none)
 
 
 def output_mask(given: int, height: int, width: int) -> np.ndarray:
@@ -105,18 +121,7 @@ class QuadrantCVAE(nn.Module):
     return self.generation(reparameterize(rng, mean, logvar))
 
 
-@flax.struct.dataclass
-class FitState:
-  """One model's training state with its early-stopping record; checkpointed each epoch."""
-  step: jax.Array
-  params: dict
-  opt_state: optax.OptState
-  best_params: dict
-  best_loss: jax.Array   # the lowest stopping loss so far
-  bad_epochs: jax.Array  # epochs since it was reached
-
-
-class Task:
+class Networks:
   """The networks, losses and metrics of one setting (number of given quadrants)."""
 
   def __init__(self, cfg: Config, height: int, width: int):
@@ -177,127 +182,130 @@ class Task:
     return fill(x, probs, self.mask)
 
 
-def fit(cfg: Config, phase_dir: Path, params, loss_fn: Callable, stopping_loss: Callable, train_images,
-        seed_stream: int) -> tuple[dict, dict]:
-  """Adam on loss_fn(params, uint8 images [B, ...], key) -> scalar over minibatches, one jitted lax.scan per epoch,
-  until training.epochs or `quadrants.patience` epochs without a lower stopping_loss(params) -> float.
-  Checkpoints every epoch (resumes). Returns (best params, {epochs, best_loss, stopped_early})."""
-  batch_size, patience = cfg.training.batch_size, cfg.quadrants.patience
+def train_net(cfg: Config, directory: Path, params, loss: Callable, stopping_loss: Callable, train_images,
+              net: Net) -> tuple[dict, dict]:
+  """Trains one network by the engine on loss(params, uint8 images [B, ...], key) -> scalar (its keys below
+  the stream keys' `net` part) until training.epochs or `quadrants.patience` epochs without a lower
+  stopping_loss(params) -> float. Checkpoints every epoch (resumes). Returns (best params, {epochs,
+  best_loss, stopped_early})."""
+
+  def engine_loss(params, images, labels, keys: epoch.StepKeys, hyper):
+    value = loss(params, images, keys(Stream.REPARAM))
+    return value, {"loss": value}
+
   num_train = train_images.shape[0]
-  steps = num_train // batch_size
-  tx = optax.chain(create_optimizer(cfg.optimizer), optax.scale(cfg.optimizer.learning_rate))
-  state = FitState(step=jnp.asarray(0), params=params, opt_state=tx.init(params), best_params=params,
-                   best_loss=jnp.asarray(jnp.inf, jnp.float32), bad_epochs=jnp.asarray(0))
-  order_key = jax.random.fold_in(stream_key(cfg.seed, Stream.DATA_ORDER), seed_stream)
-  step_key = jax.random.fold_in(stream_key(cfg.seed, Stream.REPARAM), seed_stream)
-
-  @jax.jit
-  def train_epoch(state: FitState, images, epoch):
-    order = jax.random.permutation(jax.random.fold_in(order_key, epoch), num_train)
-    batches = order[: steps * batch_size].reshape(steps, batch_size)
-
-    def step(s: FitState, idx):
-      loss, grads = jax.value_and_grad(loss_fn)(s.params, images[idx], jax.random.fold_in(step_key, s.step))
-      updates, opt_state = tx.update(grads, s.opt_state, s.params)
-      return s.replace(step=s.step + 1, params=optax.apply_updates(s.params, updates), opt_state=opt_state), loss
-
-    return jax.lax.scan(step, state, batches)
-
-  ckpt = checkpoints.Checkpointer(phase_dir / "checkpoints", cfg.training.max_checkpoints)
+  steps = epoch.steps_per_epoch(cfg.training.batch_size, num_train)
+  plan = epoch.Plan(engine_loss, epoch.run_hyper(cfg.seed, 1.0, cfg.optimizer.learning_rate), cfg.optimizer,
+                    cfg.training, num_train, key_path=(net,))
+  tx = optim.create_optimizer(cfg.optimizer)
+  fresh = loop.EarlyStoppingState.start(params, tx)
+  stopper = loop.EarlyStopping(cfg.quadrants.patience, stopping_loss)
+  phase = loop.Phase(directory, cfg.training.max_checkpoints)
   try:
-    restored = ckpt.restore_latest_good(state)
-    state = restored if restored is not None else state
-    metrics_log = rundir.MetricsLog(phase_dir, int(state.step))
-    wall_offset, t0 = metrics_log.wall_time, time.perf_counter()
-    epoch = int(state.step) // steps
-    while epoch < cfg.training.epochs and int(state.bad_epochs) < patience:
-      state, losses = train_epoch(state, train_images, epoch)
-      losses = np.asarray(losses)
-      if not np.all(np.isfinite(losses)):
-        raise NonFiniteLossError(f"The loss of {phase_dir.name} became non-finite in epoch {epoch + 1}. The last "
-                                 "good checkpoint is kept. Lower optimizer.learning_rate and rerun.")
-      stop = float(stopping_loss(state.params))
-      better = stop < float(state.best_loss)
-      state = state.replace(best_params=state.params if better else state.best_params,
-                            best_loss=jnp.asarray(min(stop, float(state.best_loss)), jnp.float32),
-                            bad_epochs=jnp.asarray(0 if better else int(state.bad_epochs) + 1))
-      epoch += 1
-      row = {"step": int(state.step), "epoch": epoch, "train/loss": float(losses.mean()), "stop/loss": stop,
-             "stop/best": float(state.best_loss), "wall_time": wall_offset + time.perf_counter() - t0}
-      metrics_log.write(row)
-      log.info("%s epoch %d: train loss %.3f, stopping loss %.3f (best %.3f, %d epochs without)", phase_dir.name,
-               epoch, row["train/loss"], stop, row["stop/best"], int(state.bad_epochs))
-      ckpt.save(int(state.step), state)
-    ckpt.wait()
-    metrics_log.close()
+    state = phase.restore(fresh, legacy=[_legacy_layout(fresh)])
+    state = state if state is not None else fresh
+    phase.open_metrics(int(state.step))
+    unlabelled = jnp.zeros(num_train, jnp.int32)  # the losses read the images alone
+    state = loop.fit([phase], state, epoch.make_train_epoch(plan), train_images, unlabelled,
+                     epochs=cfg.training.epochs, steps=steps, early_stopping=stopper)
   finally:
-    ckpt.close()
-  summary = {"epochs": int(state.step) // steps, "best_loss": float(state.best_loss),
-             "stopped_early": int(state.bad_epochs) >= patience}
+    phase.close()
+  summary = {"epochs": int(state.step) // steps, "best_loss": float(state.best_loss), "stopped_early": stopper.done(state)}
   return state.best_params, summary
 
 
-def train_and_evaluate(cfg: Config, workdir: str | Path, dataset: Optional[Dataset] = None) -> dict:
+def _legacy_layout(state: loop.EarlyStoppingState):
+  """Checkpoints of runs written by earlier versions, whose optimizer scaled by the learning rate itself (a
+  chain ending in optax.scale): their layout, and the conversion to this one."""
+  old = state.replace(opt_state=(state.opt_state, optax.ScaleState()))
+  return old, lambda restored: restored.replace(opt_state=restored.opt_state[0])
+
+
+class QuadrantTask(Task):
+  name = "quadrants"
+  headline = "cvae_neg_elbo"  # the CVAE's 10-sample negative ELBO, Pyro's table
+  headline_sign = -1.0
+  report_columns = ("baseline_bce", "cvae_neg_elbo", "cvae_conditional_nll", "wall_time")
+
+  def check(self, cfg: Config) -> None:
+    q = cfg.quadrants
+    check(q.given in (1, 2, 3), "quadrants.given", q.given, "give 1, 2 or 3 quadrants as input")
+    check(q.patience >= 1, "quadrants.patience", q.patience, "must be at least 1 epoch")
+    check(q.elbo_samples >= 1, "quadrants.elbo_samples", q.elbo_samples, "must be at least 1")
+    check(q.stopping_samples >= 1, "quadrants.stopping_samples", q.stopping_samples, "must be at least 1")
+    pixels = getattr(cfg.data, "pixels", None)
+    check(pixels == Pixels.grayscale, "data.pixels", pixels, "the quadrant task (Pyro's protocol) uses grayscale "
+          "pixels in [0, 1] of an image dataset: set data.pixels=grayscale")
+    check(cfg.model.arch == "mlp" and len(cfg.model.hidden) >= 1, "model.arch", cfg.model.arch,
+          "the quadrant networks are MLPs: use model=mlp with at least one hidden layer")
+
+  def train(self, cfgs: Sequence[Config], workdirs: Sequence[Path], dataset: Optional[Dataset] = None,
+            on_trace=None) -> list[dict]:
+    if len(cfgs) != 1:
+      raise ValueError("task=quadrants trains one run at a time")
+    return [train_and_evaluate(cfgs[0], Path(workdirs[0]), dataset)]
+
+
+def train_and_evaluate(cfg: Config, workdir: Path, dataset: Optional[Dataset] = None) -> dict:
   """Trains the baseline, then the CVAE on top of it (each resumes or is skipped when done), evaluates
   both on the test split and writes results.json and figures/quadrants.png."""
-  validate(cfg)
-  workdir, config = Path(workdir), to_dict(cfg)
+  config = to_dict(cfg)
   finished = rundir.finished_results(workdir, config)
   if finished is not None:
     return finished
   ds = dataset if dataset is not None else data.load(cfg.data)
-  height, width, channels = ds.spec.image_shape
+  height, width, channels = ds.spec.shape
   if channels != 1 or height % 2 or width % 2:
-    raise ConfigError(f"data.name={cfg.data.name!r} has images of shape {ds.spec.image_shape}; the quadrant task "
+    raise ConfigError(f"data.name={cfg.data.name!r} has images of shape {ds.spec.shape}; the quadrant task "
                       "needs one channel and an even height and width (MNIST, Fashion-MNIST).")
   rundir.init(workdir, config)
-  task = Task(cfg, height, width)
+  nets = Networks(cfg, height, width)
   train_images = jnp.asarray(ds.train.images)
   stopping = ds.validation if ds.validation is not None else ds.test
   eval_batch = cfg.training.eval_batch_size
   q, ev = cfg.quadrants, cfg.evaluation
   eval_key = stream_key(cfg.seed, Stream.EVAL)
-  x0 = jnp.zeros((1, task.num_pixels))
+  x0 = jnp.zeros((1, nets.num_pixels))
   init_key = stream_key(cfg.seed, Stream.PARAMS)
   t0 = time.perf_counter()
 
   def mean_over(split, per_example):  # jitted, chunked mean over a split's examples
-    over = map_over_split(lambda p, images, labels, key: per_example(p, task.images(images), key), eval_batch)
+    over = map_over_split(lambda p, images, labels, key: per_example(p, nets.images(images), key), eval_batch)
     return lambda params: float(jnp.mean(over(params, jnp.asarray(split.images), jnp.asarray(split.labels), eval_key)))
 
   # 1. The deterministic baseline.
-  baseline_params, baseline_fit = fit(
-      cfg, workdir / "baseline", task.baseline.init(jax.random.fold_in(init_key, 0), x0)["params"],
-      lambda p, images, key: jnp.mean(task.baseline_loss(p, task.images(images))),
-      mean_over(stopping, lambda p, x, key: task.baseline_loss(p, x)), train_images, seed_stream=0)
+  baseline_params, baseline_fit = train_net(
+      cfg, workdir / "baseline", nets.baseline.init(fold(init_key, InitPart.BASELINE), x0)["params"],
+      lambda p, images, key: jnp.mean(nets.baseline_loss(p, nets.images(images))),
+      mean_over(stopping, lambda p, x, key: nets.baseline_loss(p, x)), train_images, Net.BASELINE)
 
   # 2. The CVAE, its prior network fed the frozen baseline.
-  cvae_init = task.cvae.init(jax.random.fold_in(init_key, 1), x0, x0, jax.random.fold_in(init_key, 2))["params"]
-  cvae_params, cvae_fit = fit(
+  cvae_init = nets.cvae.init(fold(init_key, InitPart.CVAE), x0, x0, fold(init_key, InitPart.CVAE_SAMPLE))["params"]
+  cvae_params, cvae_fit = train_net(
       cfg, workdir / "cvae", cvae_init,
-      lambda p, images, key: jnp.mean(task.cvae_terms(p, baseline_params, task.images(images), key, 1, q.kl)["neg_elbo"]),
-      mean_over(stopping, lambda p, x, key: task.cvae_terms(p, baseline_params, x, key, q.stopping_samples,
+      lambda p, images, key: jnp.mean(nets.cvae_terms(p, baseline_params, nets.images(images), key, 1, q.kl)["neg_elbo"]),
+      mean_over(stopping, lambda p, x, key: nets.cvae_terms(p, baseline_params, x, key, q.stopping_samples,
                                                             q.kl)["neg_elbo"]),
-      train_images, seed_stream=1)
+      train_images, Net.CVAE)
 
   # 3. Test metrics.
   test = ds.test
   log.info("Evaluating on %d test images (conditional NLL with k=%d)", len(test), ev.iwae_samples)
   results = {
       "given_quadrants": q.given,
-      "baseline_bce": mean_over(test, lambda p, x, key: task.baseline_loss(p, x))(baseline_params),
-      "cvae_neg_elbo": mean_over(test, lambda p, x, key: task.cvae_terms(p, baseline_params, x, key, q.elbo_samples)["neg_elbo"])(cvae_params),
+      "baseline_bce": mean_over(test, lambda p, x, key: nets.baseline_loss(p, x))(baseline_params),
+      "cvae_neg_elbo": mean_over(test, lambda p, x, key: nets.cvae_terms(p, baseline_params, x, key, q.elbo_samples)["neg_elbo"])(cvae_params),
       "cvae_elbo_samples": q.elbo_samples,
       "early_stopping_split": "validation" if ds.validation is not None else "test",
       "baseline_fit": baseline_fit, "cvae_fit": cvae_fit,
   }
   if ev.iwae_samples:
-    results["cvae_conditional_nll"] = mean_over(test, lambda p, x, key: task.conditional_nll(
+    results["cvae_conditional_nll"] = mean_over(test, lambda p, x, key: nets.conditional_nll(
         p, baseline_params, x, key, ev.iwae_samples, ev.sample_chunk))(cvae_params)
     results["nll_samples"] = ev.iwae_samples
   results["wall_time"] = time.perf_counter() - t0
   if cfg.training.figures:
-    completion_figure(workdir / "figures" / "quadrants.png", task, cvae_params, baseline_params, test,
+    completion_figure(workdir / "figures" / "quadrants.png", nets, cvae_params, baseline_params, test,
                       stream_key(cfg.seed, Stream.FIGURES))
   rundir.write_json_atomic(workdir / "results.json", results)
   log.info("Finished %s: baseline BCE %.2f, CVAE -ELBO(%d) %.2f, CVAE NLL %s", workdir, results["baseline_bce"],
@@ -305,16 +313,19 @@ def train_and_evaluate(cfg: Config, workdir: str | Path, dataset: Optional[Datas
   return results
 
 
-def completion_figure(path: Path, task: Task, cvae_params, baseline_params, split, key, n: int = 8,
+def completion_figure(path: Path, nets: Networks, cvae_params, baseline_params, split, key, n: int = 8,
                       samples: int = 5) -> None:
   """Rows: test digits. Columns: the input (hidden pixels grey), the truth, the baseline's prediction,
   and `samples` CVAE completions with z ~ p(z | x)."""
-  x = task.images(jnp.asarray(split.images[:n]))
-  inputs = jnp.where(task.mask, 0.5, x)
-  baseline = fill(x, jax.nn.sigmoid(task.baseline.apply({"params": baseline_params}, hide(x, task.mask))), task.mask)
-  completions = task.sample_completions(cvae_params, baseline_params, x, key, samples)  # [S, n, D]
+  x = nets.images(jnp.asarray(split.images[:n]))
+  inputs = jnp.where(nets.mask, 0.5, x)
+  baseline = fill(x, jax.nn.sigmoid(nets.baseline.apply({"params": baseline_params}, hide(x, nets.mask))), nets.mask)
+  completions = nets.sample_completions(cvae_params, baseline_params, x, key, samples)  # [S, n, D]
   columns = jnp.stack([inputs, x, baseline, *completions], axis=1)  # [n, 3 + S, D]
   path.parent.mkdir(parents=True, exist_ok=True)
-  grid_figure(path, np.asarray(columns).reshape(n, 3 + samples, task.height, task.width, 1),
+  grid_figure(path, np.asarray(columns).reshape(n, 3 + samples, nets.height, nets.width, 1),
               "quadrant completion: input, truth, baseline NN, CVAE samples",
               col_labels=["input", "truth", "NN"] + [f"CVAE {i + 1}" for i in range(samples)])
+
+
+register(QuadrantTask())

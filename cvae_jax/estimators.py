@@ -1,31 +1,44 @@
-"""Evaluation on a whole split, jitted and chunked so memory stays bounded for any split size:
-the ELBO and its terms, KL per latent dimension, active units, and the importance-weighted bound.
+"""Estimators over a whole split, jitted and chunked so memory stays bounded for any split size: the ELBO
+and its terms, KL per latent dimension, active units, I(x; z), and the importance-weighted bound.
 
-Training calls the same functions each epoch and at the end; `python -m cvae_jax.evaluate` calls them on
-a restored checkpoint.
+Training calls the same functions each epoch and at the end; the evaluators (cvae_jax/evaluators/) call
+them on a restored checkpoint.
 """
 from __future__ import annotations
 
+import enum
 import math
-from typing import Callable
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cvae_jax.config import Likelihood
 from cvae_jax.data import DatasetSpec, model_input
+from cvae_jax.keys import fold
+from cvae_jax.likelihoods import Likelihood
 from cvae_jax.models import VAE
-from cvae_jax.objectives import LOG_PROB, elbo_terms, gaussian_kl_per_dim, log_importance_weights
+from cvae_jax.objectives import decoder_log_likelihood, elbo_terms, gaussian_kl_per_dim, log_importance_weights
 
 ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. 2016: unit u is active when Cov_x(E_q[z_u]) > 0.01
 
 
-def one_hot_condition(model: VAE, labels: jax.Array):
-  """The CVAE condition c: one-hot class labels, or float condition vectors [B, P] as they are; None for a VAE."""
-  if not model.num_classes:
-    return None
-  return labels if jnp.issubdtype(labels.dtype, jnp.floating) else jax.nn.one_hot(labels, model.num_classes)
+class Draw(enum.IntEnum):
+  """The named parts below an evaluation key (the run's Stream.EVAL key, or one chunk's key)."""
+  REPARAM = 0             # the z drawn from q(z | x)
+  BINARIZE = 1            # dynamic binarization of the inputs
+  IWAE = 2                # the importance samples of the end-of-training bound
+  MUTUAL_INFORMATION = 3  # the z of the I(x; z) estimate
+
+
+def condition(model: VAE, spec: DatasetSpec, labels: jax.Array) -> Optional[jax.Array]:
+  """The CVAE's condition c from a split's labels (DatasetSpec.condition_input); None for a VAE."""
+  return spec.condition_input(labels) if model.condition_size else None
+
+
+def inputs(spec: DatasetSpec, images: jax.Array, key: jax.Array) -> jax.Array:
+  """A chunk's stored values as model inputs (dynamic binarization from the chunk key's BINARIZE part)."""
+  return model_input(images, spec.encoding, fold(key, Draw.BINARIZE))
 
 
 def map_over_split(per_batch: Callable, batch_size: int) -> Callable:
@@ -53,11 +66,11 @@ def make_evaluate(model: VAE, spec: DatasetSpec, likelihood: Likelihood, batch_s
 
   One sample of z per example (the reparameterized ELBO estimate), from the fixed `key`.
   """
-  num_dims = spec.num_pixels
+  num_dims = spec.num_dims
 
   def per_batch(params, images, labels, key):
-    x = model_input(images, spec.pixels, jax.random.fold_in(key, 1))
-    out = model.apply({"params": params}, x, one_hot_condition(model, labels), jax.random.fold_in(key, 0))
+    x = inputs(spec, images, key)
+    out = model.apply({"params": params}, x, condition(model, spec, labels), fold(key, Draw.REPARAM))
     return elbo_terms(x, out.logits, out.mean, out.logvar, likelihood)  # each [b]
 
   per_example = map_over_split(per_batch, batch_size)
@@ -76,8 +89,8 @@ def make_posterior_stats(model: VAE, spec: DatasetSpec, batch_size: int, with_lo
   of q(z | x[, c])."""
 
   def per_batch(params, images, labels, key):
-    x = model_input(images, spec.pixels, jax.random.fold_in(key, 1))
-    mean, logvar = model.apply({"params": params}, x, one_hot_condition(model, labels), method=VAE.encode)
+    x = inputs(spec, images, key)
+    mean, logvar = model.apply({"params": params}, x, condition(model, spec, labels), method=VAE.encode)
     return {"mean": mean, "kl_per_dim": gaussian_kl_per_dim(mean, logvar)} | ({"logvar": logvar} if with_logvar else {})
 
   return map_over_split(per_batch, batch_size)
@@ -107,7 +120,7 @@ def make_diagnostics(model: VAE, spec: DatasetSpec, batch_size: int, mi_examples
     posterior = stats(params, images, labels, key)
     num_active, _ = active_units(np.asarray(posterior["mean"]))
     m = min(mi_examples, images.shape[0])
-    mi = estimate_mi(posterior["mean"][:m], posterior["logvar"][:m], jax.random.fold_in(key, 3))
+    mi = estimate_mi(posterior["mean"][:m], posterior["logvar"][:m], fold(key, Draw.MUTUAL_INFORMATION))
     return {"kl_per_dim": np.asarray(posterior["kl_per_dim"]).mean(axis=0).round(5).tolist(),
             "active_units": num_active, "mutual_information": float(mi)}
 
@@ -151,19 +164,6 @@ def importance_weighted_bound(log_likelihood: Callable, mean: jax.Array, logvar:
   return (bound, log_w_sum / num_samples) if with_elbo else bound
 
 
-def decoder_log_likelihood(model: VAE, params, x, c, likelihood: Likelihood) -> Callable:
-  """log_likelihood(z [S, B, Z]) -> log p(x | z[, c]) [S, B]: S draws of z per example, decoded in one batch."""
-
-  def log_likelihood(z):
-    s, b = z.shape[:2]
-    c_rep = None if c is None else jnp.tile(c, (s, 1))
-    x_rep = jnp.broadcast_to(x, (s, *x.shape)).reshape(s * b, *x.shape[1:])
-    logits = model.apply({"params": params}, z.reshape(s * b, -1), c_rep, x_rep, method=VAE.decode)
-    return LOG_PROB[likelihood](x_rep, logits).reshape(s, b)
-
-  return log_likelihood
-
-
 def iwae_bound(model: VAE, params, x, c, key, num_samples: int, chunk: int, likelihood: Likelihood,
                with_elbo: bool = False):
   """L_k of the model's log p(x) (log p(x | c) for a CVAE), with its encoder as the proposal.  [B]
@@ -178,8 +178,8 @@ def make_iwae(model: VAE, spec: DatasetSpec, likelihood: Likelihood, num_samples
   """Returns iwae(params, images, labels, key) -> per-example L_k [N] over a whole split."""
 
   def per_batch(params, images, labels, key):
-    x = model_input(images, spec.pixels, jax.random.fold_in(key, 1))
-    return iwae_bound(model, params, x, one_hot_condition(model, labels), jax.random.fold_in(key, 0),
-                      num_samples, sample_chunk, likelihood)
+    x = inputs(spec, images, key)
+    return iwae_bound(model, params, x, condition(model, spec, labels), fold(key, Draw.REPARAM), num_samples,
+                      sample_chunk, likelihood)
 
   return map_over_split(per_batch, batch_size)

@@ -22,7 +22,7 @@ from typing import Any, Optional
 import jax
 import yaml
 
-from cvae_jax.config import Config, to_dict
+from cvae_jax import schema
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,8 @@ def _diff(old: dict, new: dict, defaults: dict, prefix: str = "") -> list[str]:
 
 
 def check_config(workdir: Path, config: dict) -> None:
-  """Refuses a run directory that holds a run of a different config. Reads only."""
+  """Refuses a run directory that holds a run of a different config. Reads only. The config written there
+  is read in the current layout (schema.migrate), a key it lacks as the schema's default."""
   path = workdir / "config.yaml"
   if not path.exists():
     return
@@ -70,7 +71,12 @@ def check_config(workdir: Path, config: dict) -> None:
   if not isinstance(old, dict):
     raise RunDirError(f"{path} does not hold a config. Nothing was changed. Move it away, or choose a new run "
                       "directory with hydra.run.dir=....")
-  changes = _diff(old, config, to_dict(Config()))
+  try:
+    old = schema.migrate(old)
+  except Exception as e:  # noqa: BLE001  any content a migration cannot read: the same advice
+    raise RunDirError(f"{path} does not hold a config this version can read ({e}). Nothing was changed. Move it "
+                      "away, or choose a new run directory with hydra.run.dir=....") from e
+  changes = _diff(old, config, schema.defaults_like(config))
   if changes:
     raise RunDirError(
         f"Run directory {workdir} holds a run with a different config ({'; '.join(changes)}). "
@@ -105,6 +111,7 @@ def environment() -> dict:
       "python": platform.python_version(),
       "platform": platform.platform(),
       "backend": jax.default_backend(),
+      "xla_flags": os.environ.get("XLA_FLAGS", ""),
       "devices": [d.device_kind for d in jax.devices()],
       "versions": versions,
   }

@@ -11,6 +11,7 @@ and subset and cached in `<data.data_dir or $TFDS_DATA_DIR or ~/tensorflow_datas
 """
 from __future__ import annotations
 
+import enum
 import gzip
 import hashlib
 import importlib.util
@@ -18,16 +19,32 @@ import logging
 import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 
-from cvae_jax import smiles as smiles_lib
-from cvae_jax.config import DataConfig, Pixels, Syntax
-from cvae_jax.data import DataError, DatasetSpec, Split, find_manual_dir
+from cvae_jax.config import Config, DataConfig, check
+from cvae_jax.data import smiles as smiles_lib
+from cvae_jax.data.files import data_root, find_manual_dir
+from cvae_jax.data.registry import DatasetEntry, register
+from cvae_jax.data.spec import Condition, DataError, DatasetSpec, Encoding, Modality, Split
 
 log = logging.getLogger(__name__)
+
+
+class Syntax(str, enum.Enum):
+  smiles = "smiles"    # SMILES strings, one token per atom, bond, branch or ring digit
+  selfies = "selfies"  # SELFIES (Krenn et al. 2020): every token string decodes to a valid molecule
+
+
+@dataclass
+class MoleculeDataConfig(DataConfig):
+  name: str = "moses"
+  syntax: Syntax = Syntax.smiles  # the string syntax the model reads and writes
+  # The RDKit properties that form the CVAE's condition vector (z-scored with the training split's mean and std).
+  properties: list[str] = field(default_factory=lambda: ["mw", "logp", "tpsa", "hbd", "hba", "qed"])
 
 FILES = {"train": "train.csv.gz", "test": "test.csv.gz"}
 INSTALL = "pip install --no-deps molsets==0.3.1"
@@ -100,8 +117,7 @@ def in_property_units(spec: DatasetSpec, conditions: np.ndarray) -> np.ndarray:
 
 
 def cache_dir(data_dir: Optional[str]) -> Path:
-  root = data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets"
-  return Path(root).expanduser() / "cvae_jax_moses"
+  return data_root(data_dir) / "cvae_jax_moses"
 
 
 def cached_properties(smiles: Sequence[str], split: str, data_dir: Optional[str]) -> np.ndarray:
@@ -131,13 +147,11 @@ def subset(smiles: list[str], limit: Optional[int]) -> list[str]:
   return [smiles[i] for i in order[: limit or len(smiles)]]
 
 
-def load(cfg: DataConfig) -> tuple[Split, Split, DatasetSpec]:
+def read(cfg: MoleculeDataConfig) -> tuple[Split, Split, DatasetSpec]:
   """MOSES as token ids [N, T] uint8 with z-scored property vectors [N, P] float32 as labels.
 
   The vocabulary comes from the training subset; test molecules it cannot encode (a new token, or longer
   than the longest training molecule) are left out and counted in the log."""
-  if cfg.pixels != Pixels.tokens:
-    raise DataError("data.name=moses holds molecules: set data.pixels=tokens (use +experiment=molecules_cvae).")
   unknown = [p for p in cfg.properties if p not in PROPERTIES]
   if unknown or not cfg.properties:
     raise DataError(f"data.properties={list(cfg.properties)}: choose one or more of {list(PROPERTIES)}.")
@@ -168,14 +182,15 @@ def load(cfg: DataConfig) -> tuple[Split, Split, DatasetSpec]:
       mean, std = values.mean(axis=0), values.std(axis=0)
       std = np.where(std > 0, std, 1.0)
     splits[split] = Split(vocab.encode([tokens[i] for i in keep]), ((values - mean) / std).astype(np.float32))
-  spec = DatasetSpec(name="moses", image_shape=(vocab.length,), num_classes=len(columns), pixels=Pixels.tokens,
-                     class_names=tuple(cfg.properties), vocab=vocab.tokens,
+  spec = DatasetSpec(name="moses", shape=(vocab.length,), condition_size=len(columns), encoding=Encoding.tokens,
+                     modality=Modality.tokens, condition=Condition.vector, condition_names=tuple(cfg.properties),
+                     vocab=vocab.tokens,
                      condition_mean=tuple(float(m) for m in mean), condition_std=tuple(float(s) for s in std))
   return splits["train"], splits["test"], spec
 
 
 def vocabulary(spec: DatasetSpec, syntax: Syntax) -> smiles_lib.Vocabulary:
-  return smiles_lib.Vocabulary(spec.vocab, spec.image_shape[0], Syntax(syntax).value)
+  return smiles_lib.Vocabulary(spec.vocab, spec.shape[0], Syntax(syntax).value)
 
 
 VOCAB_FILE = "vocab.json"  # in the run directory, beside the checkpoints
@@ -194,3 +209,15 @@ def save_or_check_vocabulary(workdir: Path, spec: DatasetSpec, syntax: Syntax) -
                     f"one {path} was trained with ({saved.size} tokens, length {saved.length}): the MOSES files "
                     "or the data settings changed. Restore the files it was trained on, or train a new run.")
 
+
+
+def check_config(cfg: Config) -> None:
+  """Molecules are the molecule task's data (its generation metrics and vocabulary), and their condition is
+  a property vector, not classes."""
+  check(cfg.task == "molecules", "task", cfg.task, "data.name=moses holds molecules: use task=molecules "
+        "(+experiment=molecules_cvae)")
+  check(not cfg.data.exclude_classes, "data.exclude_classes", cfg.data.exclude_classes,
+        "molecules have no classes to leave out")
+
+
+register(DatasetEntry("moses", MoleculeDataConfig, read, encoding=lambda cfg: Encoding.tokens, check=check_config))

@@ -21,13 +21,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cvae_jax import data, rundir
-from cvae_jax.config import Config, Likelihood
-from cvae_jax.data import Dataset, DatasetSpec, DataError, model_input
-from cvae_jax.evaluation import iwae_bound, map_over_split
-from cvae_jax.keys import Stream, stream_key
+from cvae_jax import data
+from cvae_jax.config import Config
+from cvae_jax.data import Dataset, DatasetSpec, DataError
+from cvae_jax.engine import rundir
+from cvae_jax.estimators import Draw, inputs, iwae_bound, map_over_split
+from cvae_jax.evaluators import EvalContext
+from cvae_jax.keys import Stream, fold, stream_key
+from cvae_jax.likelihoods import Likelihood
 from cvae_jax.models import VAE
-from cvae_jax.objectives import LOG_PROB
 
 
 def make_scores(model: VAE, spec: DatasetSpec, likelihood: Likelihood, num_samples: int, batch_size: int,
@@ -37,22 +39,22 @@ def make_scores(model: VAE, spec: DatasetSpec, likelihood: Likelihood, num_sampl
   `class_log_prior` [K]: log p(c) for the CVAE marginal, -inf for classes never trained on (they are
   skipped). Labels are not used: an anomaly detector does not know them.
   """
-  if model.num_classes:
+  if model.condition_size:
     classes = jnp.asarray(np.flatnonzero(np.isfinite(class_log_prior)))
     log_prior = jnp.asarray(class_log_prior)[classes]
 
   def per_batch(params, images, labels, key):
-    x = model_input(images, spec.pixels, jax.random.fold_in(key, 1))
-    key = jax.random.fold_in(key, 0)
+    x = inputs(spec, images, key)
+    key = fold(key, Draw.REPARAM)
     if not model.stochastic:
       out = model.apply({"params": params}, x, None, key)
-      return {"reconstruction": -LOG_PROB[likelihood](x, out.logits)}
-    if not model.num_classes:
+      return {"reconstruction": -likelihood.log_prob(x, out.logits)}
+    if not model.condition_size:
       bound, elbo = iwae_bound(model, params, x, None, key, num_samples, sample_chunk, likelihood, with_elbo=True)
       return {"neg_elbo": -elbo, "nll": -bound}
 
     def under_class(k):  # [b], [b]: the bounds on log p(x | c = k)
-      c = jax.nn.one_hot(jnp.full(x.shape[0], k), model.num_classes)
+      c = spec.condition_input(jnp.full(x.shape[0], k))
       return iwae_bound(model, params, x, c, key, num_samples, sample_chunk, likelihood, with_elbo=True)
 
     bound, elbo = jax.lax.map(under_class, classes)  # [C, b] each
@@ -107,23 +109,24 @@ def load_anomaly_dataset(cfg: Config, spec: DatasetSpec) -> Dataset:
     other = data.load(dataclasses.replace(cfg.data, name=name, exclude_classes=[], validation_size=0, test_limit=None))
   except DataError as e:
     raise DataError(f"evaluation.anomaly_dataset={name!r}: {e}") from e
-  if other.spec.image_shape != spec.image_shape:
-    raise DataError(f"evaluation.anomaly_dataset={name!r} has inputs of shape {other.spec.image_shape}, the "
-                    f"model takes {spec.image_shape}; choose a dataset of the same shape.")
+  if other.spec.shape != spec.shape:
+    raise DataError(f"evaluation.anomaly_dataset={name!r} has inputs of shape {other.spec.shape}, the "
+                    f"model takes {spec.shape}; choose a dataset of the same shape.")
   return other
 
 
-def score_anomalies(cfg: Config, ds: Dataset, model: VAE, params, workdir: Path) -> dict:
+def score_anomalies(ctx: EvalContext) -> dict:
   """Scores the test split (and evaluation.anomaly_dataset's), writes anomaly.json, anomaly_scores.npz
   and figures/anomaly_scores.png; returns the anomaly.json content."""
   t0 = time.perf_counter()
+  cfg, ds, model, params, workdir = ctx.cfg, ctx.dataset, ctx.model, ctx.params, ctx.workdir
   ev, spec = cfg.evaluation, ds.spec
   log_prior = None
-  if model.num_classes:
+  if model.condition_size:
     counts = np.bincount(ds.train.labels, minlength=spec.num_classes).astype(np.float64)
     with np.errstate(divide="ignore"):
       log_prior = np.log(counts / counts.sum())
-  scores_fn = make_scores(model, spec, cfg.objective.likelihood, ev.anomaly_samples, ev.batch_size,
+  scores_fn = make_scores(model, spec, ctx.likelihood, ev.anomaly_samples, ev.batch_size,
                           ev.sample_chunk, log_prior)
   key = stream_key(cfg.seed, Stream.EVAL)
   score = lambda split: {k: np.asarray(v, np.float64) for k, v in jax.device_get(
@@ -154,7 +157,7 @@ def score_anomalies(cfg: Config, ds: Dataset, model: VAE, params, workdir: Path)
   if protocols:
     (workdir / "figures").mkdir(exist_ok=True)
     histogram_figure(workdir / "figures" / "anomaly_scores.png", protocols,
-                     f"{spec.name}, {'ae' if not model.stochastic else 'cvae' if model.num_classes else 'vae'}, "
+                     f"{spec.name}, {'ae' if not model.stochastic else 'cvae' if model.condition_size else 'vae'}, "
                      f"held out {list(cfg.data.exclude_classes)}")
   result["wall_time"] = time.perf_counter() - t0
   rundir.write_json_atomic(workdir / "anomaly.json", result)
@@ -165,3 +168,8 @@ def auroc_summary(result: dict) -> dict:
   """{"<protocol>/<score>": AUROC}: the flat form results.json and sweep reports carry."""
   return {f"{p}/{k}": round(v["auroc"], 4) for p, block in result["protocols"].items()
           for k, v in block["scores"].items()}
+
+
+def evaluator(ctx: EvalContext) -> dict:
+  """The anomaly evaluator: scores written beside eval.json, the AUROCs in it."""
+  return {"anomaly_auroc": auroc_summary(score_anomalies(ctx))}

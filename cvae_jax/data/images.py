@@ -1,0 +1,151 @@
+"""TFDS image datasets (`data.name` = mnist, fashion_mnist, or any TFDS dataset with `image` and `label`).
+
+Offline use: TFDS prepares a dataset from the official files when it finds them in a manual directory
+(it checks each file's size and sha256), found as data/files.py says; the repository ships MNIST's. The
+decoded splits are kept beside the prepared dataset, so every run after the first reads them in 0.1 s.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from cvae_jax.config import DataConfig, Pixels
+from cvae_jax.data.files import MANUAL_DIR_ENV, find_manual_dir
+from cvae_jax.data.registry import DEFAULT, DatasetEntry, register
+from cvae_jax.data.spec import DataError, DatasetSpec, Encoding, Split
+
+# The official files TFDS expects for the datasets we document; others are checked by TFDS itself.
+OFFICIAL_FILES = {
+    "mnist": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
+              "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
+OFFICIAL_FILES["fashion_mnist"] = OFFICIAL_FILES["mnist"]
+
+
+@dataclass
+class ImageDataConfig(DataConfig):
+  name: str = "mnist"                # any TFDS dataset with `image` and `label` features
+  pixels: Pixels = Pixels.grayscale  # how pixel intensities become model inputs
+  binarization_seed: int = 0         # seed of the fixed sample for static binarization
+  download: bool = False             # allow TFDS to download when no manual files are found
+
+
+def _missing_help(name: str, looked: list[Path]) -> str:
+  files = ", ".join(OFFICIAL_FILES.get(name, ("the files of the dataset's official download",)))
+  where = " or ".join(str(p) for p in looked)
+  return (f"Put {files} in {where}, set data.manual_dir (or {MANUAL_DIR_ENV}) to a folder holding "
+          f"'{name}/', or pass data.download=true to let TFDS download it.")
+
+
+def _builder(cfg: ImageDataConfig):
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up chatter
+  os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")  # TF only decodes images here; silences its notice
+  import tensorflow_datasets as tfds
+  try:
+    builder = tfds.builder(cfg.name, data_dir=cfg.data_dir)
+  except tfds.core.registered.DatasetNotFoundError as e:
+    raise DataError(f"data.name={cfg.name!r} is not a TFDS dataset. Use mnist, fashion_mnist or "
+                    f"another name from `tfds.list_builders()`.") from e
+  features = builder.info.features
+  if "image" not in features or "label" not in features:
+    raise DataError(f"data.name={cfg.name!r} has features {list(features)}; "
+                    "cvae_jax needs a dataset with 'image' and 'label' features.")
+  return builder
+
+
+def prepare(cfg: ImageDataConfig):
+  """Returns a prepared TFDS builder, preparing it from manual files (or a download) when needed."""
+  import tensorflow_datasets as tfds
+  builder = _builder(cfg)
+  if builder.is_prepared():
+    return builder
+  folder, looked = find_manual_dir(cfg.name, cfg.manual_dir)
+  expected = OFFICIAL_FILES.get(cfg.name)
+  if folder is not None and expected and not cfg.download:
+    missing = [f for f in expected if not (folder / f).is_file()]
+    if missing:
+      raise DataError(f"Dataset {cfg.name!r} is not prepared and {folder} lacks {', '.join(missing)}. "
+                      + _missing_help(cfg.name, looked))
+  if folder is None and not cfg.download:
+    raise DataError(f"Dataset {cfg.name!r} is not prepared in {builder.data_dir} and no manual files "
+                    "were found. " + _missing_help(cfg.name, looked))
+  # A fresh extraction folder per dataset: TFDS names extracted files after the archive alone
+  # (GZIP.t10k-images-idx3-ubyte.gz), so with a shared one fashion_mnist is prepared from MNIST's
+  # extracted files when MNIST was prepared first.
+  try:
+    with tempfile.TemporaryDirectory(prefix=f"tfds_extract_{cfg.name}_") as extract_dir:
+      config = tfds.download.DownloadConfig(manual_dir=str(folder) if folder else None, extract_dir=extract_dir)
+      builder.download_and_prepare(download_config=config)
+  except Exception as e:  # TFDS raises many types: checksum mismatch, truncated gzip, network
+    raise DataError(f"TFDS could not prepare {cfg.name!r} from {folder or 'the internet'}: "
+                    f"{type(e).__name__}: {e}. Check that the files are the official, complete ones "
+                    "(TFDS verifies size and sha256), or remove them and pass data.download=true.") from e
+  return builder
+
+
+def _read_split(builder, split: str) -> Split:
+  """A split as arrays. TFDS decodes every image of it (6.5 s for MNIST's 70,000 on 2 cores), and each run
+  of a sweep would pay that again, so the arrays are kept beside the prepared dataset, one uncompressed
+  .npz per split (0.1 s to read), and a copy that is unreadable or of another size is rewritten."""
+  import tensorflow_datasets as tfds
+  if split not in builder.info.splits:
+    raise DataError(f"Dataset {builder.name!r} has no {split!r} split (it has {list(builder.info.splits)}).")
+  cache = split_cache(builder, split)
+  cached = _read_cached_split(cache, builder.info.splits[split].num_examples)
+  if cached is not None:
+    return cached
+  arrays = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))
+  images = np.asarray(arrays["image"])
+  if images.dtype != np.uint8:
+    raise DataError(f"Dataset {builder.name!r} images are {images.dtype}; expected uint8 pixels.")
+  result = Split(images=images, labels=np.asarray(arrays["label"], dtype=np.int32))
+  _write_cached_split(cache, result)
+  return result
+
+
+def split_cache(builder, split: str) -> Path:
+  return Path(builder.data_dir) / f"cvae_jax_{split}.npz"
+
+
+def _read_cached_split(path: Path, num_examples: int) -> Optional[Split]:
+  try:
+    with np.load(path) as arrays:
+      images, labels = arrays["images"], arrays["labels"]
+  except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):  # absent, truncated or not ours
+    return None
+  if len(images) != num_examples or len(labels) != num_examples or images.dtype != np.uint8:
+    return None
+  return Split(images=images, labels=labels.astype(np.int32))
+
+
+def _write_cached_split(path: Path, split: Split) -> None:
+  """Written to a temporary name and renamed, so a reader never sees half a file; a data_dir that cannot
+  be written (read-only, remote) only means no cache."""
+  temporary = None
+  try:
+    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=path.stem, suffix=".tmp", delete=False) as f:
+      temporary = Path(f.name)
+      np.savez(f, images=split.images, labels=split.labels)
+    temporary.chmod(0o644)  # NamedTemporaryFile makes it private; the dataset's other files are not
+    os.replace(temporary, path)
+  except OSError:
+    if temporary is not None:
+      temporary.unlink(missing_ok=True)
+
+
+def read(cfg: ImageDataConfig) -> tuple[Split, Split, DatasetSpec]:
+  builder = prepare(cfg)
+  train, test = _read_split(builder, "train"), _read_split(builder, "test")
+  label = builder.info.features["label"]
+  spec = DatasetSpec(name=cfg.name, shape=tuple(train.images.shape[1:]), condition_size=int(label.num_classes),
+                     encoding=Encoding(Pixels(cfg.pixels).value), condition_names=tuple(label.names))
+  return train, test, spec
+
+
+register(DatasetEntry(DEFAULT, ImageDataConfig, read, encoding=lambda cfg: Encoding(Pixels(cfg.pixels).value)))

@@ -1,0 +1,72 @@
+"""Datasets by name. Each entry reads its raw splits and states what it asks of the rest of the config;
+`load` applies what every dataset shares (held-out classes, a validation split, limits, static
+binarization). A name no entry claims is a TFDS image dataset (data/images.py)."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Optional
+
+from cvae_jax.config import Config, DataConfig
+from cvae_jax.data.spec import Dataset, DataError, DatasetSpec, Encoding, Split, exclude, static_binarize
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetEntry:
+  name: str
+  config: type  # its config node: a DataConfig subclass with the dataset's own keys
+  read: Callable[[DataConfig], tuple[Split, Split, DatasetSpec]]  # the raw train and test splits and the spec
+  encoding: Callable[[DataConfig], Encoding]  # how its values reach the model, known from the config alone
+  check: Callable[[Config], None] = lambda cfg: None  # what it requires of the model, likelihood and task
+
+
+DATASETS: dict[str, DatasetEntry] = {}
+DEFAULT = "tfds_images"  # the entry of every name not registered
+
+
+def register(entry: DatasetEntry) -> DatasetEntry:
+  DATASETS[entry.name] = entry
+  return entry
+
+
+def entry_for(name: str) -> DatasetEntry:
+  return DATASETS.get(name, DATASETS[DEFAULT])
+
+
+def load(cfg: DataConfig) -> Dataset:
+  """Loads train and test (and a validation split carved from train). Classes in data.exclude_classes are
+  removed from train and validation, never from test."""
+  train, test, spec = entry_for(cfg.name).read(cfg)
+  bad = [k for k in cfg.exclude_classes if not 0 <= k < spec.num_classes]
+  if bad:
+    raise DataError(f"data.exclude_classes={list(cfg.exclude_classes)}: {bad} not among the {spec.num_classes} "
+                    f"classes of {cfg.name!r} (labels 0..{spec.num_classes - 1}).")
+  validation = None
+  if cfg.validation_size:
+    if cfg.validation_size >= len(train):
+      raise DataError(f"data.validation_size={cfg.validation_size} leaves no training data "
+                      f"(train has {len(train)} examples).")
+    cut = len(train) - cfg.validation_size
+    validation = Split(train.images[cut:], train.labels[cut:])
+    train = Split(train.images[:cut], train.labels[:cut])
+  if cfg.exclude_classes:
+    train, validation = exclude(train, cfg.exclude_classes), exclude(validation, cfg.exclude_classes)
+    if len(train) == 0:
+      raise DataError(f"data.exclude_classes={list(cfg.exclude_classes)} leaves no training examples.")
+  if cfg.train_limit:
+    train = Split(train.images[:cfg.train_limit], train.labels[:cfg.train_limit])
+  if cfg.test_limit:
+    test = Split(test.images[:cfg.test_limit], test.labels[:cfg.test_limit])
+  return binarize(Dataset(spec, train, test, validation), getattr(cfg, "binarization_seed", 0))
+
+
+def binarize(ds: Dataset, seed: int) -> Dataset:
+  """Applies static binarization (a no-op for the other encodings); each split gets its own stream."""
+  if ds.spec.encoding != Encoding.static_binary:
+    return ds
+
+  def apply(split: Optional[Split], stream: int) -> Optional[Split]:
+    if split is None:
+      return None
+    return Split(static_binarize(split.images, seed * 1000 + stream), split.labels)
+
+  return Dataset(ds.spec, apply(ds.train, 0), apply(ds.test, 1), apply(ds.validation, 2))

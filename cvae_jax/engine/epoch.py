@@ -1,0 +1,226 @@
+"""The compiled epoch: `train_step` (one update of any task's loss) and `train_epoch` (a lax.scan of it over
+minibatches of data already on the device, or a host loop of the jitted step), for one run, for a batched
+sweep of runs, or data parallel over a device mesh. The engine knows the loss only as a function.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Optional
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from cvae_jax.config import ConfigError, EpochLoop, OptimizerConfig, TrainingConfig
+from cvae_jax.engine.optim import learning_rate_factor
+from cvae_jax.keys import Stream, stream_key
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+@flax.struct.dataclass
+class RunHyper:
+  """The scalar hyperparameters a batched sweep varies between its runs (cvae_jax/batched.py): arguments
+  of the step rather than constants, so one program trains runs that differ only in them."""
+  seed: jax.Array
+  beta: jax.Array
+  learning_rate: jax.Array
+
+
+def run_hyper(seed: int, beta: float, learning_rate: float) -> RunHyper:
+  return RunHyper(seed=jnp.asarray(seed, jnp.int32), beta=jnp.asarray(beta, jnp.float32),
+                  learning_rate=jnp.asarray(learning_rate, jnp.float32))
+
+
+@dataclasses.dataclass(frozen=True)
+class StepKeys:
+  """The random keys of one training step: keys(stream) = fold_in(stream_key(seed, stream, *path), step),
+  a pure function of the step, so the same step of a resumed run draws the same numbers."""
+  seed: Any
+  step: Any
+  path: tuple = ()  # named parts below each stream key (the quadrant task's two models)
+
+  def __call__(self, stream: Stream) -> jax.Array:
+    return jax.random.fold_in(stream_key(self.seed, stream, *self.path), self.step)
+
+
+# loss(params, images [B, ...], labels [B, ...], keys: StepKeys, hyper: RunHyper) -> (loss, metrics): the
+# per-batch objective a task gives the engine; metrics is a dict of scalars and holds "loss".
+LossFn = Callable[..., tuple[jax.Array, dict]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """Everything the engine needs to train one model but its state and data."""
+  loss: LossFn
+  hyper: RunHyper             # the run's seed, beta and learning rate (a batched sweep passes its own)
+  optimizer: OptimizerConfig  # the learning-rate schedule (the state carries the optimizer itself)
+  training: TrainingConfig    # batch size, skipping non-finite updates, the epoch loop
+  num_train: int              # training examples; the last partial batch of an epoch is dropped
+  host_loop_on_cpu: bool = False  # training.epoch_loop=auto: loop over jitted steps on CPU (conv models)
+  key_path: tuple = ()        # named parts below each stream key (StepKeys.path)
+
+  @property
+  def steps_per_epoch(self) -> int:
+    return self.num_train // self.training.batch_size
+
+
+def steps_per_epoch(batch_size: int, num_train: int) -> int:
+  steps = num_train // batch_size
+  if steps == 0:
+    raise ConfigError(f"training.batch_size={batch_size} is larger than the training set ({num_train} examples). "
+                      "Lower it.")
+  return steps
+
+
+def make_train_step(plan: Plan) -> Callable:
+  """Returns train_step(state, images, labels, hyper=None) -> (state, metrics), not jitted. Pure: the keys
+  and any schedule are functions of state.step. The update is the optimizer's unit-rate direction times
+  hyper.learning_rate (times the schedule), so runs of a batched sweep may differ in their rate."""
+  lr_factor = learning_rate_factor(plan.optimizer, plan.steps_per_epoch)
+  skip_nonfinite = plan.training.skip_nonfinite
+
+  def train_step(state, images, labels, hyper: Optional[RunHyper] = None):
+    hyper = plan.hyper if hyper is None else hyper
+    keys = StepKeys(hyper.seed, state.step, plan.key_path)
+    grad_fn = jax.value_and_grad(plan.loss, has_aux=True)
+    (loss, metrics), grads = grad_fn(state.params, images, labels, keys, hyper)
+    direction, opt_state = state.tx.update(grads, state.opt_state, state.params)  # -Adam step for rate 1
+    rate = hyper.learning_rate * lr_factor(state.step)
+    updates = jax.tree.map(lambda d: d * rate, direction)
+    new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                              opt_state=opt_state)
+    if skip_nonfinite:  # keep the old parameters and optimizer state when this step's numbers are not finite
+      finite = jnp.isfinite(loss) & jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+      keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+      new_state = new_state.replace(params=keep(new_state.params, state.params),
+                                    opt_state=keep(new_state.opt_state, state.opt_state))
+      metrics["skipped"] = 1.0 - finite.astype(jnp.float32)
+    return new_state, metrics
+
+  return train_step
+
+
+def data_parallel_mesh() -> Mesh:
+  """A 1-D mesh over every local device; axis "data" splits the batch."""
+  return jax.make_mesh((jax.local_device_count(),), ("data",), axis_types=(AxisType.Auto,))
+
+
+def uses_step_loop(training: TrainingConfig, host_loop_on_cpu: bool) -> bool:
+  """Whether an epoch runs as a host loop of jitted steps instead of one lax.scan. On XLA:CPU,
+  convolutions inside a loop body run about 10x slower than at top level (measured: the conv1d ECG model,
+  16 s against 1.6 s per epoch), so families that say so (conv) loop on the host on CPU; the per-step
+  dispatch (tens of microseconds) is small beside their steps. Everything else scans."""
+  loop = EpochLoop(training.epoch_loop)
+  if loop == EpochLoop.auto:
+    return host_loop_on_cpu and jax.default_backend() == "cpu"
+  return loop == EpochLoop.steps
+
+
+def over_runs(fn: Callable, in_axes: tuple) -> Callable:
+  """fn over a leading axis of runs (a batched sweep), for arguments whose in_axes entry is 0 (None:
+  shared). Accelerators vmap: one wide step for all runs fills a device that one small model leaves idle.
+  XLA:CPU runs the batched matmuls of a vmap slower than plain ones, so there the runs follow one another
+  (lax.map) inside the one program, each with plain matmuls (8 MLP runs: 1.00-1.02x separate runs with
+  the map, 0.88-0.95x with vmap)."""
+  if jax.default_backend() != "cpu":
+    return jax.vmap(fn, in_axes=in_axes)
+
+  def mapped(*args):
+    def one(run_args):
+      it = iter(run_args)
+      return fn(*[next(it) if axis == 0 else a for a, axis in zip(args, in_axes)])
+    return jax.lax.map(one, [a for a, axis in zip(args, in_axes) if axis == 0])
+
+  return mapped
+
+
+def make_train_epoch(plan: Plan, on_trace: Optional[Callable[[], None]] = None, mesh: Optional[Mesh] = None,
+                     batched: bool = False) -> Callable:
+  """Returns train_epoch(state, images, labels, epoch, hyper=None) -> (state, per-step metrics).
+
+  The epoch is one compiled lax.scan of train_step over minibatches of data already on the device:
+  no host round trip per step (or, see uses_step_loop, a host loop over the same jitted step). Either
+  is traced once; `on_trace` is called each time JAX traces it (tests count retraces with it). With a
+  `mesh` (data parallelism), state and data are replicated and each minibatch is split over the mesh's
+  "data" axis; XLA partitions the step and all-reduces the gradients. batched: state and hyper carry a
+  leading axis of runs; the data is shared.
+  """
+  batch_size = plan.training.batch_size
+  steps, num_train = plan.steps_per_epoch, plan.num_train
+  train_step = make_train_step(plan)
+
+  def epoch_batches(epoch, hyper):  # [steps, batch_size] example indices; the last partial batch dropped
+    seed = plan.hyper.seed if hyper is None else hyper.seed
+    order = jax.random.permutation(jax.random.fold_in(stream_key(seed, Stream.DATA_ORDER, *plan.key_path), epoch),
+                                   num_train)
+    return order[: steps * batch_size].reshape(steps, batch_size)
+
+  def step_on(state, images, labels, idx, hyper):
+    batch_images, batch_labels = images[idx], labels[idx]
+    if mesh is not None:
+      split = NamedSharding(mesh, PartitionSpec("data"))
+      batch_images = jax.lax.with_sharding_constraint(batch_images, split)
+      batch_labels = jax.lax.with_sharding_constraint(batch_labels, split)
+    return train_step(state, batch_images, batch_labels, hyper)
+
+  def scan_epoch(state, images, labels, epoch, hyper=None):
+    batches = epoch_batches(epoch, hyper)
+    names = []
+
+    def body(s, idx):  # the step's metrics packed into one vector: one write per step, not one per metric
+      s, metrics = step_on(s, images, labels, idx, hyper)
+      names[:] = sorted(metrics)
+      return s, jnp.stack([jnp.asarray(metrics[k], jnp.float32) for k in names])
+
+    state, packed = jax.lax.scan(body, state, batches, unroll=plan.training.scan_unroll)
+    return state, {k: packed[:, i] for i, k in enumerate(names)}
+
+  def traced(fn, batched_axes):
+    def wrapped(*args):
+      if on_trace is not None:
+        on_trace()
+      return over_runs(fn, batched_axes)(*args) if batched else fn(*args)
+    return wrapped
+
+  if not uses_step_loop(plan.training, plan.host_loop_on_cpu):
+    return jax.jit(traced(scan_epoch, (0, None, None, None, 0)), donate_argnums=0)
+
+  order = jax.jit(jax.vmap(epoch_batches, in_axes=(None, 0)) if batched else epoch_batches)
+  step = jax.jit(traced(step_on, (0, None, None, 0, 0)), donate_argnums=0)
+
+  def loop_epoch(state, images, labels, epoch, hyper: Optional[RunHyper] = None):
+    batches = order(epoch, hyper)  # [steps, B] ([runs, steps, B] batched)
+    per_step = []
+    for i in range(steps):
+      state, metrics = step(state, images, labels, batches[:, i] if batched else batches[i], hyper)
+      per_step.append(metrics)
+    return state, jax.tree.map(lambda *m: jnp.stack(m, axis=1 if batched else 0), *per_step)
+
+  return loop_epoch
+
+
+def check_finite(step_metrics: dict, first_step: int) -> None:
+  skipped = step_metrics.get("skipped", np.zeros_like(step_metrics["loss"])) > 0
+  bad = np.flatnonzero(~np.isfinite(step_metrics["loss"]) & ~skipped)
+  if bad.size:
+    raise NonFiniteLossError(
+        f"The loss became {step_metrics['loss'][bad[0]]} at step {first_step + int(bad[0]) + 1}. "
+        "The run stopped; the last good checkpoint is kept. Lower optimizer.learning_rate or set "
+        "optimizer.grad_clip_norm, then rerun (or set training.skip_nonfinite=true to skip such updates).")
+
+
+def epoch_row(step_metrics: dict, step: int, epoch: int) -> dict:
+  """The train/* part of an epoch's metrics line: means over the steps whose update was applied."""
+  row = {"step": step, "epoch": epoch + 1}
+  applied = step_metrics.get("skipped", np.zeros_like(step_metrics["loss"])) == 0
+  row |= {f"train/{k}": float(np.mean(v[applied])) if applied.any() else float("nan")
+          for k, v in step_metrics.items() if k != "skipped"}
+  if "skipped" in step_metrics:
+    row["train/skipped"] = int(step_metrics["skipped"].sum())
+  return row

@@ -1,0 +1,155 @@
+"""The training loop, once for every model: epochs of the compiled epoch function, the non-finite guard,
+per-epoch metrics, checkpoints and resume, and early stopping as a hook.
+
+A Phase is a directory the loop trains into (checkpoints/, metrics.jsonl, tb/): a run directory, or a
+part of one (the quadrant task's baseline/ and cvae/, the sample judge's classifier/). `fit` trains one
+state, or N runs' states stacked on a leading axis (a batched sweep), each run with its own phase.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax.training import train_state
+from tqdm.auto import tqdm
+
+from cvae_jax.engine import checkpoints, rundir
+from cvae_jax.engine.epoch import check_finite, epoch_row
+
+log = logging.getLogger(__name__)
+
+
+class Phase:
+  """The checkpoints and metrics of one model's training, in `directory`."""
+
+  def __init__(self, directory: Path, max_checkpoints: int, name: Optional[str] = None):
+    self.directory = Path(directory)
+    self.name = name or self.directory.name
+    self.checkpointer = checkpoints.Checkpointer(self.directory / "checkpoints", max_checkpoints)
+    self.metrics: Optional[rundir.MetricsLog] = None
+
+  def restore(self, like: Any, legacy=()) -> Optional[Any]:
+    """The newest readable checkpoint in `like`'s structure (see Checkpointer.restore_latest_good), or None."""
+    return self.checkpointer.restore_latest_good(like, legacy)
+
+  def open_metrics(self, resume_step: int) -> None:
+    self.directory.mkdir(parents=True, exist_ok=True)
+    self.metrics = rundir.MetricsLog(self.directory, resume_step)
+
+  def close(self) -> None:
+    self.checkpointer.close()
+    if self.metrics is not None:
+      self.metrics.close()
+
+
+class EarlyStoppingState(train_state.TrainState):
+  """A train state with an early-stopping record: the best parameters so far, their stopping loss, and the
+  epochs since. It lives in the state (not in a flax.training.early_stopping.EarlyStopping beside it) so
+  that one checkpoint holds it, and its patience counts epochs without improvement (flax's stops one later)."""
+  best_params: Any = None
+  best_loss: jax.Array = None
+  bad_epochs: jax.Array = None
+
+  @classmethod
+  def start(cls, params, tx, **kwargs) -> "EarlyStoppingState":
+    return cls.create(apply_fn=None, params=params, tx=tx, best_params=_copy(params),
+                      best_loss=jnp.asarray(jnp.inf, jnp.float32), bad_epochs=jnp.asarray(0), **kwargs)
+
+
+def _copy(tree):
+  """Separate buffers: the epoch donates the state's, and one buffer may not be donated twice."""
+  return jax.tree.map(jnp.copy, tree)
+
+
+class EarlyStopping:
+  """The hook `fit` calls after each epoch: it scores the parameters by stopping_loss(params) -> float,
+  keeps the best, and ends training after `patience` epochs without a lower loss."""
+
+  def __init__(self, patience: int, stopping_loss: Callable[[Any], float]):
+    self.patience, self.stopping_loss = patience, stopping_loss
+
+  def done(self, state: EarlyStoppingState) -> bool:
+    return int(state.bad_epochs) >= self.patience
+
+  def __call__(self, state: EarlyStoppingState) -> tuple[EarlyStoppingState, dict]:
+    stop = float(self.stopping_loss(state.params))
+    better = stop < float(state.best_loss)
+    state = state.replace(best_params=_copy(state.params) if better else state.best_params,
+                          best_loss=jnp.asarray(min(stop, float(state.best_loss)), jnp.float32),
+                          bad_epochs=jnp.asarray(0 if better else int(state.bad_epochs) + 1))
+    return state, {"stop/loss": stop, "stop/best": float(state.best_loss)}
+
+
+def index(tree, i: int):
+  """Run i's part of a pytree whose leaves carry a leading axis of runs."""
+  return jax.tree.map(lambda a: a[i], tree)
+
+
+def stack(trees):
+  """Pytrees of equal structure -> one pytree whose leaves have a leading axis of runs."""
+  return jax.tree.map(lambda *leaves: jnp.stack(leaves), *trees)
+
+
+def stack_states(states):
+  """One TrainState whose arrays have a leading axis of runs (the static apply_fn and tx of the first)."""
+  return states[0].replace(step=jnp.stack([s.step for s in states]), params=stack([s.params for s in states]),
+                           opt_state=stack([s.opt_state for s in states]))
+
+
+def fit(phases: Sequence[Phase], state, train_epoch: Callable, images, labels, *, epochs: int, steps: int,
+        checkpoint_every: int = 1, hypers=None, epoch_metrics: Optional[Callable[[int, Any], dict]] = None,
+        early_stopping: Optional[EarlyStopping] = None, progress: bool = False):
+  """Trains `state` from its step to `epochs` epochs of `steps` steps and returns it.
+
+  One phase: `state` is one run's. Several: `state` and `hypers` hold a leading axis of runs, trained by
+  one batched `train_epoch`. Each epoch: the step metrics are checked for non-finite losses (the run stops
+  with the step; the last good checkpoint is kept), each run's line gets the train/* means, then
+  epoch_metrics(run index, params) and the early-stopping hook's numbers, and goes to its metrics log;
+  checkpoints every `checkpoint_every` epochs and at the end. The phases' metrics logs must be open.
+  """
+  batched = hypers is not None
+  if batched and early_stopping is not None:
+    raise ValueError("early stopping acts on one run's state; train the runs of a batched sweep without it")
+  member = (lambda tree, i: index(tree, i)) if batched else (lambda tree, i: tree)
+  step0 = int(jax.device_get(state.step if not batched else state.step[0]))
+  offsets, t0 = [p.metrics.wall_time for p in phases], time.perf_counter()
+  start = step0 // steps
+  bar = tqdm(range(start, epochs), initial=start, total=epochs, unit="epoch", disable=not progress,
+             desc=f"train {phases[0].name}")
+  for epoch in bar:
+    if early_stopping is not None and early_stopping.done(state):
+      break
+    first_step = epoch * steps
+    state, step_metrics = train_epoch(state, images, labels, epoch, hypers) if batched else \
+        train_epoch(state, images, labels, epoch)
+    step_metrics = jax.device_get(step_metrics)
+    elapsed = time.perf_counter() - t0  # batched: one program for all runs, each gets the batch's time
+    for i in range(len(phases)):
+      check_finite(member(step_metrics, i), first_step)
+    extra = {}
+    if early_stopping is not None:
+      state, extra = early_stopping(state)
+    for i, phase in enumerate(phases):
+      row = epoch_row(member(step_metrics, i), first_step + steps, epoch) | extra
+      if epoch_metrics is not None:
+        row |= epoch_metrics(i, member(state.params, i))
+      row["wall_time"] = offsets[i] + elapsed
+      phase.metrics.write(row)
+      log.info("%s epoch %d/%d step %d: %s", phase.name, row["epoch"], epochs, row["step"],
+               ", ".join(f"{k} {v:.3f}" for k, v in row.items() if k in SUMMARY and isinstance(v, float)))
+      if "test/elbo" in row:
+        bar.set_postfix({"test/elbo": f"{row['test/elbo']:.2f}"})
+    stopping = early_stopping is not None and early_stopping.done(state)
+    if (epoch + 1) % checkpoint_every == 0 or epoch + 1 == epochs or stopping:
+      for i, phase in enumerate(phases):
+        phase.checkpointer.save(first_step + steps, member(state, i))
+  for phase in phases:
+    phase.checkpointer.wait()
+  return state
+
+
+SUMMARY = ("train/loss", "test/elbo", "test/rec", "test/kl", "stop/loss", "stop/best")  # the numbers logged per epoch

@@ -1,0 +1,56 @@
+"""Model families by name (`model.arch`, chosen with `model=NAME`). Each family builds an (encoder, decoder)
+pair for a dataset and states which input encodings it reads; `create_model` wraps the pair in the VAE."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import flax.linen as nn
+
+from cvae_jax.config import Config, ConfigError, Kind, ModelConfig
+from cvae_jax.data import DatasetSpec
+from cvae_jax.models.vae import VAE
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelFamily:
+  name: str
+  config: type  # its config node: a ModelConfig subclass with the family's own keys
+  build: Callable  # (model config, DatasetSpec, decoder output shape) -> (encoder, decoder) modules
+  encodings: frozenset  # the input encodings (data.Encoding) it reads
+  autoregressive: bool = False  # the decoder reads x shifted right (teacher forcing) and samples token by token
+  host_loop_on_cpu: bool = False  # training.epoch_loop=auto: a host loop of steps on CPU (XLA:CPU runs
+                                  # convolutions in a loop body about 10x slower than at top level)
+  check: Callable[[Config], None] = lambda cfg: None  # value checks of its own keys
+
+
+FAMILIES: dict[str, ModelFamily] = {}
+
+
+def register(family: ModelFamily) -> ModelFamily:
+  FAMILIES[family.name] = family
+  return family
+
+
+def family_of(cfg: ModelConfig) -> ModelFamily:
+  if cfg.arch not in FAMILIES:
+    raise ConfigError(f"model.arch={cfg.arch!r} is not a model family: choose one with model=NAME "
+                      f"({', '.join(FAMILIES)}).")
+  return FAMILIES[cfg.arch]
+
+
+def create_model(cfg: ModelConfig, spec: DatasetSpec, outputs_per_channel: int = 1) -> VAE:
+  """The VAE / CVAE / AE of the config for this data; the likelihood's outputs per channel size the decoder."""
+  family = family_of(cfg)
+  kind = Kind(cfg.kind)
+  output_shape = (*spec.shape[:-1], spec.shape[-1] * outputs_per_channel)
+  encoder, decoder = family.build(cfg, spec, output_shape)
+  return VAE(encoder=encoder, decoder=decoder, latent_size=cfg.latent_size,
+             condition_size=spec.condition_size if kind == Kind.cvae else 0, stochastic=kind != Kind.ae,
+             autoregressive=family.autoregressive)
+
+
+def check_activation(cfg: Config) -> None:
+  if not callable(getattr(nn, cfg.model.activation, None)):
+    raise ConfigError(f"model.activation={cfg.model.activation!r} is invalid: use a flax.linen activation name "
+                      "such as relu, tanh, gelu, elu.")

@@ -1,0 +1,86 @@
+"""The VAE module every family plugs into: one interface for VAE, CVAE and plain autoencoder.
+
+Interface (every variant):
+  encode(x, c)  -> (mean, logvar)      q(z | x[, c]) = N(mean, diag(exp(logvar)))
+  decode(z, c, x=None) -> logits      p(x | z[, c]), logits of the likelihood (see objectives); an
+                                      autoregressive decoder (token sequences) reads x shifted right
+  __call__(x, c, rng) -> VAEOutput     mean, logvar, a reparameterized z, logits
+  generate(rng, c, num_samples)        z ~ p(z) = N(0, I), decoded under c
+For a VAE the condition c is ignored (pass None). The condition is the dataset's (DatasetSpec.condition_input):
+a one-hot label, or a vector such as z-scored molecular properties. Token sequences are sampled with
+models.gru.sample_tokens. Shapes come from the DatasetSpec, never constants.
+A plain autoencoder (kind ae, the anomaly-detection baseline) is the same module with z = mean and no
+logvar in its output.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+
+@flax.struct.dataclass
+class VAEOutput:
+  mean: jax.Array    # [B, Z]
+  logvar: jax.Array | None  # [B, Z]; None for a plain autoencoder
+  z: jax.Array       # [B, Z]
+  logits: jax.Array  # [B, *data_shape[:-1], channels * outputs per channel]
+
+
+def concat(h: jax.Array, c: Optional[jax.Array]) -> jax.Array:
+  """[h, c] along the features (h alone without a condition): how encoders and decoders take c."""
+  return h if c is None else jnp.concatenate([h, c.astype(h.dtype)], axis=-1)
+
+
+def reparameterize(rng: jax.Array, mean: jax.Array, logvar: jax.Array) -> jax.Array:
+  """z = mean + exp(logvar / 2) * eps, eps ~ N(0, I): differentiable in mean and logvar."""
+  return mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape, mean.dtype)
+
+
+class VAE(nn.Module):
+  """VAE (condition_size = 0) or CVAE (c [B, condition_size], fed to encoder and decoder)."""
+  encoder: nn.Module
+  decoder: nn.Module
+  latent_size: int
+  condition_size: int = 0
+  stochastic: bool = True  # False: a plain autoencoder (z = encoder mean, no KL)
+  autoregressive: bool = False  # the decoder reads x (teacher forcing): GRUDecoder
+
+  def _condition(self, c):
+    if not self.condition_size:
+      return None
+    if c is None:
+      raise ValueError("a CVAE needs the condition c")
+    return c
+
+  def encode(self, x, c=None):
+    return self.encoder(x, self._condition(c))
+
+  def decode(self, z, c=None, x=None):
+    if self.autoregressive:
+      return self.decoder(z, self._condition(c), x)
+    return self.decoder(z, self._condition(c))
+
+  def __call__(self, x, c, rng) -> VAEOutput:
+    mean, logvar = self.encode(x, c)
+    if not self.stochastic:
+      return VAEOutput(mean=mean, logvar=None, z=mean, logits=self.decode(mean, c, x))
+    z = reparameterize(rng, mean, logvar)
+    return VAEOutput(mean=mean, logvar=logvar, z=z, logits=self.decode(z, c, x))
+
+  def decoder_start(self, z, c=None):
+    return self.decoder.start(z, self._condition(c))
+
+  def decoder_step(self, carry, token, z, c=None):
+    return self.decoder.step(carry, token, z, self._condition(c))
+
+  def generate(self, rng, c=None, num_samples: Optional[int] = None):
+    """Samples z from the prior N(0, I) and decodes it (under c for a CVAE): logits."""
+    n = c.shape[0] if c is not None else num_samples
+    z = jax.random.normal(rng, (n, self.latent_size))
+    return self.decode(z, c)
+
+

@@ -1,0 +1,282 @@
+"""Density modelling (`task=density`, the default): a VAE of p(x), a CVAE of p(x | c) or a plain
+autoencoder, on images or 1-D signals, trained on the ELBO (or the k-sample objectives) by the engine.
+
+One run, or several runs that differ only in seed, beta and learning rate as one program (batched.py).
+Every epoch logs the train means, the test (and validation) ELBO and the posterior-collapse diagnostics;
+the end of training draws the figures, runs the evaluators the config lists and writes results.json.
+Variants change the hook methods (the molecule task: tasks/molecules.py).
+"""
+from __future__ import annotations
+
+import enum
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax.training import train_state
+from jax.sharding import NamedSharding, PartitionSpec
+
+from cvae_jax import annealing, data, estimators, figures, likelihoods
+from cvae_jax.config import Config, ConfigError, Estimator, to_dict
+from cvae_jax.data import Dataset, DatasetSpec, model_input
+from cvae_jax.engine import epoch, loop, optim, rundir
+from cvae_jax.estimators import condition
+from cvae_jax.evaluators import EvalContext, Evaluator, anomaly, evaluate, likelihood, samples
+from cvae_jax.keys import Stream, fold, stream_key
+from cvae_jax.models import VAE, create_model, family_of
+from cvae_jax.objectives import (decoder_log_likelihood, elbo_terms, free_bits_kl, gaussian_kl_per_dim,
+                                 k_sample_terms, loss_and_metrics)
+from cvae_jax.tasks.base import Restored, RestoreError, Task, register
+
+log = logging.getLogger(__name__)
+
+
+class InitPart(enum.IntEnum):
+  SAMPLE = 1  # below the PARAMS key: the z drawn while the parameters are initialized (it shapes none)
+
+
+def make_loss(cfg: Config, model: VAE, spec: DatasetSpec, steps_per_epoch: int) -> epoch.LossFn:
+  """The per-batch loss of the engine's train step: loss = rec + beta * kl (the KL weight following
+  objective.kl_schedule, free bits replacing the KL in the loss), or -L_k for objective.estimator=iwae.
+  Inputs are binarized and z drawn from the step's BINARIZE and REPARAM keys."""
+  objective, lik = cfg.objective, likelihoods.get(cfg.objective.likelihood)
+  free_bits = objective.free_bits
+  iwae = Estimator(objective.estimator) == Estimator.iwae
+  multi_sample = iwae or objective.samples > 1  # k draws per example; k = 1 keeps the one-pass step
+  kl_weight = annealing.kl_weight_schedule(objective, steps_per_epoch, steps_per_epoch * cfg.training.epochs)
+
+  def loss(params, images, labels, keys: epoch.StepKeys, hyper: epoch.RunHyper):
+    x = model_input(images, spec.encoding, keys(Stream.BINARIZE))  # [B, *shape]
+    c = condition(model, spec, labels)  # [B, K] or None
+    rng = keys(Stream.REPARAM)
+    beta = kl_weight(keys.step, hyper.beta)
+    if multi_sample:
+      mean, logvar = model.apply({"params": params}, x, c, method=VAE.encode)
+      terms = k_sample_terms(decoder_log_likelihood(model, params, x, c, lik), mean, logvar, rng, objective.samples)
+      if iwae:  # the loss is -L_k; rec, kl and elbo are still reported
+        _, metrics = loss_and_metrics(terms, beta, spec.num_dims)
+        metrics["loss"] = -metrics["iwae"]
+        metrics["kl_weight"] = jnp.asarray(beta, jnp.float32)
+        return metrics["loss"], metrics
+    else:
+      out = model.apply({"params": params}, x, c, rng)
+      terms = elbo_terms(x, out.logits, out.mean, out.logvar, lik)
+      mean, logvar = out.mean, out.logvar
+    penalty = None
+    if free_bits > 0 and logvar is not None:
+      penalty = free_bits_kl(gaussian_kl_per_dim(mean, logvar), free_bits)
+    value, metrics = loss_and_metrics(terms, beta, spec.num_dims, penalty)
+    metrics["kl_weight"] = jnp.asarray(beta, jnp.float32)
+    return value, metrics
+
+  return loss
+
+
+class DensityTask(Task):
+  name = "density"
+  headline = "elbo"
+  report_columns = ("elbo", "rec", "kl", "nll", "active_units", "mutual_information", "steps", "wall_time")
+  batchable = True
+
+  # The parts a variant may change.
+
+  def build_model(self, cfg: Config, spec: DatasetSpec) -> VAE:
+    return create_model(cfg.model, spec, likelihoods.get(cfg.objective.likelihood).outputs_per_channel)
+
+  def initial_state(self, cfg: Config, model: VAE, spec: DatasetSpec) -> train_state.TrainState:
+    """The one place the train state is built: parameters from the PARAMS stream, the optimizer, step 0."""
+    x = jnp.zeros((1, *spec.shape), jnp.float32)
+    c = jnp.zeros((1, spec.condition_size), jnp.float32) if model.condition_size else None
+    key = stream_key(cfg.seed, Stream.PARAMS)
+    params = model.init({"params": key}, x, c, fold(key, InitPart.SAMPLE))["params"]
+    return train_state.TrainState.create(apply_fn=model.apply, params=params,
+                                         tx=optim.create_optimizer(cfg.optimizer))
+
+  def plan(self, cfg: Config, model: VAE, spec: DatasetSpec, num_train: int) -> epoch.Plan:
+    steps = epoch.steps_per_epoch(cfg.training.batch_size, num_train)
+    return epoch.Plan(make_loss(cfg, model, spec, steps),
+                      epoch.run_hyper(cfg.seed, cfg.objective.beta, cfg.optimizer.learning_rate), cfg.optimizer,
+                      cfg.training, num_train, host_loop_on_cpu=family_of(cfg.model).host_loop_on_cpu)
+
+  def evaluators(self, cfg: Config) -> list[Evaluator]:
+    """The end-of-training evaluation the config asks for (eval.json)."""
+    ev = cfg.evaluation
+    chosen = [likelihood.test_elbo, likelihood.posterior]
+    chosen += [likelihood.iwae(ev.iwae_samples)] if ev.iwae_samples else []
+    chosen += [anomaly.evaluator] if ev.anomaly else []
+    chosen += [samples.sample_accuracy] if ev.sample_accuracy else []
+    return chosen
+
+  def check_data(self, cfg: Config, ds: Dataset) -> None:
+    """Before any training: what the evaluators will need (a wrong anomaly dataset stops the run now)."""
+    if cfg.evaluation.anomaly_dataset:
+      anomaly.load_anomaly_dataset(cfg, ds.spec)
+
+  def on_start(self, workdir: Path, cfg: Config, ds: Dataset) -> None:
+    """Called when a run directory is initialized or restored (the molecule task saves its vocabulary)."""
+
+  def figures(self, cfg: Config, ds: Dataset, model: VAE, params, workdir: Path) -> list[Path]:
+    return figures.write_all(workdir / "figures", model, params, ds.spec, likelihoods.get(cfg.objective.likelihood),
+                             ds.test, stream_key(cfg.seed, Stream.FIGURES))
+
+  def extend_results(self, cfg: Config, ds: Dataset, model: VAE, params, workdir: Path, results: dict) -> None:
+    """Adds a variant's own end-of-training numbers to results.json."""
+
+  # The flow, the same for every variant.
+
+  def epoch_metrics(self, cfgs: Sequence[Config], model: VAE, ds: Dataset, put: Callable) -> Callable[[int, object], dict]:
+    """Returns metrics(run index, params) -> the test/* and val/* part of an epoch's line: the ELBO and its
+    terms per split, and the posterior-collapse diagnostics on the test split."""
+    cfg, spec = cfgs[0], ds.spec
+    lik = likelihoods.get(cfg.objective.likelihood)
+    splits = {"test": ds.test} | ({"val": ds.validation} if ds.validation is not None else {})
+    arrays = {name: (put(s.images), put(s.labels)) for name, s in splits.items()}
+    evaluate_split = estimators.make_evaluate(model, spec, lik, cfg.training.eval_batch_size)
+    diagnose = None
+    if cfg.evaluation.diagnostics and model.stochastic:
+      diagnose = estimators.make_diagnostics(model, spec, cfg.training.eval_batch_size, cfg.evaluation.mi_examples)
+    keys = [stream_key(c.seed, Stream.EVAL) for c in cfgs]
+
+    def metrics(i: int, params) -> dict:
+      row = {f"{name}/{k}": float(v) for name, (images, labels) in arrays.items()
+             for k, v in jax.device_get(evaluate_split(params, images, labels, keys[i])).items()}
+      if diagnose is not None:
+        row |= {f"test/{k}": v for k, v in diagnose(params, *arrays["test"], keys[i]).items()}
+      return row
+
+    return metrics
+
+  def train(self, cfgs: Sequence[Config], workdirs: Sequence[Path], dataset: Optional[Dataset] = None,
+            on_trace: Optional[Callable[[], None]] = None) -> list[dict]:
+    workdirs = [Path(w) for w in workdirs]
+    configs = [to_dict(c) for c in cfgs]
+    results = {}
+    for r, (workdir, config) in enumerate(zip(workdirs, configs)):
+      finished = rundir.finished_results(workdir, config)
+      if finished is not None:
+        results[r] = finished
+    todo = [r for r in range(len(cfgs)) if r not in results]
+    if not todo:
+      return [results[r] for r in range(len(cfgs))]
+    batched = len(todo) > 1
+    cfg0 = cfgs[todo[0]]
+    if batched and any(cfgs[r].training.data_parallel for r in todo):
+      raise ValueError("Batched runs train on one device: training.data_parallel=true runs train one by one.")
+    ds = dataset if dataset is not None else data.load(cfg0.data)  # before writing: bad data writes nothing
+    steps = epoch.steps_per_epoch(cfg0.training.batch_size, len(ds.train))
+    mesh = epoch.data_parallel_mesh() if cfg0.training.data_parallel else None
+    if mesh is not None and cfg0.training.batch_size % mesh.size:
+      raise ConfigError(f"training.batch_size={cfg0.training.batch_size} does not split over {mesh.size} devices "
+                        "(training.data_parallel=true): use a multiple of the device count.")
+    model = self.build_model(cfg0, ds.spec)
+    self.check_data(cfg0, ds)
+    phases = [loop.Phase(workdirs[r], cfgs[r].training.max_checkpoints) for r in todo]
+    try:
+      fresh = [self.initial_state(cfgs[r], model, ds.spec) for r in todo]
+      restored = [phase.restore(state) for phase, state in zip(phases, fresh)]  # another model's stops us here
+      start_steps = {0 if s is None else int(s.step) for s in restored}
+      if len(start_steps) > 1:  # resumed at different points: train them one after another
+        log.warning("Batched runs resume from different steps %s; training them one after another.",
+                    sorted(start_steps))
+        for phase in phases:
+          phase.close()
+        phases = []
+        for r in todo:
+          results[r] = self.train([cfgs[r]], [workdirs[r]], ds)[0]
+        return [results[r] for r in range(len(cfgs))]
+      states = [s if s is not None else f for s, f in zip(restored, fresh)]
+      for r, phase, state in zip(todo, phases, states):
+        rundir.init(workdirs[r], configs[r])
+        self.on_start(workdirs[r], cfgs[r], ds)
+        phase.open_metrics(int(state.step))
+      if restored[0] is not None:
+        log.info("Resumed from step %d in %s", int(states[0].step), ", ".join(str(workdirs[r]) for r in todo))
+      # The whole dataset lives on the device as stored (uint8 for images); each step converts its
+      # minibatch. Data parallel: data and state are replicated on every device of the mesh.
+      put = jax.device_put if mesh is None else lambda x: jax.device_put(x, NamedSharding(mesh, PartitionSpec()))
+      state = loop.stack_states(states) if batched else put(states[0])
+      hypers = loop.stack([epoch.run_hyper(cfgs[r].seed, cfgs[r].objective.beta, cfgs[r].optimizer.learning_rate)
+                           for r in todo]) if batched else None
+      if batched:
+        log.info("Training %d runs as one batched program: %s", len(todo), ", ".join(str(workdirs[r]) for r in todo))
+      train_epoch = epoch.make_train_epoch(self.plan(cfg0, model, ds.spec, len(ds.train)), on_trace, mesh, batched)
+      state = loop.fit(phases, state, train_epoch, put(ds.train.images), put(ds.train.labels),
+                       epochs=cfg0.training.epochs, steps=steps, checkpoint_every=cfg0.training.checkpoint_every_epochs,
+                       hypers=hypers, epoch_metrics=self.epoch_metrics([cfgs[r] for r in todo], model, ds, put),
+                       progress=cfg0.training.progress)
+    finally:
+      for phase in phases:
+        phase.close()
+    for i, r in enumerate(todo):
+      params = loop.index(state.params, i) if batched else state.params
+      params = params if mesh is None else jax.device_get(params)  # figures and evaluation on one device
+      results[r] = self.finish(cfgs[r], ds, model, params, workdirs[r], phases[i].metrics, cfg0.training.epochs * steps)
+    return [results[r] for r in range(len(cfgs))]
+
+  def finish(self, cfg: Config, ds: Dataset, model: VAE, params, workdir: Path, metrics_log: rundir.MetricsLog,
+             steps: int) -> dict:
+    """After the last epoch: figures, the end-of-training evaluation (eval.json) and results.json."""
+    # The last epoch's line already holds the test (and validation) metrics of the final parameters.
+    final = {k: v for k, v in metrics_log.rows[-1].items() if k.startswith(("test/", "val/"))}
+    figure_paths = self.figures(cfg, ds, model, params, workdir) if cfg.training.figures else []
+    evaluated = evaluate(self.context(cfg, ds, model, params, workdir), self.evaluators(cfg))
+    results = {
+        "elbo": final["test/elbo"], "rec": final["test/rec"], "kl": final["test/kl"], "bpd": final["test/bpd"],
+        "normalized_likelihood": evaluated["normalized_likelihood"],
+        "active_units": evaluated.get("active_units"),
+        "metrics": final, "steps": steps, "epochs": cfg.training.epochs,
+        "wall_time": metrics_log.wall_time, "figures": [p.name for p in figure_paths],
+        "num_params": int(sum(math.prod(p.shape) for p in jax.tree.leaves(params))),
+    }
+    if "iwae" in evaluated:
+      results |= {"nll": evaluated["iwae"]["nll"], "iwae_samples": evaluated["iwae"]["k"]}
+    if "anomaly_auroc" in evaluated:
+      results["anomaly_auroc"] = evaluated["anomaly_auroc"]
+    if "test/mutual_information" in final:
+      results["mutual_information"] = final["test/mutual_information"]
+    self.extend_results(cfg, ds, model, params, workdir, results)
+    rundir.write_json_atomic(workdir / "results.json", results)
+    log.info("Finished %s: test ELBO %.3f nats (rec %.3f, kl %.3f) after %d steps, %.1f s", workdir, results["elbo"],
+             results["rec"], results["kl"], results["steps"], results["wall_time"])
+    return results
+
+  def report_row(self, workdir: Path, results: dict) -> dict:
+    """results.json's numbers, with the NLL of eval.json when `python -m cvae_jax.evaluate` wrote one (a
+    larger k than training's)."""
+    row = super().report_row(workdir, results)
+    path = Path(workdir) / "eval.json"
+    evaluated = json.loads(path.read_text()) if path.exists() else {}
+    if "iwae" in evaluated:
+      row["nll"], row["iwae_k"] = evaluated["iwae"]["nll"], evaluated["iwae"]["k"]
+    return row
+
+  def context(self, cfg: Config, ds: Dataset, model: VAE, params, workdir: Path) -> EvalContext:
+    return EvalContext(cfg, ds, model, params, Path(workdir), likelihoods.get(cfg.objective.likelihood))
+
+  def restore(self, cfg: Config, dataset: Dataset, workdir: Path):
+    ckpt_dir = Path(workdir) / "checkpoints"
+    if not ckpt_dir.is_dir():
+      raise RestoreError(f"{ckpt_dir} does not exist: train the run first (rerun its training command).")
+    phase = loop.Phase(workdir, cfg.training.max_checkpoints)
+    try:
+      if phase.checkpointer.latest_step() is None:
+        raise RestoreError(f"{ckpt_dir} holds no checkpoint: train the run first (rerun its training command).")
+      self.on_start(workdir, cfg, dataset)
+      model = self.build_model(cfg, dataset.spec)
+      state = phase.restore(self.initial_state(cfg, model, dataset.spec))
+      if state is None:
+        raise RestoreError(f"No checkpoint in {ckpt_dir} is readable (see the warnings above): retrain the run.")
+    finally:
+      phase.close()
+    return model, state
+
+  def evaluate(self, restored: Restored, workdir: Path) -> dict:
+    return evaluate(self.context(restored.cfg, restored.dataset, restored.model, restored.params, workdir),
+                    self.evaluators(restored.cfg))
+
+
+register(DensityTask())
