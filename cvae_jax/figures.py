@@ -203,11 +203,11 @@ def signal_reconstructions(path, model, params, spec, likelihood, split: Split, 
 
 def write_all(directory: Path, model: VAE, params, spec: DatasetSpec, likelihood: Likelihood,
               split: Split, key) -> list[Path]:
-  """Every end-of-training figure that applies to this model and data (images and 1-D signals; token data
-  draws none here); returns the paths written."""
+  """Every end-of-training figure that applies to this model and data (images and 1-D signals; other
+  modalities draw their own); returns the paths written."""
   directory.mkdir(parents=True, exist_ok=True)
   k_rec, k_sample, k_scatter = jax.random.split(key, 3)
-  if spec.modality == Modality.tokens:
+  if spec.modality not in (Modality.image, Modality.signal):
     return []
   if spec.modality == Modality.signal:
     path = directory / "reconstructions.png"

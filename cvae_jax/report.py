@@ -234,7 +234,7 @@ def write_report(sweep_dir: Path, out: Optional[Path] = None) -> dict:
   # Plot against the numeric keys the sweep varies (not those that change only with the architecture).
   plotted = swept_keys(rows) or set(keys)
   plots = []
-  if set(PLOTTED) <= set(task.report_columns):  # a task without an ELBO (quadrants) has its table only
+  if set(PLOTTED) <= set(task.report_columns):  # a task without an ELBO has its table only
     plots = [p for p in (plot_against(rows, k, keys, out) for k in keys if k in plotted) if p]
     arch = plot_per_architecture(rows, keys, out)
     plots += [arch] if arch else []

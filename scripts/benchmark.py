@@ -9,7 +9,7 @@
 
 For each architecture, kind and batch size it measures, on statically binarized MNIST:
   - cvae_jax: whole epochs as one compiled lax.scan over on-device data (conv models on CPU: a host loop
-    of the jitted step, see training.uses_step_loop) (images/s, median over epochs after a warm-up) and
+    of the jitted step, see engine.epoch.uses_step_loop) (images/s, median over epochs after a warm-up) and
     the compile time (first epoch minus a median one); FLOPs per training image from XLA's cost analysis
     of one train step;
   - a conventional loop: a tf.data pipeline (shuffle, batch, prefetch) feeding the same train step,
@@ -42,11 +42,35 @@ import jax.extend.core  # the jaxpr types step_ops walks
 import jax.numpy as jnp
 import numpy as np
 
-from cvae_jax import data
-from cvae_jax.config import Config, DataConfig, Pixels
-from cvae_jax.data import Dataset, DatasetSpec, Split
-from cvae_jax.models import create_model
-from cvae_jax.training import create_train_state, make_train_epoch, make_train_step, uses_step_loop
+from cvae_jax import data, estimators, likelihoods, schema, xla_cpu
+from cvae_jax.config import Config
+from cvae_jax.data import Dataset, DatasetSpec, Encoding, Split
+from cvae_jax.data.images import ImageDataConfig
+from cvae_jax.engine import epoch, loop
+from cvae_jax.models import family_of
+from cvae_jax.tasks.density import DensityTask
+
+TASK = DensityTask()  # the density task's model, state and train step, as `python -m cvae_jax.train` builds them
+
+
+def create_model(cfg: Config, spec: DatasetSpec):
+  return TASK.build_model(cfg, spec)
+
+
+def create_train_state(cfg: Config, model, spec: DatasetSpec):
+  return TASK.initial_state(cfg, model, spec)
+
+
+def make_train_step(cfg: Config, model, spec: DatasetSpec, num_train: int):
+  return epoch.make_train_step(TASK.plan(cfg, model, spec, num_train))
+
+
+def make_train_epoch(cfg: Config, model, spec: DatasetSpec, num_train: int, batched: bool = False):
+  return epoch.make_train_epoch(TASK.plan(cfg, model, spec, num_train), batched=batched)
+
+
+def uses_step_loop(cfg: Config) -> bool:
+  return epoch.uses_step_loop(cfg.training, family_of(cfg.model).host_loop_on_cpu)
 
 MODELS = {  # conf/model/*.yaml
     "mlp": {"arch": "mlp", "hidden": [500], "latent_size": 20},
@@ -57,28 +81,24 @@ MODELS = {  # conf/model/*.yaml
 
 
 def config(arch: str, kind: str, batch_size: int, unroll: int = 1, flat_optimizer: bool = False) -> Config:
-  cfg = Config()
-  for key, value in (MODELS[arch] | {"kind": kind}).items():
-    setattr(cfg.model, key, value)
-  cfg.data.pixels = Pixels.static_binary
-  cfg.training.batch_size, cfg.training.scan_unroll = batch_size, unroll
-  cfg.optimizer.flatten = flat_optimizer
-  return cfg
+  return schema.structured({"model": MODELS[arch] | {"kind": kind}, "data": {"name": "mnist", "pixels": "static_binary"},
+                            "training": {"batch_size": batch_size, "scan_unroll": unroll},
+                            "optimizer": {"flatten": flat_optimizer}})
 
 
 def load_dataset(path: str | None) -> Dataset:
   """Statically binarized MNIST through TFDS, or from a file written by --save-data."""
   if path is None:
-    return data.load(DataConfig(name="mnist", pixels=Pixels.static_binary))
+    return data.load(ImageDataConfig(name="mnist", pixels="static_binary"))
   arrays = np.load(path)
-  spec = DatasetSpec(name="mnist", image_shape=tuple(int(d) for d in arrays["image_shape"]), num_classes=10,
-                     pixels=Pixels.static_binary)
+  spec = DatasetSpec(name="mnist", shape=tuple(int(d) for d in arrays["image_shape"]), condition_size=10,
+                     encoding=Encoding.static_binary)
   return Dataset(spec, Split(arrays["train_images"], arrays["train_labels"]),
                  Split(arrays["test_images"], arrays["test_labels"]))
 
 
 def save_dataset(ds: Dataset, path: str) -> None:
-  np.savez_compressed(path, image_shape=np.asarray(ds.spec.image_shape), train_images=ds.train.images,
+  np.savez_compressed(path, image_shape=np.asarray(ds.spec.shape), train_images=ds.train.images,
                       train_labels=ds.train.labels, test_images=ds.test.images, test_labels=ds.test.labels)
 
 
@@ -126,7 +146,7 @@ def xla_flops(jitted, *args) -> float:
 def step_flops(cfg, model, spec, state, images, labels) -> float:
   """FLOPs of one train step per image (XLA counts a scan's body once, so ask the step)."""
   b = cfg.training.batch_size
-  step = jax.jit(make_train_step(cfg, model, spec, len(images) // b))
+  step = jax.jit(make_train_step(cfg, model, spec, len(images)))
   return xla_flops(step, state, images[:b], labels[:b]) / b
 
 
@@ -134,9 +154,9 @@ def step_ops(cfg, ds) -> list:
   """The train step's matmuls and convolutions, forward and backward, as XLA is handed them: (primitive,
   params, operand avals) of each dot_general and conv_general_dilated in the step's jaxpr."""
   b = cfg.training.batch_size
-  model = create_model(cfg.model, ds.spec, cfg.objective.likelihood)
+  model = create_model(cfg, ds.spec)
   state = create_train_state(cfg, model, ds.spec)
-  step = make_train_step(cfg, model, ds.spec, len(ds.train) // b)
+  step = make_train_step(cfg, model, ds.spec, len(ds.train))
   ops = []
 
   def walk(jaxpr):
@@ -188,7 +208,7 @@ def images_per_epoch(cfg, ds) -> int:
 def project_loop(cfg, ds, hlo_path: str | None = None):
   """cvae_jax's compiled epoch: (run_epoch(e) -> images, info). With several runs (a batched sweep),
   see batched_loop."""
-  model = create_model(cfg.model, ds.spec, cfg.objective.likelihood)
+  model = create_model(cfg, ds.spec)
   state = create_train_state(cfg, model, ds.spec)
   images, labels = jax.device_put(ds.train.images), jax.device_put(ds.train.labels)
   epoch_fn = make_train_epoch(cfg, model, ds.spec, len(ds.train))
@@ -208,22 +228,20 @@ def project_loop(cfg, ds, hlo_path: str | None = None):
 
 def sweep_runs(cfg, ds, runs: int):
   """The `runs` models of a sweep (seeds 0.., betas 1..): their train states and RunHypers, and the model."""
-  from cvae_jax.training import run_hyper
-  model = create_model(cfg.model, ds.spec, cfg.objective.likelihood)
+  model = create_model(cfg, ds.spec)
   states, hypers = [], []
   for r in range(runs):
     c = config(cfg.model.arch, cfg.model.kind, cfg.training.batch_size, cfg.training.scan_unroll, cfg.optimizer.flatten)
     c.model, c.seed, c.objective.beta = cfg.model, r, 1.0 + r
     states.append(create_train_state(c, model, ds.spec))
-    hypers.append(run_hyper(c))
+    hypers.append(epoch.run_hyper(c.seed, c.objective.beta, c.optimizer.learning_rate))
   return model, states, hypers
 
 
 def batched_loop(cfg, ds, runs: int):
-  """A batched sweep: the runs as one program (training.over_runs)."""
-  from cvae_jax.batched import stack, stack_states
+  """A batched sweep: the runs as one program (engine.epoch.over_runs)."""
   model, states, hypers = sweep_runs(cfg, ds, runs)
-  states, hypers = stack_states(states), stack(hypers)
+  states, hypers = loop.stack_states(states), loop.stack(hypers)
   images, labels = jax.device_put(ds.train.images), jax.device_put(ds.train.labels)
   epoch_fn = make_train_epoch(cfg, model, ds.spec, len(ds.train), batched=True)
   n = runs * images_per_epoch(cfg, ds)
@@ -269,18 +287,18 @@ def interleaved(loops: dict, epochs: int) -> dict:
 
 
 def bench_iwae(cfg, ds, images: int, k: int, chunks) -> list[dict]:
-  """The k-sample importance-weighted bound (evaluation.make_iwae) on the first `images` test images of an
+  """The k-sample importance-weighted bound (estimators.make_iwae) on the first `images` test images of an
   untrained model (speed does not depend on the weights), for each (batch_size, sample_chunk): seconds,
   decoder passes per second and GFLOP/s of the whole bound (XLA's count for one chunk of the bound)."""
-  from cvae_jax import evaluation
-  model = create_model(cfg.model, ds.spec, cfg.objective.likelihood)
+  model = create_model(cfg, ds.spec)
   params = create_train_state(cfg, model, ds.spec).params
   x, y = jax.device_put(ds.test.images[:images]), jax.device_put(ds.test.labels[:images])
   out = []
   for batch, chunk in chunks:
-    iwae = evaluation.make_iwae(model, ds.spec, cfg.objective.likelihood, k, batch, chunk)
+    lik = likelihoods.get(cfg.objective.likelihood)
+    iwae = estimators.make_iwae(model, ds.spec, lik, k, batch, chunk)
     compiled = iwae.lower(params, x, y, jax.random.key(0)).compile()
-    one = evaluation.make_iwae(model, ds.spec, cfg.objective.likelihood, chunk, batch, chunk)
+    one = estimators.make_iwae(model, ds.spec, lik, chunk, batch, chunk)
     flops_per_pass = xla_flops(one, params, x[:batch], y[:batch], jax.random.key(0)) / (batch * chunk)
     compiled(params, x, y, jax.random.key(0)).block_until_ready()  # warm-up
     t = time.perf_counter()
@@ -312,9 +330,9 @@ def minibatches(ds, batch_size: int, epoch: int):
 
 def step_loop(cfg, ds):
   """The conventional loop: one Python call of the jitted step per minibatch from `minibatches`."""
-  model = create_model(cfg.model, ds.spec, cfg.objective.likelihood)
+  model = create_model(cfg, ds.spec)
   state = create_train_state(cfg, model, ds.spec)
-  step = jax.jit(make_train_step(cfg, model, ds.spec, len(ds.train) // cfg.training.batch_size), donate_argnums=0)
+  step = jax.jit(make_train_step(cfg, model, ds.spec, len(ds.train)), donate_argnums=0)
 
   def run_epoch(e):
     nonlocal state
@@ -430,6 +448,7 @@ def main(argv=None) -> None:
   parser.add_argument("--hlo-dir", help="write the MLP epoch's optimized HLO here, one file per batch size")
   parser.add_argument("--out", help="write the results as JSON here")
   args = parser.parse_args(argv)
+  xla_cpu.use_fast_scheduler()  # as the command lines do, before the first computation
   ds = load_dataset(args.data)
   if args.save_data:
     save_dataset(ds, args.save_data)

@@ -43,7 +43,7 @@ class StepKeys:
   a pure function of the step, so the same step of a resumed run draws the same numbers."""
   seed: Any
   step: Any
-  path: tuple = ()  # named parts below each stream key (the quadrant task's two models)
+  path: tuple = ()  # named parts below each stream key (one per model, when a task trains several)
 
   def __call__(self, stream: Stream) -> jax.Array:
     return jax.random.fold_in(stream_key(self.seed, stream, *self.path), self.step)

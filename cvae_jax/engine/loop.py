@@ -2,7 +2,7 @@
 per-epoch metrics, checkpoints and resume, and early stopping as a hook.
 
 A Phase is a directory the loop trains into (checkpoints/, metrics.jsonl, tb/): a run directory, or a
-part of one (the quadrant task's baseline/ and cvae/, the sample judge's classifier/). `fit` trains one
+part of one (a task that trains several models gives each its own; the sample judge's classifier/). `fit` trains one
 state, or N runs' states stacked on a leading axis (a batched sweep), each run with its own phase.
 """
 from __future__ import annotations

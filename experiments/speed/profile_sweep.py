@@ -12,9 +12,8 @@ import collections, glob, json, os, sys
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "scripts"))
 import jax
 import benchmark as B
-from cvae_jax.batched import stack, stack_states
+from cvae_jax.engine.loop import stack, stack_states
 from cvae_jax.keys import Stream, stream_key
-from cvae_jax.training import make_train_step
 
 data_path, mode = sys.argv[1], sys.argv[2]
 epochs = int(sys.argv[3]) if len(sys.argv) > 3 else 5
@@ -30,7 +29,7 @@ def shared_loop(cfg, ds, runs):
   states, hypers = stack_states(states), stack(hypers)
   b = cfg.training.batch_size
   steps = len(ds.train) // b
-  step = make_train_step(cfg, model, ds.spec, steps)
+  step = B.make_train_step(cfg, model, ds.spec, len(ds.train))
   images, labels = jax.device_put(ds.train.images), jax.device_put(ds.train.labels)
 
   def epoch(states, e, hypers):
