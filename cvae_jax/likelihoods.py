@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from cvae_jax.data import Encoding
+from cvae_jax.registry import Registry
 
 def _flat(*arrays: jax.Array) -> tuple[jax.Array, ...]:
   """[B, ...] -> [B, D] each, before the elementwise terms: XLA:CPU runs elementwise work on image
@@ -104,18 +105,8 @@ class Likelihood:
 
 IMAGES = frozenset({Encoding.grayscale, Encoding.static_binary, Encoding.dynamic_binary})
 BINARY = frozenset({Encoding.static_binary, Encoding.dynamic_binary})
-LIKELIHOODS: dict[str, Likelihood] = {}
-
-
-def register(likelihood: Likelihood) -> Likelihood:
-  LIKELIHOODS[likelihood.name] = likelihood
-  return likelihood
-
-
-def get(name: str) -> Likelihood:
-  if name not in LIKELIHOODS:
-    raise KeyError(name)
-  return LIKELIHOODS[name]
+LIKELIHOODS: Registry[Likelihood] = Registry("objective.likelihood", "a likelihood")
+register, get = LIKELIHOODS.register, LIKELIHOODS.lookup
 
 
 register(Likelihood("bernoulli", bernoulli_log_prob, jax.nn.sigmoid, 1, IMAGES, BINARY))

@@ -15,17 +15,14 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from cvae_jax import data, likelihoods, models
-from cvae_jax.config import Config, ConfigError, check, to_dict, validate_common
+from cvae_jax.config import Config, check, to_dict, validate_common
 
 
 def node_classes(config: dict) -> tuple[type, type]:
   """The (data, model) config node classes of a plain config: by data.name and model.arch."""
   model = config.get("model", {})
   arch = model.get("arch", "conv") if isinstance(model, dict) else "conv"
-  family = models.FAMILIES.get(arch)
-  if family is None:
-    raise ConfigError(f"model.arch={arch!r} is not a model family: choose one with model=NAME "
-                      f"({', '.join(models.FAMILIES)}).")
+  family = models.FAMILIES.lookup(arch)
   name = config.get("data", {}).get("name", "mnist")
   return data.entry_for(name).config, family.config
 
@@ -71,8 +68,6 @@ def validate(cfg: Config) -> Config:
   family = models.family_of(cfg.model)
   check(isinstance(cfg.model, family.config), "model.arch", cfg.model.arch,
         "choose the model family with model=NAME, not model.arch=NAME")
-  check(cfg.objective.likelihood in likelihoods.LIKELIHOODS, "objective.likelihood", cfg.objective.likelihood,
-        f"use one of {', '.join(likelihoods.LIKELIHOODS)}")
   likelihood = likelihoods.get(cfg.objective.likelihood)
   encoding = entry.encoding(cfg.data)
   check(encoding in likelihood.encodings, "objective.likelihood", cfg.objective.likelihood,

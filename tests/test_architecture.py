@@ -11,7 +11,7 @@ PACKAGE = REPO / "cvae_jax"
 
 # Lower layers never import higher ones: data -> models -> objectives -> engine -> tasks -> command lines.
 LAYERS = [
-    ["cvae_jax", "cvae_jax.config", "cvae_jax.keys", "cvae_jax.xla_cpu"],
+    ["cvae_jax", "cvae_jax.config", "cvae_jax.keys", "cvae_jax.xla_cpu", "cvae_jax.registry"],
     ["cvae_jax.data"],
     ["cvae_jax.likelihoods"],
     ["cvae_jax.models"],

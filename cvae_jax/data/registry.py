@@ -7,6 +7,7 @@ import dataclasses
 from typing import Callable, Optional
 
 from cvae_jax.config import Config, DataConfig
+from cvae_jax.registry import Registry
 from cvae_jax.data.spec import Dataset, DataError, DatasetSpec, Encoding, Split, exclude, static_binarize
 
 
@@ -19,13 +20,9 @@ class DatasetEntry:
   check: Callable[[Config], None] = lambda cfg: None  # what it requires of the model, likelihood and task
 
 
-DATASETS: dict[str, DatasetEntry] = {}
+DATASETS: Registry[DatasetEntry] = Registry("data.name", "a dataset")
+register = DATASETS.register
 DEFAULT = "tfds_images"  # the entry of every name not registered
-
-
-def register(entry: DatasetEntry) -> DatasetEntry:
-  DATASETS[entry.name] = entry
-  return entry
 
 
 def entry_for(name: str) -> DatasetEntry:

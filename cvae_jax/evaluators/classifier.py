@@ -6,7 +6,6 @@ reported beside the sample accuracy so that a reader knows how far to trust the 
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import flax.linen as nn

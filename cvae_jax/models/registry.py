@@ -10,6 +10,7 @@ import flax.linen as nn
 from cvae_jax.config import Config, ConfigError, Kind, ModelConfig
 from cvae_jax.data import DatasetSpec
 from cvae_jax.models.vae import VAE
+from cvae_jax.registry import Registry
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,19 +25,12 @@ class ModelFamily:
   check: Callable[[Config], None] = lambda cfg: None  # value checks of its own keys
 
 
-FAMILIES: dict[str, ModelFamily] = {}
-
-
-def register(family: ModelFamily) -> ModelFamily:
-  FAMILIES[family.name] = family
-  return family
+FAMILIES: Registry[ModelFamily] = Registry("model.arch", "a model family (choose one with model=NAME)")
+register = FAMILIES.register
 
 
 def family_of(cfg: ModelConfig) -> ModelFamily:
-  if cfg.arch not in FAMILIES:
-    raise ConfigError(f"model.arch={cfg.arch!r} is not a model family: choose one with model=NAME "
-                      f"({', '.join(FAMILIES)}).")
-  return FAMILIES[cfg.arch]
+  return FAMILIES.lookup(cfg.arch)
 
 
 def create_model(cfg: ModelConfig, spec: DatasetSpec, outputs_per_channel: int = 1) -> VAE:

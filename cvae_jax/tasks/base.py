@@ -13,6 +13,7 @@ from typing import Any, Callable, ClassVar, Optional, Sequence
 
 from cvae_jax.config import Config, ConfigError
 from cvae_jax.data import Dataset
+from cvae_jax.registry import Registry
 
 
 class RestoreError(RuntimeError):
@@ -67,15 +68,5 @@ class Task(abc.ABC):
     raise ConfigError(f"task={self.name} has no separate evaluation: its results.json holds the test numbers.")
 
 
-TASKS: dict[str, Task] = {}
-
-
-def register(task: Task) -> Task:
-  TASKS[task.name] = task
-  return task
-
-
-def get(name: str) -> Task:
-  if name not in TASKS:
-    raise ConfigError(f"task={name!r} is invalid: use one of {', '.join(TASKS)}.")
-  return TASKS[name]
+TASKS: Registry[Task] = Registry("task", "a task")
+register, get = TASKS.register, TASKS.lookup
