@@ -8,11 +8,13 @@ import jax
 import numpy as np
 import pytest
 
-from cvae_jax import schema
+from cvae_jax import schema, xla_cpu
 from cvae_jax.config import Config, Pixels
 from cvae_jax.data import Dataset, DatasetSpec, Split
 from cvae_jax.data.images import ImageDataConfig
 
+# The tests run as the command lines do: XLA:CPU's scheduler flag before JAX's first computation.
+xla_cpu.use_fast_scheduler()
 # Closed forms are checked to float32 precision: GPUs would otherwise run float32 matmuls as TF32
 # (JAX's default there), about 1e-3 relative. No effect on CPU.
 jax.config.update("jax_default_matmul_precision", "highest")

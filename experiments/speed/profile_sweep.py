@@ -12,9 +12,11 @@ import collections, glob, json, os, sys
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "scripts"))
 import jax
 import benchmark as B
+from cvae_jax import xla_cpu
 from cvae_jax.engine.loop import stack, stack_states
 from cvae_jax.keys import Stream, stream_key
 
+xla_cpu.use_fast_scheduler()  # as the command lines do, before the first computation
 data_path, mode = sys.argv[1], sys.argv[2]
 epochs = int(sys.argv[3]) if len(sys.argv) > 3 else 5
 unroll = int(os.environ.get("UNROLL", "1"))
