@@ -95,3 +95,31 @@ def test_bad_values_raise_config_error(override, message):
 def test_unknown_keys_and_wrong_types_fail_at_composition(override):
   with pytest.raises(ConfigCompositionException):
     compose_config([override])
+
+
+EARLIER_MODEL = {"kind": "cvae", "arch": "conv", "latent_size": 2, "activation": "relu", "hidden": [500],
+                 "encoder_channels": [32], "decoder_channels": [], "kernel_size": 3, "conv_stride": 1, "dense": 64,
+                 "init_scale": None, "embedding_size": 32, "rnn_size": 256}  # one section for every family
+EARLIER_DATA = {"name": "mnist", "pixels": "grayscale", "validation_size": 0, "train_limit": None, "test_limit": None,
+                "binarization_seed": 0, "exclude_classes": [], "manual_dir": None, "data_dir": None, "download": False,
+                "syntax": "smiles", "properties": ["mw", "logp", "tpsa", "hbd", "hba", "qed"]}
+
+
+def test_a_config_of_the_earlier_layout_is_read_and_matches_the_same_command(tmp_path):
+  from cvae_jax import schema
+  from cvae_jax.config import to_dict
+  from cvae_jax.engine import rundir
+  current = validate(OmegaConf.to_object(compose_config([])))
+  earlier = to_dict(current) | {"model": EARLIER_MODEL, "data": EARLIER_DATA}
+  assert schema.structured(earlier) == current
+  (tmp_path / "config.yaml").write_text(yaml.safe_dump(earlier))
+  rundir.check_config(tmp_path, to_dict(current))  # the same run: it resumes
+  with pytest.raises(rundir.RunDirError, match=r"model.dense: 64 -> 32"):
+    rundir.check_config(tmp_path, to_dict(validate(OmegaConf.to_object(compose_config(["model.dense=32"])))))
+  molecules = earlier | {"model": EARLIER_MODEL | {"arch": "gru", "latent_size": 64},
+                         "data": EARLIER_DATA | {"name": "moses", "pixels": "tokens"},
+                         "objective": earlier["objective"] | {"likelihood": "categorical"}}
+  migrated = schema.structured(molecules)
+  assert (migrated.task, type(migrated.model).__name__, type(migrated.data).__name__) == (
+      "molecules", "GRUConfig", "MoleculeDataConfig")
+  validate(migrated)

@@ -6,6 +6,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from cvae_jax.estimators import importance_weighted_bound
@@ -128,3 +129,25 @@ def test_quadrants_refuse_binarized_pixels():
   from cvae_jax.config import ConfigError
   with pytest.raises(ConfigError, match="data.pixels"):
     validate(small_config(**{"task": "quadrants", "data.pixels": "static_binary"}))
+
+
+def test_a_checkpoint_in_the_earlier_optimizer_layout_resumes(tmp_path):
+  """Quadrant checkpoints written with the optimizer that scaled by the learning rate itself (a chain ending
+  in optax.scale: one more, empty, optimizer state) are restored, not renamed `.corrupt`."""
+  from cvae_jax.engine import checkpoints, loop, optim
+  cfg = small_config(**{"training.epochs": 3, "quadrants.patience": 5, "training.batch_size": 8})
+  params = {"w": jnp.asarray(1.0)}
+  earlier = loop.EarlyStoppingState.start(params, optim.create_optimizer(cfg.optimizer))
+  earlier = earlier.replace(step=jnp.asarray(2), params={"w": jnp.asarray(2.5)},
+                            opt_state=(earlier.opt_state, optax.ScaleState()))
+  ckpt = checkpoints.Checkpointer(tmp_path / "phase" / "checkpoints", 3)
+  ckpt.save(2, earlier)
+  ckpt.close()
+  images = jnp.zeros((16, 2, 2, 1), jnp.uint8)
+  losses = iter([3.0, 2.0])
+  best, summary = quadrants.train_net(cfg, tmp_path / "phase", params, lambda p, x, key: (p["w"] - 3.0) ** 2,
+                                      lambda p: next(losses), images, quadrants.Net.BASELINE)
+  rows = [json.loads(line) for line in (tmp_path / "phase" / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in rows] == [4, 6]  # resumed after epoch 1 (step 2), not from the start
+  assert summary["epochs"] == 3 and not list((tmp_path / "phase" / "checkpoints").glob("*.corrupt"))
+  assert 2.5 < float(best["w"]) <= 3.0  # trained on from the restored w = 2.5 towards 3
