@@ -161,3 +161,9 @@ def test_missing_ecg_files_say_how_to_fetch_them(tmp_path):
     (tmp_path / "ecg5000" / name).write_text("1\t0.5\n")  # not the UCR file
   with pytest.raises(data.DataError, match="sha256 differs"):
     data.load(SignalDataConfig(manual_dir=str(tmp_path)))
+
+
+def test_the_class_prior_is_the_normalized_label_frequency():
+  log_prior = anomaly.class_log_prior(np.array([0, 0, 1, 0, 1, 3], np.int32), 4)
+  np.testing.assert_allclose(np.exp(log_prior), [3 / 6, 2 / 6, 0.0, 1 / 6])
+  assert log_prior[2] == -np.inf  # a held-out class: left out of the marginal

@@ -70,6 +70,9 @@ def test_mutual_information_against_the_closed_form():
   assert estimate == pytest.approx(expected, abs=0.06)
   collapsed = float(estimators.mutual_information(jnp.zeros((n, 3)), jnp.zeros((n, 3)), jax.random.key(1)))
   assert abs(collapsed) < 0.05  # q(z | x) = p(z) for every x: no information (Monte Carlo error 0.011)
+  for s, expected in ((0.5, 2.2213), (2.0, 0.4581)):  # posteriors narrower and wider than the prior: logvar != 0
+    mean, logvar = jnp.asarray(a * x, jnp.float32), jnp.full((n, 3), 2 * math.log(s), jnp.float32)
+    assert float(estimators.mutual_information(mean, logvar, jax.random.key(0))) == pytest.approx(expected, abs=0.06)
 
 
 def test_diagnostics_are_logged_every_epoch(tmp_path):

@@ -110,3 +110,66 @@ def test_active_units():
   count, variance = estimators.active_units(means)
   assert count == 2  # variances about 1, 0.0025, 0.04
   np.testing.assert_allclose(variance, [1, 0.0025, 0.04], rtol=0.15)
+
+
+def test_the_bound_s_elbo_averages_the_log_weights_over_k():
+  # Under the exact posterior every log weight is log p(x): their mean over k = 10 samples drawn 4 at a time
+  # (the last chunk half masked) is log p(x) too. Dividing the sum by the chunk size would give 2.5 log p(x).
+  log_likelihood, log_px, mean, var = linear_gaussian()
+  logvar = jnp.log(jnp.asarray(np.broadcast_to(var, mean.shape), jnp.float32))
+  bound, elbo = estimators.importance_weighted_bound(log_likelihood, jnp.asarray(mean, jnp.float32), logvar,
+                                                     jax.random.key(4), 10, chunk=4, with_elbo=True)
+  np.testing.assert_allclose(bound, log_px, atol=1e-4)
+  np.testing.assert_allclose(elbo, log_px, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def seven_examples():
+  """A CVAE and 7 labelled examples: a split that batches of 3 do not divide (the last chunk padded)."""
+  spec = DatasetSpec("toy", (4, 4, 1), 3, Encoding.static_binary)
+  model = create_model(MLPConfig(kind=Kind.cvae, hidden=[16], latent_size=3), spec)
+  images = (np.random.default_rng(1).random((7, 4, 4, 1)) > 0.5).astype(np.uint8)
+  labels = np.array([0, 1, 2, 2, 1, 0, 1], np.int32)
+  params = model.init({"params": jax.random.key(0)}, jnp.zeros((1, 4, 4, 1)), jnp.zeros((1, 3)),
+                      jax.random.key(1))["params"]
+  return spec, model, params, images, labels
+
+
+def test_split_wide_posterior_statistics_equal_each_example_s(seven_examples):
+  spec, model, params, images, labels = seven_examples
+  x, c = jnp.asarray(images, jnp.float32), jax.nn.one_hot(labels, 3)
+  mean, logvar = model.apply({"params": params}, x, c, method=model.encode)
+  for batch in (3, 7):
+    stats = estimators.make_posterior_stats(model, spec, batch, with_logvar=True)(params, images, labels,
+                                                                                  jax.random.key(2))
+    np.testing.assert_allclose(stats["mean"], mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(stats["logvar"], logvar, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(stats["kl_per_dim"], 0.5 * (mean**2 + jnp.exp(logvar) - 1 - logvar), rtol=1e-5,
+                               atol=1e-6)
+
+
+def test_split_wide_elbo_and_bound_equal_each_chunk_s_own(seven_examples):
+  # Chunk i of the split is evaluated with key fold_in(key, i): computing each chunk directly with that key
+  # and averaging over the 7 real examples (the padding left out) must give the split-wide numbers.
+  spec, model, params, images, labels = seven_examples
+  key, lik = jax.random.key(3), BERNOULLI
+  per_example = {"elbo": [], "rec": [], "kl": [], "iwae": []}
+  for i, start in enumerate(range(0, 7, 3)):
+    chunk_key = jax.random.fold_in(key, i)
+    x = jnp.asarray(np.pad(images[start:start + 3], [(0, 3 - len(images[start:start + 3]))] + [(0, 0)] * 3),
+                    jnp.float32)
+    c = jax.nn.one_hot(np.pad(labels[start:start + 3], (0, 3 - len(labels[start:start + 3]))), 3)
+    out = model.apply({"params": params}, x, c, jax.random.fold_in(chunk_key, estimators.Draw.REPARAM))
+    terms = elbo_terms(x, out.logits, out.mean, out.logvar, lik)
+    bound = estimators.iwae_bound(model, params, x, c, jax.random.fold_in(chunk_key, estimators.Draw.REPARAM), 5,
+                                  2, lik)
+    real = len(images[start:start + 3])
+    for name in ("elbo", "rec", "kl"):
+      per_example[name] += list(np.asarray(terms[name])[:real])
+    per_example["iwae"] += list(np.asarray(bound)[:real])
+  means = estimators.make_evaluate(model, spec, lik, 3)(params, images, labels, key)
+  for name in ("elbo", "rec", "kl"):
+    assert float(means[name]) == pytest.approx(np.mean(per_example[name]), rel=1e-5)
+  assert float(means["bpd"]) == pytest.approx(-np.mean(per_example["elbo"]) / (16 * math.log(2)), rel=1e-5)
+  bounds = estimators.make_iwae(model, spec, lik, 5, 3, 2)(params, images, labels, key)
+  np.testing.assert_allclose(bounds, per_example["iwae"], rtol=1e-5)

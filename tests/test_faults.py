@@ -140,3 +140,13 @@ def test_same_seed_and_config_give_identical_metrics(tmp_path):
   assert a["metrics"] == b["metrics"]
   c = train_and_evaluate(small_config(**{"model.kind": "cvae", "seed": 1}), tmp_path / "c", dataset=ds)
   assert c["metrics"] != a["metrics"]  # another seed differs: the comparison can fail
+
+
+def test_the_metrics_log_keeps_only_the_lines_up_to_the_restored_step(tmp_path):
+  with open(tmp_path / "metrics.jsonl", "w") as f:
+    for step, wall in ((8, 1.0), (16, 2.0), (24, 3.0)):
+      f.write(json.dumps({"step": step, "epoch": step // 8, "wall_time": wall}) + "\n")
+  log = rundir.MetricsLog(tmp_path, resume_step=16)
+  log.close()
+  assert [r["step"] for r in log.rows] == [8, 16] and log.wall_time == 2.0  # the cumulative time goes on from 2 s
+  assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [8, 16]

@@ -68,3 +68,14 @@ def test_class_conditional_shapes(cvae):
   model, params, _, _ = cvae
   out = generation.class_conditional(model, params, SPEC, jax.random.key(0), [0, 3], 7, L)
   assert out.shape == (2, 7, 6, 6, 1) and float(out.min()) >= 0 and float(out.max()) <= 1
+
+
+def test_class_conditional_samples_are_grouped_by_class(cvae):
+  # Row i holds class classes[i]: sample j of it is the prior draw number i * per_class + j decoded under it.
+  model, params, _, _ = cvae
+  key, classes, per_class = jax.random.key(5), [2, 0, 3], 4
+  out = generation.class_conditional(model, params, SPEC, key, classes, per_class, L)
+  z = jax.random.normal(key, (len(classes) * per_class, model.latent_size))
+  for i, k in enumerate(classes):
+    expected = generation.decode_mean(model, params, SPEC, z[i * per_class:(i + 1) * per_class], np.full(per_class, k), L)
+    np.testing.assert_allclose(out[i], expected, rtol=1e-5)

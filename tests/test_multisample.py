@@ -109,3 +109,25 @@ def test_init_scale_sets_the_weight_spread():
   params = model_and_state(cfg, ds.spec)[1].params
   kernels = [leaf for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0] if "kernel" in str(path)]
   assert all(abs(float(jnp.std(k)) - 0.01) < 0.002 for k in kernels)
+
+
+def test_each_draw_of_an_example_is_decoded_under_that_example_s_condition():
+  """log p(x_b | z_sb, c_b) for S draws of a batch of examples with different labels: decoder_log_likelihood
+  decodes the S x B codes in one batch, and each must meet its own example's image and condition."""
+  from cvae_jax import likelihoods
+  from cvae_jax.data import DatasetSpec, Encoding
+  from cvae_jax.models import create_model
+  from cvae_jax.models.mlp import MLPConfig
+  from cvae_jax.objectives import decoder_log_likelihood
+  spec = DatasetSpec("toy", (3, 3, 1), 4, Encoding.static_binary)
+  model = create_model(MLPConfig(kind="cvae", hidden=[8], latent_size=2), spec)
+  x = (jax.random.uniform(jax.random.key(0), (3, 3, 3, 1)) > 0.5).astype(jnp.float32)
+  c = jax.nn.one_hot(jnp.array([0, 3, 1]), 4)
+  params = model.init(jax.random.key(1), x, c, jax.random.key(2))["params"]
+  z = jax.random.normal(jax.random.key(3), (2, 3, 2))  # [S, B, Z]
+  lik = likelihoods.get("bernoulli")
+  got = decoder_log_likelihood(model, params, x, c, lik)(z)
+  for s in range(2):
+    for b in range(3):
+      logits = model.apply({"params": params}, z[s, b][None], c[b][None], method=model.decode)
+      assert float(got[s, b]) == pytest.approx(float(lik.log_prob(x[b][None], logits)[0]), rel=1e-6)

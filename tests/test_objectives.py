@@ -125,6 +125,15 @@ def test_free_bits_by_hand():
   np.testing.assert_allclose(grad, [[0.0, 0.5], [0.0, 0.5]])  # the dimension below 0.5 nats is not pushed
 
 
+def test_free_bits_clamp_the_batch_mean_not_each_example():
+  # Dimension 0: examples 0.1 and 0.9, batch mean 0.5; dimension 1: 2.0 and 0.0, mean 1.0. Clamping the means
+  # gives 0.5 + 1.0 = 1.5; clamping each example first would give (0.5 + 0.9) / 2 + (2.0 + 0.5) / 2 = 1.95.
+  kl = jnp.array([[0.1, 2.0], [0.9, 0.0]])
+  assert float(objectives.free_bits_kl(kl, 0.5)) == pytest.approx(1.5)
+  grad = jax.grad(lambda k: objectives.free_bits_kl(k, 0.4))(kl)  # both means above 0.4: each example pushed
+  np.testing.assert_allclose(grad, [[0.5, 0.5], [0.5, 0.5]])
+
+
 def test_free_bits_replace_only_the_loss_kl():
   terms = {"rec": jnp.array([10.0, 12.0]), "kl": jnp.array([1.0, 3.0]), "elbo": jnp.array([-11.0, -15.0])}
   loss, metrics = objectives.loss_and_metrics(terms, 2.0, num_dims=4, kl_penalty=jnp.asarray(5.0))

@@ -39,6 +39,10 @@ def test_kl_between_gaussians_matches_closed_forms():
   logpdf = lambda z, m, lv: jnp.sum(jax.scipy.stats.norm.logpdf(z, m, jnp.exp(0.5 * lv)), axis=-1)
   mc = jnp.mean(logpdf(z, mq, lq) - logpdf(z, mp, lp), axis=0)
   np.testing.assert_allclose(gaussian_kl_between(mq, lq, mp, lp), mc, rtol=0.02, atol=0.02)
+  # By hand: KL(N(1, 0.5^2) || N(-1, 2^2)) = log(2 / 0.5) + (0.5^2 + (1 + 1)^2) / (2 * 2^2) - 1/2 = 1.417544
+  one = lambda v: jnp.asarray([[v]], jnp.float32)
+  kl = gaussian_kl_between(one(1.0), one(math.log(0.25)), one(-1.0), one(math.log(4.0)))
+  assert float(kl[0]) == pytest.approx(math.log(4.0) + 4.25 / 8 - 0.5, rel=1e-6)
 
 
 def test_sampled_kl_has_the_closed_form_as_its_expectation():
@@ -151,3 +155,20 @@ def test_a_checkpoint_in_the_earlier_optimizer_layout_resumes(tmp_path):
   assert [r["step"] for r in rows] == [4, 6]  # resumed after epoch 1 (step 2), not from the start
   assert summary["epochs"] == 3 and not list((tmp_path / "phase" / "checkpoints").glob("*.corrupt"))
   assert 2.5 < float(best["w"]) <= 3.0  # trained on from the restored w = 2.5 towards 3
+
+
+def test_the_prior_network_sees_the_given_quadrants_and_the_baseline_s_guess_only():
+  """p(z | x) must not see the pixels to predict: two images equal on the given quadrants and different
+  elsewhere get the same prior; a change to a given pixel changes it."""
+  cfg = small_config(**{"task": "quadrants", "model.hidden": [16], "model.latent_size": 3, "quadrants.given": 1})
+  nets = quadrants.Networks(cfg, 4, 4)
+  x0 = jnp.zeros((1, 16))
+  params = nets.cvae.init(jax.random.key(1), x0, x0, jax.random.key(2))["params"]
+  baseline = nets.baseline.init(jax.random.key(3), x0)["params"]
+  x = jax.random.uniform(jax.random.key(0), (2, 16))
+  other = jnp.where(nets.mask, 1.0 - x, x)  # the hidden pixels changed, the given ones kept
+  for a, b in zip(nets.prior(params, baseline, x), nets.prior(params, baseline, other)):
+    np.testing.assert_array_equal(a, b)
+  given = int(np.flatnonzero(~np.asarray(nets.mask))[0])
+  changed = x.at[:, given].set(1.0 - x[:, given])
+  assert not np.allclose(nets.prior(params, baseline, x)[0], nets.prior(params, baseline, changed)[0])

@@ -115,17 +115,21 @@ def load_anomaly_dataset(cfg: Config, spec: DatasetSpec) -> Dataset:
   return other
 
 
+def class_log_prior(labels: np.ndarray, num_classes: int) -> np.ndarray:
+  """log p(c) of each class: its frequency among the training labels (normalized: exp sums to 1), -inf for a
+  class never trained on.  [K]"""
+  counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
+  with np.errstate(divide="ignore"):
+    return np.log(counts / counts.sum())
+
+
 def score_anomalies(ctx: EvalContext) -> dict:
   """Scores the test split (and evaluation.anomaly_dataset's), writes anomaly.json, anomaly_scores.npz
   and figures/anomaly_scores.png; returns the anomaly.json content."""
   t0 = time.perf_counter()
   cfg, ds, model, params, workdir = ctx.cfg, ctx.dataset, ctx.model, ctx.params, ctx.workdir
   ev, spec = cfg.evaluation, ds.spec
-  log_prior = None
-  if model.condition_size:
-    counts = np.bincount(ds.train.labels, minlength=spec.num_classes).astype(np.float64)
-    with np.errstate(divide="ignore"):
-      log_prior = np.log(counts / counts.sum())
+  log_prior = class_log_prior(ds.train.labels, spec.num_classes) if model.condition_size else None
   scores_fn = make_scores(model, spec, ctx.likelihood, ev.anomaly_samples, ev.batch_size,
                           ev.sample_chunk, log_prior)
   key = stream_key(cfg.seed, Stream.EVAL)
