@@ -85,3 +85,16 @@ def test_diagnostics_are_logged_every_epoch(tmp_path):
     assert 0 <= row["test/active_units"] <= cfg.model.latent_size
     assert 0.1 < row["test/mutual_information"] <= math.log(500)  # z carries the class band; at most log N
   assert sum(rows[-1]["test/kl_per_dim"]) == pytest.approx(rows[-1]["test/kl"], rel=1e-4)
+  # The last line's diagnostics are the final parameters': recomputed from the restored run, the same numbers.
+  from cvae_jax.estimators import Draw, active_units
+  from cvae_jax.experiment import restore_run
+  from cvae_jax.keys import Stream, fold, stream_key
+  ds = synthetic_dataset(n_train=1024, n_test=500)
+  run = restore_run(tmp_path, ds)
+  key = stream_key(cfg.seed, Stream.EVAL)
+  stats = estimators.make_posterior_stats(run.model, ds.spec, cfg.training.eval_batch_size, with_logvar=True)(
+      run.params, ds.test.images, ds.test.labels, key)
+  mi = estimators.mutual_information(stats["mean"], stats["logvar"], fold(key, Draw.MUTUAL_INFORMATION))
+  assert rows[-1]["test/mutual_information"] == pytest.approx(float(mi), rel=1e-5)
+  assert rows[-1]["test/active_units"] == active_units(np.asarray(stats["mean"]))[0]
+  np.testing.assert_allclose(rows[-1]["test/kl_per_dim"], np.asarray(stats["kl_per_dim"]).mean(axis=0), atol=1e-5)

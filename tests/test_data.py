@@ -64,6 +64,15 @@ def test_validation_split_and_limits():
   ds = data.load(cfg)
   assert (len(ds.train), len(ds.validation), len(ds.test)) == (1000, 5000, 300)
   assert set(np.unique(ds.train.images)) <= {0, 1}
+  # Validation is the last 5,000 training images, train the first (disjoint); each split gets its own
+  # binarization stream (seed * 1000 + 0 train, 1 test, 2 validation).
+  gray = data.load(DataConfig(name="mnist", validation_size=5000))
+  full = data.load(DataConfig(name="mnist"))
+  np.testing.assert_array_equal(gray.validation.images, full.train.images[-5000:])
+  np.testing.assert_array_equal(gray.train.images, full.train.images[:-5000])
+  np.testing.assert_array_equal(ds.validation.images, data.static_binarize(gray.validation.images, 2))
+  np.testing.assert_array_equal(ds.train.images, data.static_binarize(gray.train.images[:1000], 0))
+  np.testing.assert_array_equal(ds.test.images, data.static_binarize(gray.test.images[:300], 1))
 
 
 @pytest.mark.fashion_mnist

@@ -1,6 +1,7 @@
 """Molecules (issue: conditional molecule generation): the tokenizer and vocabulary, the categorical
 likelihood against closed forms, the GRU decoder's sampler against its own likelihood, RDKit properties
 and MOSES metrics with known answers, the MOSES loader on a small file, and a whole run from the CLI."""
+import csv
 import gzip
 import json
 import math
@@ -102,6 +103,12 @@ def test_rdkit_properties_and_moses_metrics_have_known_values():
   m = molecules.generation_metrics(samples, training={"CCO", "c1ccccc1"})
   assert m["validity"] == pytest.approx(5 / 7) and m["unique@1k"] == pytest.approx(3 / 5)
   assert m["unique@1k_of"] == 5 and m["novelty"] == pytest.approx(1 / 3)
+  # unique@k counts the first k valid samples only: 600 distinct chains, then the same 600 again.
+  chains = ["C" * n for n in range(1, 601)]
+  m = molecules.generation_metrics(chains + chains, training=set())
+  assert (m["unique@1k"], m["unique@1k_of"], m["unique@10k"], m["unique@10k_of"]) == (0.6, 1000, 0.5, 1200)
+  # Novelty compares canonical samples with the training strings as given (MOSES's are canonical SMILES).
+  assert molecules.generation_metrics(["OCC", "CCCO"], training={"CCO"})["novelty"] == 0.5
   errors = molecules.property_errors(["CCO", "", "C"], np.array([[40.0, 0.0], [0, 0], [20.0, 1.0]]), ["mw", "hbd"])
   assert errors["scored"] == 2
   assert errors["mae"]["mw"] == pytest.approx((6.069 + 3.957) / 2, abs=1e-3)
@@ -166,10 +173,16 @@ def test_a_molecule_run_trains_samples_scores_and_resamples_from_the_cli(moses_d
   generated = json.loads((run / "molecules.json").read_text())
   assert generated["conditional"]["samples"] == 10  # one per test target (10 test molecules)
   assert generated["unconditional"]["samples"] == 20
+  rows = list(csv.DictReader(open(run / "samples.csv")))
   for kind in ("conditional", "unconditional"):
-    assert 0 <= generated[kind]["validity"] <= 1
+    drawn = [r["smiles"] for r in rows if r["kind"] == kind]  # the samples themselves, scored again here
+    valid = [s for s in molecules.canonical(drawn) if s is not None]
+    assert generated[kind]["validity"] == len(valid) / len(drawn)
+    assert generated[kind]["unique@1k"] == (len(set(valid)) / len(valid) if valid else 0.0)
     assert set(generated[kind]) >= {"unique@1k", "unique@10k", "novelty", "novelty_all_moses_train"}
   assert results["molecules"]["conditional"] == generated["conditional"]
+  for p, ratio in generated["mae_ratio"].items():
+    assert ratio == generated["conditional"]["mae"][p] / generated["unconditional"]["mae"][p]
   assert smiles.Vocabulary.load(run / "vocab.json").tokens[:3] == smiles.SPECIALS
   assert {"property_control.png", "molecules.png"} <= {p.name for p in (run / "figures").iterdir()}
   lines = (run / "samples.csv").read_text().splitlines()

@@ -1,4 +1,5 @@
 """The k-sample training objectives (Burda et al. 2016), the learning-rate schedule and the optimizers."""
+import json
 import math
 
 import jax
@@ -57,7 +58,9 @@ def test_the_iwae_train_step_minimizes_minus_the_k_sample_bound(tmp_path):
     assert row["train/loss"] == pytest.approx(-row["train/iwae"], rel=1e-6)
     assert row["train/iwae"] >= row["train/elbo"]  # L_5 >= ELBO, batch by batch on average
   assert rows[-1]["test/elbo"] > rows[0]["test/elbo"]
-  assert results["nll"] > 0
+  evaluated = json.loads((tmp_path / "iwae" / "eval.json").read_text())["iwae"]
+  assert results["nll"] == evaluated["nll"] == -evaluated["bound"] and evaluated["k"] == cfg.evaluation.iwae_samples
+  assert results["nll"] <= -results["elbo"] + 0.5  # L_k is above the (one-sample) ELBO, up to its noise
   # "VAE, k" keeps the ELBO as its loss and reports the bound of the same draws beside it.
   train_and_evaluate(small_config(**{"objective.samples": 5}), tmp_path / "vae5", dataset=ds)
   row = read_metrics(tmp_path / "vae5")[-1]

@@ -119,6 +119,28 @@ def test_a_quadrant_run_trains_evaluates_and_resumes(tmp_path):
   # The k-sample bound is at least the ELBO: its NLL is no larger than the negative ELBO (up to noise).
   assert results["cvae_conditional_nll"] <= results["cvae_neg_elbo"] + 0.5
   assert 0 < results["cvae_neg_elbo"] < 32 * math.log(2) * 2  # 32 output pixels; far below chance BCE
+  # Exactly: the test numbers are the best (early-stopping) parameters' in the checkpoints, evaluated in chunks
+  # of training.eval_batch_size, chunk i with the EVAL key folded with i.
+  from cvae_jax.engine import loop, optim
+  from cvae_jax.keys import Stream, stream_key
+  nets, x0 = quadrants.Networks(cfg, 8, 8), jnp.zeros((1, 64))
+
+  def best_params(phase, params):
+    saved = loop.Phase(tmp_path / phase, 3)
+    state = saved.restore(loop.EarlyStoppingState.start(params, optim.create_optimizer(cfg.optimizer)))
+    saved.close()
+    return state.best_params
+
+  base = best_params("baseline", nets.baseline.init(jax.random.key(0), x0)["params"])
+  cvae = best_params("cvae", nets.cvae.init(jax.random.key(0), x0, x0, jax.random.key(1))["params"])
+  x, key, size = nets.images(jnp.asarray(ds.test.images)), stream_key(cfg.seed, Stream.EVAL), 50
+  neg_elbo = []
+  for i, start in enumerate(range(0, len(x), size)):
+    chunk = jnp.pad(x[start:start + size], [(0, size - len(x[start:start + size])), (0, 0)])
+    terms = nets.cvae_terms(cvae, base, chunk, jax.random.fold_in(key, i), cfg.quadrants.elbo_samples)
+    neg_elbo += list(np.asarray(terms["neg_elbo"])[:len(x[start:start + size])])
+  assert results["cvae_neg_elbo"] == pytest.approx(np.mean(neg_elbo), rel=1e-5)
+  assert results["baseline_bce"] == pytest.approx(float(jnp.mean(nets.baseline_loss(base, x))), rel=1e-5)
   assert (tmp_path / "figures" / "quadrants.png").stat().st_size > 0
   # Resume: with results.json gone, both models come back from their checkpoints without retraining.
   lines = {phase: (tmp_path / phase / "metrics.jsonl").read_text() for phase in ("baseline", "cvae")}

@@ -6,7 +6,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from cvae_jax.config import Config
-from cvae_jax.experiment import train_and_evaluate, validate
+from cvae_jax.experiment import restore_run, train_and_evaluate, validate
 from conftest import REPO, require_fashion_mnist
 from test_config import compose_config
 
@@ -34,6 +34,10 @@ def test_reproduction_config_runs_a_few_steps(experiment, tmp_path):
     assert results["baseline_bce"] > 0 and results["cvae_neg_elbo"] > 0 and results["cvae_conditional_nll"] > 0
   else:
     assert results["elbo"] < 0 and results["nll"] > 0 and results["iwae_samples"] == 4
+    # The restored checkpoint evaluated again gives the same numbers: training reported its final parameters.
+    restored = restore_run(tmp_path)
+    evaluated = restored.task.evaluate(restored, tmp_path)
+    assert (evaluated["elbo"], evaluated["iwae"]["nll"]) == (results["elbo"], results["nll"])
   assert json.loads((tmp_path / "results.json").read_text()) == results
   assert (REPO / "experiments" / REPRODUCTIONS[experiment] / "README.md").exists()
 

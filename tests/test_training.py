@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -127,6 +128,37 @@ def test_resume_is_bit_identical(tmp_path, monkeypatch):
   assert strip(read_metrics(tmp_path / "straight")) == strip(read_metrics(tmp_path / "resumed"))
 
 
+def test_resume_from_a_checkpoint_every_second_epoch_with_the_wall_time_carried_on(tmp_path, monkeypatch):
+  """training.checkpoint_every_epochs=2, killed while epoch 4's line is written: the run resumes from the
+  step-16 checkpoint (epoch 2), redoes epochs 3 and 4, and ends equal to an uninterrupted run; its metrics
+  lines are one per epoch and the wall time keeps counting from where the kept lines stopped."""
+  ds = synthetic_dataset()
+  cfg = small_config(**{"training.epochs": 5, "training.checkpoint_every_epochs": 2})
+  train_and_evaluate(cfg, tmp_path / "straight", dataset=ds)
+  original_write = rundir.MetricsLog.write
+
+  def interrupt_at_epoch_4(self, row):
+    if row["epoch"] == 4:
+      raise KeyboardInterrupt
+    original_write(self, row)
+
+  monkeypatch.setattr(rundir.MetricsLog, "write", interrupt_at_epoch_4)
+  with pytest.raises(KeyboardInterrupt):
+    train_and_evaluate(cfg, tmp_path / "resumed", dataset=ds)
+  monkeypatch.setattr(rundir.MetricsLog, "write", original_write)
+  steps = sorted(int(p.name) for p in (tmp_path / "resumed" / "checkpoints").iterdir())
+  assert steps == [16]  # epochs 2 only: not 1 or 3
+  kept = read_metrics(tmp_path / "resumed")[1]["wall_time"]  # epoch 2's; epoch 3's line goes with its redo
+  results = train_and_evaluate(cfg, tmp_path / "resumed", dataset=ds)
+  a, b = final_state(cfg, ds, tmp_path / "straight"), final_state(cfg, ds, tmp_path / "resumed")
+  for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
+    np.testing.assert_array_equal(x, y)
+  rows = read_metrics(tmp_path / "resumed")
+  assert [r["epoch"] for r in rows] == [1, 2, 3, 4, 5]
+  assert kept < rows[2]["wall_time"] < rows[3]["wall_time"] < rows[4]["wall_time"] == results["wall_time"]
+  assert sorted(int(p.name) for p in (tmp_path / "resumed" / "checkpoints").iterdir()) == [16, 32, 40]
+
+
 def test_a_finished_run_is_not_retrained(tmp_path):
   cfg, ds = small_config(), synthetic_dataset()
   first = train_and_evaluate(cfg, tmp_path, dataset=ds)
@@ -173,6 +205,27 @@ def test_gradient_clipping_is_applied(tmp_path):
   clipped = train_and_evaluate(small_config(**{"optimizer.grad_clip_norm": 1e-6}), tmp_path / "c", dataset=ds)
   free = train_and_evaluate(small_config(), tmp_path / "f", dataset=ds)
   assert clipped["elbo"] != free["elbo"]
+
+
+def test_a_clipped_step_equals_optax_clipping_then_the_optimizer():
+  """One train step moves the parameters as Optax's clip_by_global_norm then Adagrad(rate) would, on the
+  gradient of the step's own loss (same keys). Adagrad, because Adam's first step hardly depends on the
+  gradient's scale."""
+  import optax
+  from cvae_jax.tasks.density import DensityTask
+  ds = synthetic_dataset()
+  cfg = small_config(**{"optimizer.grad_clip_norm": 0.5, "optimizer.name": "adagrad", "optimizer.learning_rate": 0.1})
+  model, state = model_and_state(cfg, ds.spec)
+  plan = DensityTask().plan(cfg, model, ds.spec, len(ds.train))
+  images, labels = jnp.asarray(ds.train.images[:32]), jnp.asarray(ds.train.labels[:32])
+  new_state, _ = jax.jit(epoch.make_train_step(plan))(state, images, labels)
+  keys = epoch.StepKeys(plan.hyper.seed, state.step)
+  grads = jax.grad(lambda p: plan.loss(p, images, labels, keys, plan.hyper)[0])(state.params)
+  assert float(optax.tree.norm(grads)) > 0.5  # clipping acts
+  reference = optax.chain(optax.clip_by_global_norm(0.5), optax.adagrad(cfg.optimizer.learning_rate))
+  updates, _ = reference.update(grads, reference.init(state.params), state.params)
+  for x, y in zip(jax.tree.leaves(new_state.params), jax.tree.leaves(optax.apply_updates(state.params, updates))):
+    np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("user_flags, expected", [
