@@ -108,7 +108,13 @@ def test_rdkit_properties_and_moses_metrics_have_known_values():
   m = molecules.generation_metrics(chains + chains, training=set())
   assert (m["unique@1k"], m["unique@1k_of"], m["unique@10k"], m["unique@10k_of"]) == (0.6, 1000, 0.5, 1200)
   # Novelty compares canonical samples with the training strings as given (MOSES's are canonical SMILES).
-  assert molecules.generation_metrics(["OCC", "CCCO"], training={"CCO"})["novelty"] == 0.5
+  m = molecules.generation_metrics(["OCC", "CCCO", "CCCCO"], training={"CCO"}, all_training={"CCO", "CCCO"})
+  assert (m["novelty"], m["novelty_all_moses_train"]) == (2 / 3, 1 / 3)
+  assert molecules.generation_metrics(["CCO"], training=set())["validity"] == 1.0  # one sample
+  none = molecules.generation_metrics(["", "C1CC"], training=set(), all_training=set())  # no valid sample
+  assert (none["validity"], none["unique@1k"], none["unique@10k"], none["novelty"], none["novelty_all_moses_train"]) \
+      == (0.0, 0.0, 0.0, 0.0, 0.0)
+  assert molecules.generation_metrics(["C"] * 10001, training=set())["unique@10k_of"] == 10000
   errors = molecules.property_errors(["CCO", "", "C"], np.array([[40.0, 0.0], [0, 0], [20.0, 1.0]]), ["mw", "hbd"])
   assert errors["scored"] == 2
   assert errors["mae"]["mw"] == pytest.approx((6.069 + 3.957) / 2, abs=1e-3)
