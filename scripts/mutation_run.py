@@ -1,6 +1,7 @@
 """Mutation testing of the math: does a deliberate small change to a formula make a test fail?
 
   python scripts/mutation_run.py [--workers 2] [--only MODULE ...] [--out mutation.json]
+  python scripts/mutation_run.py --survivors-of mutation.json     # again, only the mutants that survived
 
 For each function listed in TARGETS, every site of the mutation operators below becomes one mutant: the
 module is rewritten with that single change in a copy of the repository, and the module's fast test
@@ -55,6 +56,7 @@ TARGETS = {
     "cvae_jax/evaluators/anomaly.py": (
         ["make_scores", "detection_metrics", "class_log_prior"],
         ["tests/test_anomaly.py::test_infinite_scores_rank_and_nan_scores_are_counted",
+         "tests/test_anomaly.py::test_infinite_scores_keep_the_order_of_the_finite_ones",
          "tests/test_anomaly.py::test_metrics_by_hand", "tests/test_anomaly.py::test_vae_scores_with_one_sample_agree",
          "tests/test_anomaly.py::test_cvae_marginal_and_best_label_scores",
          "tests/test_anomaly.py::test_autoencoder_score_is_its_reconstruction_loss",
@@ -161,8 +163,11 @@ def main() -> None:
   parser.add_argument("--workers", type=int, default=2)
   parser.add_argument("--only", nargs="+", help="modules to mutate (default: every module in TARGETS)")
   parser.add_argument("--out", type=Path, help="write every mutant's outcome here as JSON")
+  parser.add_argument("--survivors-of", type=Path, help="run only the mutants that survived in this earlier --out")
   args = parser.parse_args()
-  modules = args.only or list(TARGETS)
+  earlier = json.loads(args.survivors_of.read_text()) if args.survivors_of else None
+  survived = {(r["module"], r["function"], r["line"], r["mutation"]) for r in earlier or [] if r["outcome"] == "survived"}
+  modules = args.only or ([m for m in TARGETS if any(s[0] == m for s in survived)] if earlier else list(TARGETS))
   roots = [workspace() for _ in range(args.workers)]
   jobs = []
   for module in modules:
@@ -171,7 +176,8 @@ def main() -> None:
     if run_tests(roots[0], tests, 1800) != "survived":
       sys.exit(f"error: the tests of {module} fail without any mutation: fix them first")
     timeout = 3 * (time.perf_counter() - clean) + 30
-    jobs += [(module, tests, timeout, *m) for m in mutants(module, functions)]
+    jobs += [(module, tests, timeout, *m) for m in mutants(module, functions)
+             if earlier is None or (module, *m[:3]) in survived]
   print(f"{len(jobs)} mutants of {len(modules)} modules, {args.workers} workers", flush=True)
   free = list(roots)
   results = []

@@ -35,6 +35,13 @@ def test_infinite_scores_rank_and_nan_scores_are_counted():
   assert m["auroc"] == 1.0 and m["nan_scores"] == 1
 
 
+def test_infinite_scores_keep_the_order_of_the_finite_ones():
+  # Clipping the infinities to just outside the finite range must not tie any finite scores.
+  assert anomaly.detection_metrics(np.array([-np.inf, 3.0, 0.0, 10.0]), np.array([0, 1, 0, 1]))["auroc"] == 1.0
+  assert anomaly.detection_metrics(np.array([0.0, 10.0, 5.0, np.inf]), np.array([0, 1, 0, 1]))["auroc"] == 1.0
+  assert anomaly.detection_metrics(np.array([np.inf, -np.inf, np.inf]), np.array([1, 0, 1]))["auroc"] == 1.0
+
+
 def test_metrics_by_hand():
   # Pairs (anomaly, normal) ranked correctly: (0.35 > 0.1), (0.8 > 0.1), (0.8 > 0.4); wrong: (0.35 < 0.4).
   m = anomaly.detection_metrics(np.array([0.1, 0.4, 0.35, 0.8]), np.array([0, 0, 1, 1]))
@@ -57,12 +64,14 @@ def test_cvae_marginal_and_best_label_scores():
   key = jax.random.key(4)
   scores = anomaly.make_scores(model, SPEC, BERNOULLI, 8, 6, 8, log_prior)(params, images, labels, key)
   x = images.astype(jnp.float32)
-  per_class = np.stack([np.asarray(estimators.iwae_bound(
-      model, params, x, jax.nn.one_hot(jnp.full(6, k), 3), jax.random.fold_in(jax.random.fold_in(key, 0), 0), 8, 8,
-      BERNOULLI)) for k in (0, 1)])  # chunk 0's key, as map_over_split folds it
-  expected = -np.logaddexp(np.log(0.25) + per_class[0], np.log(0.75) + per_class[1])
-  np.testing.assert_allclose(scores["marginal_nll"], expected, rtol=1e-5)
-  np.testing.assert_allclose(scores["best_label_nll"], -per_class.max(axis=0), rtol=1e-5)
+  bounds = [estimators.iwae_bound(model, params, x, jax.nn.one_hot(jnp.full(6, k), 3),
+                                  jax.random.fold_in(jax.random.fold_in(key, 0), 0), 8, 8, BERNOULLI, with_elbo=True)
+            for k in (0, 1)]  # chunk 0's key, as map_over_split folds it
+  for score, i in (("nll", 0), ("neg_elbo", 1)):  # the bound L_k, and the k-sample ELBO of the same draws
+    per_class = np.stack([np.asarray(b[i]) for b in bounds])
+    expected = -np.logaddexp(np.log(0.25) + per_class[0], np.log(0.75) + per_class[1])
+    np.testing.assert_allclose(scores[f"marginal_{score}"], expected, rtol=1e-5)
+    np.testing.assert_allclose(scores[f"best_label_{score}"], -per_class.max(axis=0), rtol=1e-5)
 
 
 def test_autoencoder_score_is_its_reconstruction_loss():

@@ -173,3 +173,23 @@ def test_split_wide_elbo_and_bound_equal_each_chunk_s_own(seven_examples):
   assert float(means["bpd"]) == pytest.approx(-np.mean(per_example["elbo"]) / (16 * math.log(2)), rel=1e-5)
   bounds = estimators.make_iwae(model, spec, lik, 5, 3, 2)(params, images, labels, key)
   np.testing.assert_allclose(bounds, per_example["iwae"], rtol=1e-5)
+
+
+def test_a_vector_condition_is_chunked_row_by_row():
+  # Condition vectors [N, P] (molecules' properties) are padded along the examples only.
+  from cvae_jax.data import Condition, Modality
+  spec = DatasetSpec("toy", (4, 4, 1), 2, Encoding.static_binary, Modality.image, Condition.vector)
+  model = create_model(MLPConfig(kind=Kind.cvae, hidden=[16], latent_size=3), spec)
+  images = (np.random.default_rng(2).random((7, 4, 4, 1)) > 0.5).astype(np.uint8)
+  vectors = np.random.default_rng(3).normal(size=(7, 2)).astype(np.float32)
+  params = model.init({"params": jax.random.key(0)}, jnp.zeros((1, 4, 4, 1)), jnp.zeros((1, 2)),
+                      jax.random.key(1))["params"]
+  mean, _ = model.apply({"params": params}, jnp.asarray(images, jnp.float32), jnp.asarray(vectors), method=model.encode)
+  stats = estimators.make_posterior_stats(model, spec, 3)(params, images, vectors, jax.random.key(2))
+  np.testing.assert_allclose(stats["mean"], mean, rtol=1e-5, atol=1e-6)
+
+
+def test_a_unit_at_the_threshold_is_not_active():
+  # Burda et al.: active when Cov_x(E_q[z_u]) > 0.01, strictly. Means of +-0.125 have variance 0.015625 exactly.
+  means = np.tile([[0.125, 1.0], [-0.125, -1.0]], (50, 1))
+  assert estimators.active_units(means, threshold=0.015625)[0] == 1

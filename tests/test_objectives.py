@@ -73,7 +73,32 @@ def test_continuous_bernoulli_norm_and_mean_against_paper_formulas(logit):
     mean = lam / (2 * lam - 1) + 1 / (2 * math.atanh(1 - 2 * lam))
   logits = jnp.array([logit])
   assert float(likelihoods.continuous_bernoulli_log_norm(logits)[0]) == pytest.approx(log_c, abs=2e-5)
-  assert float(likelihoods.continuous_bernoulli_mean(logits)[0]) == pytest.approx(mean, abs=2e-5)
+  assert float(likelihoods.continuous_bernoulli_mean(logits)[0]) == pytest.approx(mean, abs=1e-6)
+
+
+def test_the_continuous_bernoulli_series_near_zero_in_float64():
+  """Below |l| = 0.01 the log normalizer and the mean use their Taylor series; in float64 they must agree
+  with the exact forms log(l / tanh(l / 2)) and 1 / (1 - e^-l) - 1 / l as far as the series' next terms allow
+  (about 2e-16 and l^3 / 720); at 0.015 the exact form is used."""
+  with jax.enable_x64(True):
+    for logit in (0.009, -0.005, 0.0015):
+      a = abs(logit)
+      log_c = float(likelihoods.continuous_bernoulli_log_norm(jnp.asarray([logit], jnp.float64))[0])
+      assert abs(log_c - (math.log(a) - math.log(math.tanh(a / 2)))) < 2e-15
+    for logit in (0.009, -0.005, 0.0015, 0.015):
+      mean = float(likelihoods.continuous_bernoulli_mean(jnp.asarray([logit], jnp.float64))[0])
+      assert abs(mean - (1 / -math.expm1(-logit) - 1 / logit)) < abs(logit) ** 3 / 720 + 1e-13
+
+
+def test_continuous_bernoulli_log_prob_sums_each_example_s_pixels():
+  x = np.array([[0.1, 0.7, 1.0], [0.5, 0.0, 0.3]])
+  logits = np.array([[0.4, -1.2, 3.0], [0.0, 2.0, -0.5]])
+  lam = 1 / (1 + np.exp(-logits))
+  with np.errstate(divide="ignore", invalid="ignore"):
+    log_c = np.where(np.abs(lam - 0.5) < 1e-9, math.log(2.0), np.log(2 * np.arctanh(1 - 2 * lam) / (1 - 2 * lam)))
+  expected = np.sum(log_c + x * np.log(lam) + (1 - x) * np.log(1 - lam), axis=1)
+  got = likelihoods.continuous_bernoulli_log_prob(jnp.asarray(x, jnp.float32), jnp.asarray(logits, jnp.float32))
+  np.testing.assert_allclose(got, expected, rtol=1e-5)
 
 
 def test_gradients_flow_through_the_reparameterized_sample():

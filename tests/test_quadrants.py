@@ -61,6 +61,13 @@ def test_sampled_kl_has_the_closed_form_as_its_expectation():
   np.testing.assert_allclose(sampled["kl"], analytic["kl"], rtol=0.02, atol=0.01)
   one = task.cvae_terms(params, baseline, x, jax.random.key(5), 1, "sampled")
   assert float(jnp.max(jnp.abs(one["kl"] - analytic["kl"]))) > 1e-3
+  q_mean, q_logvar = task.cvae.apply({"params": params}, x, method=lambda m, i: m.recognition(i))
+  closed = gaussian_kl_between(q_mean, q_logvar, *task.prior(params, baseline, x))
+  np.testing.assert_allclose(analytic["kl"], closed, rtol=1e-6)  # "analytic" is the closed form itself
+  # With one sample, -L_1 is the sampled negative ELBO of the same draw (chunk 0's key, as the bound folds it).
+  nll_1 = task.conditional_nll(params, baseline, x, jax.random.key(6), 1, 1)
+  neg_elbo_1 = task.cvae_terms(params, baseline, x, jax.random.fold_in(jax.random.key(6), 0), 1, "sampled")["neg_elbo"]
+  np.testing.assert_allclose(nll_1, neg_elbo_1, rtol=1e-5)
 
 
 def test_bound_with_a_conditional_prior_is_exact_under_the_exact_posterior():
@@ -194,3 +201,15 @@ def test_the_prior_network_sees_the_given_quadrants_and_the_baseline_s_guess_onl
   given = int(np.flatnonzero(~np.asarray(nets.mask))[0])
   changed = x.at[:, given].set(1.0 - x[:, given])
   assert not np.allclose(nets.prior(params, baseline, x)[0], nets.prior(params, baseline, changed)[0])
+
+
+def test_the_baseline_loss_is_the_bce_summed_over_the_hidden_pixels():
+  cfg = small_config(**{"task": "quadrants", "model.hidden": [16], "quadrants.given": 3})
+  nets = quadrants.Networks(cfg, 4, 4)
+  params = nets.baseline.init(jax.random.key(1), jnp.zeros((1, 16)))["params"]
+  x = jax.random.uniform(jax.random.key(0), (3, 16))
+  logits = np.asarray(nets.baseline.apply({"params": params}, quadrants.hide(x, nets.mask)), np.float64)
+  p, y, mask = 1 / (1 + np.exp(-logits)), np.asarray(x, np.float64), np.asarray(nets.mask)
+  bce = -np.sum(np.where(mask, y * np.log(p) + (1 - y) * np.log(1 - p), 0.0), axis=1)  # 4 hidden pixels each
+  np.testing.assert_allclose(nets.baseline_loss(params, x), bce, rtol=1e-5)
+  assert mask.sum() == 4 and np.all(bce > 0)
