@@ -79,15 +79,16 @@ def test_continuous_bernoulli_norm_and_mean_against_paper_formulas(logit):
 def test_the_continuous_bernoulli_series_near_zero_in_float64():
   """Below |l| = 0.01 the log normalizer and the mean use their Taylor series; in float64 they must agree
   with the exact forms log(l / tanh(l / 2)) and 1 / (1 - e^-l) - 1 / l as far as the series' next terms allow
-  (about 2e-16 and l^3 / 720); at 0.015 the exact form is used."""
+  (about 2e-16 and l^3 / 720). Above it the exact forms are used: at 0.015 and 0.019 the series would be off
+  by 4e-15 and 2e-14 (log C), 5e-9 and 1e-8 (the mean)."""
   with jax.enable_x64(True):
-    for logit in (0.009, -0.005, 0.0015):
+    for logit in (0.009, -0.005, 0.0015, 0.015, 0.019):
       a = abs(logit)
       log_c = float(likelihoods.continuous_bernoulli_log_norm(jnp.asarray([logit], jnp.float64))[0])
       assert abs(log_c - (math.log(a) - math.log(math.tanh(a / 2)))) < 2e-15
-    for logit in (0.009, -0.005, 0.0015, 0.015):
       mean = float(likelihoods.continuous_bernoulli_mean(jnp.asarray([logit], jnp.float64))[0])
-      assert abs(mean - (1 / -math.expm1(-logit) - 1 / logit)) < abs(logit) ** 3 / 720 + 1e-13
+      series_error = abs(logit) ** 3 / 720 if a < 0.01 else 0.0
+      assert abs(mean - (1 / -math.expm1(-logit) - 1 / logit)) < series_error + 1e-12
 
 
 def test_continuous_bernoulli_log_prob_sums_each_example_s_pixels():
