@@ -82,7 +82,7 @@ def test_the_continuous_bernoulli_series_near_zero_in_float64():
   (about 2e-16 and l^3 / 720). Above it the exact forms are used: at 0.015 and 0.019 the series would be off
   by 4e-15 and 2e-14 (log C), 5e-9 and 1e-8 (the mean)."""
   with jax.enable_x64(True):
-    for logit in (0.009, -0.005, 0.0015, 0.015, 0.019):
+    for logit in (0.009, -0.005, 0.0015, 0.01, 0.015, 0.019):
       a = abs(logit)
       log_c = float(likelihoods.continuous_bernoulli_log_norm(jnp.asarray([logit], jnp.float64))[0])
       assert abs(log_c - (math.log(a) - math.log(math.tanh(a / 2)))) < 2e-15
