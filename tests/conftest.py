@@ -1,6 +1,7 @@
 """Shared fixtures: a small synthetic dataset for fast training tests, real MNIST loaded once."""
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -74,6 +75,26 @@ def require_fashion_mnist() -> Path:
       pytest.fail(reason)
     pytest.skip(reason)
   return folder
+
+
+@contextlib.contextmanager
+def killed_at_epoch(monkeypatch, epoch: int):
+  """Inside it, training stops as a kill would when it is about to log `epoch`'s metrics line: that epoch's
+  checkpoint is never written (KeyboardInterrupt, expected and caught)."""
+  from cvae_jax.engine import rundir
+  original = rundir.MetricsLog.write
+
+  def stop(self, row):
+    if row["epoch"] == epoch:
+      raise KeyboardInterrupt
+    original(self, row)
+
+  monkeypatch.setattr(rundir.MetricsLog, "write", stop)
+  try:
+    with pytest.raises(KeyboardInterrupt):
+      yield
+  finally:
+    monkeypatch.setattr(rundir.MetricsLog, "write", original)
 
 
 def model_and_state(cfg: Config, spec: DatasetSpec):

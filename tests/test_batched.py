@@ -11,7 +11,7 @@ import pytest
 from cvae_jax import batched
 from cvae_jax.experiment import restore_run, train_and_evaluate
 
-from conftest import REPO, small_config, synthetic_dataset
+from conftest import REPO, killed_at_epoch, small_config, synthetic_dataset
 
 SETTINGS = [(1.0, 1e-3, 0), (4.0, 3e-3, 1), (0.5, 1e-3, 2)]  # (beta, learning rate, seed)
 
@@ -65,23 +65,13 @@ def test_a_partly_finished_and_interrupted_batched_group_resumes_to_the_same_res
   """Run 0 finished on its own beforehand; runs 1 and 2 are stopped as a kill would after their epoch-2
   checkpoints. The same call then leaves run 0 as it was and resumes 1 and 2 together: their results equal
   an uninterrupted batched training of the same runs."""
-  from cvae_jax.engine import rundir
   ds = synthetic_dataset()
   cfgs = [small_config(**{"objective.beta": b, "optimizer.learning_rate": lr, "seed": s}) for b, lr, s in SETTINGS]
   straight = batched.train_batched(cfgs, [tmp_path / f"straight{i}" for i in range(3)], ds)
   dirs = [tmp_path / f"run{i}" for i in range(3)]
   first = train_and_evaluate(cfgs[0], dirs[0], ds)
-  original_write = rundir.MetricsLog.write
-
-  def interrupt_at_epoch_3(self, row):
-    if row["epoch"] == 3:
-      raise KeyboardInterrupt
-    original_write(self, row)
-
-  monkeypatch.setattr(rundir.MetricsLog, "write", interrupt_at_epoch_3)
-  with pytest.raises(KeyboardInterrupt):
+  with killed_at_epoch(monkeypatch, 3):
     batched.train_batched(cfgs, dirs, ds)
-  monkeypatch.setattr(rundir.MetricsLog, "write", original_write)
   assert [sorted(int(p.name) for p in (d / "checkpoints").iterdir()) for d in dirs[1:]] == [[8, 16], [8, 16]]
   again = batched.train_batched(cfgs, dirs, ds)
   assert again[0] == first == json.loads((dirs[0] / "results.json").read_text())  # not retrained

@@ -14,23 +14,14 @@ from cvae_jax.engine.checkpoints import CheckpointMismatchError
 from cvae_jax.engine.epoch import NonFiniteLossError
 from cvae_jax.experiment import train_and_evaluate
 from cvae_jax.tasks import density
-from conftest import small_config, synthetic_dataset
+from conftest import killed_at_epoch, small_config, synthetic_dataset
 from test_training import final_state, read_metrics
 
 
 def interrupted_run(cfg, ds, workdir, monkeypatch, at_epoch=3):
   """Trains until epoch `at_epoch` would be logged, then stops as a kill would (no checkpoint for it)."""
-  original_write = rundir.MetricsLog.write
-
-  def stop(self, row):
-    if row["epoch"] == at_epoch:
-      raise KeyboardInterrupt
-    original_write(self, row)
-
-  monkeypatch.setattr(rundir.MetricsLog, "write", stop)
-  with pytest.raises(KeyboardInterrupt):
+  with killed_at_epoch(monkeypatch, at_epoch):
     train_and_evaluate(cfg, workdir, dataset=ds)
-  monkeypatch.setattr(rundir.MetricsLog, "write", original_write)
 
 
 def test_corrupt_latest_checkpoint_is_skipped_with_a_warning(tmp_path, monkeypatch, caplog):

@@ -15,7 +15,7 @@ from cvae_jax.engine.epoch import NonFiniteLossError
 from cvae_jax.engine.rundir import RunDirError
 from cvae_jax.experiment import train_and_evaluate
 from cvae_jax.models import family_of
-from conftest import REPO, model_and_state, small_config, synthetic_dataset
+from conftest import REPO, killed_at_epoch, model_and_state, small_config, synthetic_dataset
 
 
 def final_state(cfg, ds, workdir):
@@ -106,17 +106,8 @@ def test_resume_is_bit_identical(tmp_path, monkeypatch):
   cfg = small_config(**{"training.epochs": 4, "data.pixels": Pixels.dynamic_binary, "model.kind": "cvae"})
   train_and_evaluate(cfg, tmp_path / "straight", dataset=ds)
 
-  original_write = rundir.MetricsLog.write
-
-  def interrupt_at_epoch_3(self, row):
-    if row["epoch"] == 3:
-      raise KeyboardInterrupt  # stands in for a kill: epoch 3's checkpoint is never written
-    original_write(self, row)
-
-  monkeypatch.setattr(rundir.MetricsLog, "write", interrupt_at_epoch_3)
-  with pytest.raises(KeyboardInterrupt):
+  with killed_at_epoch(monkeypatch, 3):  # a kill: epoch 3's checkpoint is never written
     train_and_evaluate(cfg, tmp_path / "resumed", dataset=ds)
-  monkeypatch.setattr(rundir.MetricsLog, "write", original_write)
   assert not (tmp_path / "resumed" / "results.json").exists()
   train_and_evaluate(cfg, tmp_path / "resumed", dataset=ds)
 
@@ -135,17 +126,8 @@ def test_resume_from_a_checkpoint_every_second_epoch_with_the_wall_time_carried_
   ds = synthetic_dataset()
   cfg = small_config(**{"training.epochs": 5, "training.checkpoint_every_epochs": 2})
   train_and_evaluate(cfg, tmp_path / "straight", dataset=ds)
-  original_write = rundir.MetricsLog.write
-
-  def interrupt_at_epoch_4(self, row):
-    if row["epoch"] == 4:
-      raise KeyboardInterrupt
-    original_write(self, row)
-
-  monkeypatch.setattr(rundir.MetricsLog, "write", interrupt_at_epoch_4)
-  with pytest.raises(KeyboardInterrupt):
+  with killed_at_epoch(monkeypatch, 4):  # a kill: epoch 4's checkpoint is never written
     train_and_evaluate(cfg, tmp_path / "resumed", dataset=ds)
-  monkeypatch.setattr(rundir.MetricsLog, "write", original_write)
   steps = sorted(int(p.name) for p in (tmp_path / "resumed" / "checkpoints").iterdir())
   assert steps == [16]  # epochs 2 only: not 1 or 3
   kept = read_metrics(tmp_path / "resumed")[1]["wall_time"]  # epoch 2's; epoch 3's line goes with its redo
