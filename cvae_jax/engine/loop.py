@@ -21,6 +21,7 @@ from cvae_jax.engine import checkpoints, rundir
 from cvae_jax.engine.epoch import check_finite, epoch_row
 
 log = logging.getLogger(__name__)
+SUMMARY = ("train/loss", "test/elbo", "test/rec", "test/kl", "stop/loss", "stop/best")  # the numbers logged per epoch
 
 
 class Phase:
@@ -150,6 +151,3 @@ def fit(phases: Sequence[Phase], state, train_epoch: Callable, images, labels, *
   for phase in phases:
     phase.checkpointer.wait()
   return state
-
-
-SUMMARY = ("train/loss", "test/elbo", "test/rec", "test/kl", "stop/loss", "stop/best")  # the numbers logged per epoch

@@ -5,6 +5,7 @@ import jax
 import numpy as np
 
 from cvae_jax import generation
+from cvae_jax.data import Modality
 from cvae_jax.evaluators import EvalContext, classifier
 from cvae_jax.keys import Stream, stream_key
 
@@ -12,7 +13,7 @@ from cvae_jax.keys import Stream, stream_key
 def judgeable(ctx: EvalContext) -> bool:
   """The judge is trained on the run's training split: it must have seen every class, and it reads images."""
   spec = ctx.dataset.spec
-  return bool(ctx.model.condition_size and spec.num_classes and spec.modality == "image"
+  return bool(ctx.model.condition_size and spec.num_classes and spec.modality == Modality.image
               and not ctx.cfg.data.exclude_classes)
 
 
