@@ -165,3 +165,21 @@ def test_a_two_job_sweep_through_the_joblib_launcher_with_one_failing_job(tmp_pa
   with open(sweep / "report.csv") as f:
     statuses = sorted(r["status"] for r in csv.DictReader(f))
   assert statuses == ["failed", "finished", "finished"]
+
+
+def test_a_second_process_on_the_same_run_directory_is_refused(tmp_path, env_for_cli):
+  """The same command started twice (a double submission, a requeue beside a live job): the second stops
+  with one line naming the first, which finishes alone: one metrics line per epoch."""
+  run = tmp_path / "run"
+  args = [sys.executable, "-m", "cvae_jax.train", *SHORT, "training.epochs=2", f"hydra.run.dir={run}"]
+  first = subprocess.Popen(args, env=env_for_cli, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                           text=True)
+  deadline = time.time() + 120
+  while time.time() < deadline and not (run / ".lock").exists():
+    time.sleep(0.05)
+  second = run_cli(args[3:], env_for_cli, tmp_path)
+  assert first.wait(timeout=300) == 0, first.stderr.read()[-2000:]
+  assert second.returncode == 2 and "Traceback" not in second.stderr
+  assert f"is in use by another process (host" in second.stderr and f"pid {first.pid}" in second.stderr
+  rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+  assert [r["epoch"] for r in rows] == [1, 2] and not (run / ".lock").exists()

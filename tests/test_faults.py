@@ -141,3 +141,46 @@ def test_the_metrics_log_keeps_only_the_lines_up_to_the_restored_step(tmp_path):
   log.close()
   assert [r["step"] for r in log.rows] == [8, 16] and log.wall_time == 2.0  # the cumulative time goes on from 2 s
   assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [8, 16]
+
+
+HOLD_LOCK = """
+import sys, time
+from cvae_jax.engine import rundir
+with rundir.RunLock(sys.argv[1]):
+  print("held", flush=True)
+  time.sleep(120)
+"""
+
+
+def test_a_run_directory_has_one_owner_and_a_dead_owner_s_lock_is_taken_over(tmp_path, caplog):
+  import os
+  import signal
+  import subprocess
+  import sys
+  from conftest import REPO
+  env = dict(os.environ, PYTHONPATH=str(REPO))
+  holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(tmp_path)], env=env, stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(rundir.RunDirError, match=rf"in use by another process \(host .*, pid {holder.pid}"):
+      train_and_evaluate(small_config(), tmp_path, dataset=synthetic_dataset())
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock"]  # nothing written by the refused run
+  finally:
+    holder.send_signal(signal.SIGKILL)  # as kill -9: the kernel drops its lock, its lock file stays
+    holder.wait()
+  with caplog.at_level(logging.WARNING):
+    results = train_and_evaluate(small_config(), tmp_path, dataset=synthetic_dataset())
+  assert results["steps"] == 24 and not (tmp_path / ".lock").exists()
+  assert any(f"pid {holder.pid}" in r.getMessage() and "taking it over" in r.getMessage() for r in caplog.records)
+
+
+def test_a_damaged_results_file_is_kept_aside_and_the_run_finishes_again(tmp_path, caplog):
+  cfg, ds = small_config(), synthetic_dataset()
+  first = train_and_evaluate(cfg, tmp_path, dataset=ds)
+  text = (tmp_path / "results.json").read_text()
+  (tmp_path / "results.json").write_text(text[:40])  # cut short
+  with caplog.at_level(logging.WARNING):
+    again = train_and_evaluate(cfg, tmp_path, dataset=ds)
+  assert (tmp_path / "results.json.damaged").read_text() == text[:40]
+  assert {k: v for k, v in again.items() if k != "wall_time"} == {k: v for k, v in first.items() if k != "wall_time"}
+  assert [r["step"] for r in read_metrics(tmp_path)] == [8, 16, 24]  # finished from the last checkpoint, no retraining

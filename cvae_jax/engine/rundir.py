@@ -10,7 +10,9 @@
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
+import fcntl
 import importlib.metadata
 import json
 import logging
@@ -158,16 +160,108 @@ class MetricsLog:
     self._tb.close()
 
 
+def read_json(path: Path) -> Optional[dict]:
+  """A JSON object written by a run, or None when the file is absent, cut short or not an object."""
+  try:
+    value = json.loads(path.read_text())
+  except (OSError, ValueError, UnicodeDecodeError):
+    return None
+  return value if isinstance(value, dict) else None
+
+
 def read_results(workdir: Path) -> Optional[dict]:
-  path = workdir / "results.json"
-  return json.loads(path.read_text()) if path.exists() else None
+  return read_json(Path(workdir) / "results.json")
+
+
+def set_aside(path: Path, why: str) -> Path:
+  """Renames a damaged file `<name>.damaged` (`.damaged1`, ... when taken) so nothing is lost, with a warning."""
+  target, n = path.with_name(path.name + ".damaged"), 1
+  while target.exists():
+    target, n = path.with_name(f"{path.name}.damaged{n}"), n + 1
+  path.rename(target)
+  log.warning("%s is %s; kept as %s, and the run finishes again from its last checkpoint.", path, why, target.name)
+  return target
 
 
 def finished_results(workdir: Path, config: dict) -> Optional[dict]:
   """Checks that workdir is new or holds a run of this config (RunDirError otherwise) and returns its
-  results.json when that run has finished: a finished run is not retrained."""
+  results.json when that run has finished: a finished run is not retrained. A results.json that cannot be
+  read is set aside (the run is then not finished)."""
   check_config(workdir, config)
+  path = Path(workdir) / "results.json"
   finished = read_results(workdir)
+  if finished is None and path.exists():
+    set_aside(path, "unreadable")
   if finished is not None:
     log.info("Run in %s already finished; results.json: %s", workdir, finished)
   return finished
+
+
+class RunLock:
+  """One owner per run directory: an exclusive lock on `<run>/.lock` (fcntl.flock) for as long as a process
+  trains there, with its host and pid in the file for the message a second process gets. The kernel drops
+  the lock of a process that dies (kill -9 included), so a rerun takes it over, with a warning naming the
+  previous owner. The lock file is removed on release. Re-entrant within one process. On a cluster file
+  system flock holds across hosts only where the file system supports it (Lustre mounted with `flock`,
+  NFSv4, GPFS); elsewhere it guards one host only."""
+
+  _held: dict = {}  # path -> [fd, count]: the locks this process holds
+
+  def __init__(self, workdir: Path):
+    self.path = (Path(workdir) / ".lock").absolute()
+    self.created = False  # whether taking the lock created the run directory (removed again if left empty)
+
+  def __enter__(self) -> "RunLock":
+    if self.path in RunLock._held:
+      RunLock._held[self.path][1] += 1
+      return self
+    self.created = not self.path.parent.exists()
+    self.path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+      fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+      try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      except BlockingIOError:
+        holder = os.read(fd, 4096).decode(errors="replace").strip()
+        os.close(fd)
+        raise RunDirError(f"Run directory {self.path.parent} is in use by another process ({holder or 'unknown'}). "
+                          "Nothing was changed. Wait for it to finish or stop it; two processes on one run "
+                          "directory would write over each other.") from None
+      try:  # the file may have been removed and recreated by its previous owner meanwhile: lock the current one
+        if os.fstat(fd).st_ino == os.stat(self.path).st_ino:
+          break
+      except FileNotFoundError:
+        pass
+      os.close(fd)
+    previous = os.read(fd, 4096).decode(errors="replace").strip()
+    if previous:
+      log.warning("Run directory %s was last held by %s, which is gone; taking it over.", self.path.parent, previous)
+    os.lseek(fd, 0, os.SEEK_SET)
+    os.ftruncate(fd, 0)
+    os.write(fd, f"host {platform.node()}, pid {os.getpid()}, since "
+                 f"{datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}\n".encode())
+    RunLock._held[self.path] = [fd, 1]
+    return self
+
+  def __exit__(self, *exc) -> None:
+    entry = RunLock._held[self.path]
+    entry[1] -= 1
+    if entry[1] == 0:
+      del RunLock._held[self.path]
+      self.path.unlink(missing_ok=True)  # before unlocking: a waiting process then finds the path gone and retries
+      fcntl.flock(entry[0], fcntl.LOCK_UN)
+      os.close(entry[0])
+      if self.created and not any(self.path.parent.iterdir()):  # a run that never started leaves nothing
+        self.path.parent.rmdir()
+
+
+def locked(workdirs) -> contextlib.ExitStack:
+  """A context holding the RunLock of every run directory given."""
+  stack = contextlib.ExitStack()
+  try:
+    for workdir in workdirs:
+      stack.enter_context(RunLock(workdir))
+  except BaseException:
+    stack.close()
+    raise
+  return stack

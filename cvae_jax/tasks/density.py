@@ -153,6 +153,13 @@ class DensityTask(Task):
   def train(self, cfgs: Sequence[Config], workdirs: Sequence[Path], dataset: Optional[Dataset] = None,
             on_trace: Optional[Callable[[], None]] = None) -> list[dict]:
     workdirs = [Path(w) for w in workdirs]
+    for cfg, workdir in zip(cfgs, workdirs):  # a directory of another run is refused before anything is written
+      rundir.check_config(workdir, to_dict(cfg))
+    with rundir.locked(workdirs):  # one process per run directory
+      return self._train(cfgs, workdirs, dataset, on_trace)
+
+  def _train(self, cfgs: Sequence[Config], workdirs: Sequence[Path], dataset: Optional[Dataset],
+             on_trace: Optional[Callable[[], None]]) -> list[dict]:
     configs = [to_dict(c) for c in cfgs]
     results = {}
     for r, (workdir, config) in enumerate(zip(workdirs, configs)):

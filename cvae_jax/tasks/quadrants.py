@@ -250,9 +250,13 @@ def train_and_evaluate(cfg: Config, workdir: Path, dataset: Optional[Dataset] = 
   """Trains the baseline, then the CVAE on top of it (each resumes or is skipped when done), evaluates
   both on the test split and writes results.json and figures/quadrants.png."""
   config = to_dict(cfg)
-  finished = rundir.finished_results(workdir, config)
-  if finished is not None:
-    return finished
+  rundir.check_config(workdir, config)  # a directory of another run is refused before anything is written
+  with rundir.RunLock(workdir):  # one process per run directory
+    finished = rundir.finished_results(workdir, config)
+    return finished if finished is not None else _train_and_evaluate(cfg, workdir, config, dataset)
+
+
+def _train_and_evaluate(cfg: Config, workdir: Path, config: dict, dataset: Optional[Dataset]) -> dict:
   ds = dataset if dataset is not None else data.load(cfg.data)
   height, width, channels = ds.spec.shape
   if channels != 1 or height % 2 or width % 2:
