@@ -22,6 +22,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import yaml  # noqa: E402
 
 from cvae_jax import experiment, schema, tasks  # noqa: E402
+from cvae_jax.engine import rundir  # noqa: E402
 from cvae_jax.tasks import Task  # noqa: E402
 
 PLOTTED = ("elbo", "rec", "kl")  # the numbers plotted against hyperparameters, where the task reports them
@@ -45,7 +46,12 @@ def expected_jobs(sweep_dir: Path) -> Optional[dict[str, dict]]:
     return None
   from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
   from hydra.core.override_parser.overrides_parser import OverridesParser
-  cfg = yaml.safe_load(path.read_text())["hydra"]
+  try:
+    cfg = yaml.safe_load(path.read_text())["hydra"]
+  except Exception as e:  # noqa: BLE001  a damaged multirun.yaml: report the directories found
+    print(f"warning: {path} is unreadable ({type(e).__name__}); reporting the run directories found",
+          file=sys.stderr)
+    return None
   params = cfg.get("sweeper", {}).get("params") or {}
   given = list(cfg["overrides"]["task"])
   given_keys = {line.split("=", 1)[0].lstrip("+~") for line in given}
@@ -72,15 +78,24 @@ def collect(sweep_dir: Path) -> list[dict]:
     if run is None:
       rows.append(row | {"status": "not started"})
       continue
+    damaged = []
     if (run / "config.yaml").exists():
-      row["config"] = schema.migrate(yaml.safe_load((run / "config.yaml").read_text()))
-    if (run / "results.json").exists():
-      results = json.loads((run / "results.json").read_text())
+      try:
+        row["config"] = schema.migrate(yaml.safe_load((run / "config.yaml").read_text()))
+      except Exception as e:  # noqa: BLE001  any content: the row says so and the others are reported
+        damaged.append(f"config.yaml unreadable ({type(e).__name__})")
+    results = rundir.read_results(run)
+    if results is not None:
       row |= {"status": "finished", "results": results, "path": run}
+    elif (run / "results.json").exists():
+      damaged.append("results.json unreadable (rerun the job's command: it finishes from its last checkpoint)")
     elif (run / "failed.json").exists():
-      row |= {"status": "failed", "error": json.loads((run / "failed.json").read_text()).get("error", "")}
-    else:
-      row["status"] = "incomplete"
+      failed = rundir.read_json(run / "failed.json")
+      row |= {"status": "failed", "error": failed.get("error", "") if failed else "failed.json unreadable"}
+    if "status" not in row:
+      row["status"] = "damaged" if damaged else "incomplete"
+    if damaged:
+      row["error"] = "; ".join(damaged)
     rows.append(row)
   return rows
 
@@ -141,8 +156,7 @@ def write_tables(rows: list[dict], keys: list[str], task: Task, out: Path) -> tu
   for r in rows:
     cells = [fmt(_value(r, k)) for k in keys] + [r["status"]] + [fmt(r.get(m)) for m in metrics]
     lines.append("| " + " | ".join(cells) + " |")
-  failed = [r for r in rows if r["status"] == "failed"]
-  note = "".join(f"\n- `{r['run']}` failed: {r.get('error', '')}" for r in failed)
+  note = "".join(f"\n- `{r['run']}` {r['status']}: {r['error']}" for r in rows if r.get("error"))
   md_path.write_text(f"# Sweep report: {out.name}\n\ntask={task.name}; numbers on the test split as its "
                      f"results.json holds them (nats per example), best {task.headline} first.\n\n"
                      + "\n".join(lines) + "\n" + note + "\n")
@@ -225,8 +239,7 @@ def write_report(sweep_dir: Path, out: Optional[Path] = None) -> dict:
   for row in rows:  # the task's numbers as columns, the config flattened for lookups
     if "results" in row:
       row |= task.report_row(row.pop("path"), row.pop("results"))
-    if "config" in row:
-      row["flat"] = _flatten(row["config"])
+    row["flat"] = _flatten(row["config"]) if "config" in row else {}
   rows = sort_by_headline(rows, task)
   keys = varying_keys(rows)
   csv_path, md_path = write_tables(rows, keys, task, out)
