@@ -23,6 +23,7 @@ from pathlib import Path
 from cvae_jax import experiment, xla_cpu
 from cvae_jax.config import ConfigError
 from cvae_jax.data import DataError
+from cvae_jax.engine.memory import OutOfMemoryError
 from cvae_jax.tasks import RestoreError
 
 
@@ -47,7 +48,7 @@ def main(argv=None) -> None:
   experiment.load_plugins()
   try:
     result = evaluate_run(args.workdir, args.iwae_samples, not args.no_sample_accuracy, args.samples_per_class)
-  except (RestoreError, DataError, ConfigError) as e:
+  except (RestoreError, DataError, ConfigError, OutOfMemoryError) as e:
     sys.exit(f"error: {e}")
   summary = {k: result[k] for k in ("elbo", "rec", "kl", "active_units", "wall_time") if k in result}
   if "iwae" in result:

@@ -18,6 +18,7 @@ from pathlib import Path
 from cvae_jax import experiment, figures, likelihoods, xla_cpu
 from cvae_jax.config import ConfigError
 from cvae_jax.data import DataError, Modality
+from cvae_jax.engine.memory import OutOfMemoryError
 from cvae_jax.keys import Stream, stream_key
 from cvae_jax.tasks import Restored, RestoreError
 
@@ -75,7 +76,7 @@ def main(argv=None) -> None:
   experiment.load_plugins()
   try:
     restored = experiment.restore_run(args.workdir)
-  except (RestoreError, DataError, ConfigError) as e:
+  except (RestoreError, DataError, ConfigError, OutOfMemoryError) as e:
     sys.exit(f"error: {e}")
   names = args.figures or applicable(restored)
   wrong = [n for n in names if n not in applicable(restored)]

@@ -7,6 +7,7 @@ config node (`<name>_schema` in the data and model groups, which conf/data/*.yam
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -25,8 +26,9 @@ from omegaconf import DictConfig, OmegaConf
 from cvae_jax import data, experiment, models, tasks, xla_cpu
 from cvae_jax.config import Config, ConfigError
 from cvae_jax.data import DataError
-from cvae_jax.engine.checkpoints import CheckpointMismatchError
+from cvae_jax.engine.checkpoints import CheckpointMismatchError, DiskFullError
 from cvae_jax.engine.epoch import NonFiniteLossError
+from cvae_jax.engine.memory import OutOfMemoryError
 from cvae_jax.engine.rundir import RunDirError
 
 log = logging.getLogger(__name__)
@@ -40,7 +42,8 @@ for _family in models.FAMILIES.values():
   _store.store(group="model", name=f"{_family.name}_schema", node=_family.config)
 
 # Errors that come from the user's input or environment: one clear line, exit code 2, no traceback.
-USER_ERRORS = (ConfigError, DataError, RunDirError, NonFiniteLossError, CheckpointMismatchError)
+USER_ERRORS = (ConfigError, DataError, RunDirError, NonFiniteLossError, CheckpointMismatchError, OutOfMemoryError,
+               DiskFullError)
 
 
 _created_by_this_run: set[Path] = set()  # output folders that did not exist before this process
@@ -102,6 +105,9 @@ def main(dict_cfg: DictConfig) -> float:
     cfg: Config = experiment.validate(OmegaConf.to_object(dict_cfg))
     results = experiment.train_and_evaluate(cfg, workdir)
   except Exception as e:  # noqa: BLE001  a sweep goes on past one failed job; a single run stops
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC and not isinstance(e, DiskFullError):
+      e = DiskFullError(errno.ENOSPC, f"The disk is full: {e.strerror} ({e.filename or workdir}). The last "
+                        "checkpoint is kept. Free some space, then rerun the same command: it resumes from there.")
     if in_sweep:
       # Record the failure where the report finds it; the other jobs keep running.
       workdir.mkdir(parents=True, exist_ok=True)

@@ -184,3 +184,76 @@ def test_a_damaged_results_file_is_kept_aside_and_the_run_finishes_again(tmp_pat
   assert (tmp_path / "results.json.damaged").read_text() == text[:40]
   assert {k: v for k, v in again.items() if k != "wall_time"} == {k: v for k, v in first.items() if k != "wall_time"}
   assert [r["step"] for r in read_metrics(tmp_path)] == [8, 16, 24]  # finished from the last checkpoint, no retraining
+
+
+def test_a_full_disk_stops_with_where_and_how_much_and_the_rerun_resumes(tmp_path, monkeypatch):
+  import shutil as shutil_module
+  from cvae_jax.engine import checkpoints
+  cfg, ds = small_config(**{"training.epochs": 4}), synthetic_dataset()
+  train_and_evaluate(cfg, tmp_path / "straight", dataset=ds)
+  usage, saves = shutil_module.disk_usage, []
+
+  def filling_disk(path):  # room for the first two checkpoints, then a full disk
+    saves.append(path)
+    real = usage(path)
+    return real._replace(free=real.free if len(saves) <= 2 else 1024)
+
+  monkeypatch.setattr(checkpoints.shutil, "disk_usage", filling_disk)
+  run = tmp_path / "run"
+  with pytest.raises(checkpoints.DiskFullError, match=r"The disk holding .*/run/checkpoints is full \(0\.0 MiB free\): "
+                     r"the checkpoint of step 24 \(0\.\d+ MiB\) could not be written\. The checkpoint of step 16 is "
+                     r"kept\. Free some space, then rerun the same command"):
+    train_and_evaluate(cfg, run, dataset=ds)
+  monkeypatch.setattr(checkpoints.shutil, "disk_usage", usage)
+  assert sorted(int(p.name) for p in (run / "checkpoints").iterdir()) == [8, 16]
+  train_and_evaluate(cfg, run, dataset=ds)  # space freed: the same call resumes from step 16
+  a, b = final_state(cfg, ds, tmp_path / "straight"), final_state(cfg, ds, run)
+  for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
+    np.testing.assert_array_equal(x, y)
+
+
+def test_a_disk_that_fills_while_orbax_writes_is_reported_as_full(tmp_path, monkeypatch):
+  from cvae_jax.engine import checkpoints
+  original = checkpoints.ocp.CheckpointManager.save
+
+  def failing_save(self, step, *args, **kwargs):
+    if step == 16:
+      raise ValueError('RESOURCE_EXHAUSTED: Error writing "params.decoder/0": Failed to write 4292608 bytes: '
+                       "No space left on device [os_error_code='28']")
+    return original(self, step, *args, **kwargs)
+
+  monkeypatch.setattr(checkpoints.ocp.CheckpointManager, "save", failing_save)
+  with pytest.raises(checkpoints.DiskFullError, match="the checkpoint of step 16 .* The checkpoint of step 8 is kept"):
+    train_and_evaluate(small_config(), tmp_path, dataset=synthetic_dataset())
+
+
+def test_a_model_too_large_for_memory_is_refused_before_anything_is_written(tmp_path):
+  from cvae_jax.engine.memory import OutOfMemoryError
+  # MLP 64-H-(4, 4) and 4-H-64 with H = 4e9: 142 H + 72 parameters, 4 bytes each, times 4 (parameters, gradient,
+  # Adam's two moments): 8463.9 GiB.
+  with pytest.raises(OutOfMemoryError, match=r"The model has 568,000,000,072 parameters: its train state and gradient "
+                                             r"take 8463\.9 GiB, more than the [\d.]+ GiB of memory of .*\. Nothing was "
+                                             r"written"):
+    train_and_evaluate(small_config(**{"model.hidden": [4_000_000_000]}), tmp_path / "run", dataset=synthetic_dataset())
+  assert not (tmp_path / "run").exists()
+
+
+def test_running_out_of_memory_while_training_says_what_to_lower(tmp_path, monkeypatch):
+  from cvae_jax.engine import epoch as engine_epoch
+  from cvae_jax.engine.memory import OutOfMemoryError
+  original = engine_epoch.make_train_epoch
+
+  def make(*args, **kwargs):
+    run_epoch = original(*args, **kwargs)
+
+    def exhausted(state, images, labels, epoch, *rest):
+      if int(epoch) == 1:
+        raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 51200002560 bytes.")
+      return run_epoch(state, images, labels, epoch, *rest)
+    return exhausted
+
+  monkeypatch.setattr(engine_epoch, "make_train_epoch", make)
+  with pytest.raises(OutOfMemoryError, match=r"Out of memory in training, epoch 2 \(RESOURCE_EXHAUSTED: .*\)\. Lower "
+                                             r"training.batch_size; the last checkpoint is kept"):
+    train_and_evaluate(small_config(), tmp_path, dataset=synthetic_dataset())
+  assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()) == [8]

@@ -7,18 +7,40 @@ renamed `<step>.corrupt`, named in a warning, and the previous one is used inste
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
+import shutil
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import jax
 import orbax.checkpoint as ocp
 
+from cvae_jax.engine.memory import nbytes
+
 log = logging.getLogger(__name__)
 
 
 class CheckpointMismatchError(RuntimeError):
   """The checkpoint holds parameters of another model; the message says which and what to do."""
+
+
+class DiskFullError(OSError):
+  """A checkpoint could not be written for want of disk space; the previous one is kept."""
+
+  def __str__(self) -> str:
+    return self.strerror
+
+
+def _is_disk_full(error: BaseException) -> bool:
+  """Orbax reports a full disk as its writer's RESOURCE_EXHAUSTED, or as an OSError(ENOSPC)."""
+  while error is not None:
+    if getattr(error, "errno", None) == errno.ENOSPC or "No space left" in str(error) or \
+        "RESOURCE_EXHAUSTED" in str(error):
+      return True
+    error = error.__cause__ or error.__context__
+  return False
 
 
 def _shapes(tree) -> dict:
@@ -29,6 +51,7 @@ def _shapes(tree) -> dict:
 class Checkpointer:
   def __init__(self, directory: Path, max_to_keep: int):
     self.directory = Path(directory).absolute()
+    self._last_saved: tuple = (None, {})  # (step, state) of the newest save, for the disk-full message
     if self.directory.is_dir():
       for leftover in sorted(self.directory.glob("*.orbax-checkpoint-tmp*")):
         log.warning("Checkpoint %s is incomplete (a save was interrupted); it is ignored and removed.", leftover)
@@ -39,8 +62,33 @@ class Checkpointer:
     return self._manager.latest_step()
 
   def save(self, step: int, state: Any) -> None:
-    """Asynchronous; `wait` (or the next save) makes it durable."""
-    self._manager.save(step, args=ocp.args.StandardSave(state))
+    """Asynchronous; `wait` (or the next save) makes it durable. A disk without room for it is found before
+    anything is written (and a disk that fills meanwhile when the save completes): DiskFullError."""
+    self.wait()  # the previous save first, so that its failure names its own step
+    self._last_saved = (step, state)
+    self.directory.mkdir(parents=True, exist_ok=True)
+    if shutil.disk_usage(self.directory).free < nbytes(state) + 2**20:  # the arrays and a little metadata
+      self._raise_disk_full()
+    with self._disk_full_says():
+      self._manager.save(step, args=ocp.args.StandardSave(state))
+
+  def _raise_disk_full(self):
+    step, state = self._last_saved
+    free, latest = shutil.disk_usage(self.directory).free, self.latest_step()
+    kept = f"The checkpoint of step {latest} is kept" if latest is not None else "No earlier checkpoint exists"
+    raise DiskFullError(errno.ENOSPC, f"The disk holding {self.directory} is full ({free / 2**20:.1f} MiB free): the "
+                        f"checkpoint of step {step} ({nbytes(state) / 2**20:.1f} MiB) could not be written. {kept}. "
+                        "Free some space, then rerun the same command: it resumes from the newest checkpoint.")
+
+  @contextlib.contextmanager
+  def _disk_full_says(self):
+    """A full disk while a checkpoint is written becomes a DiskFullError saying where, how much, and what to do."""
+    try:
+      yield
+    except Exception as e:  # noqa: BLE001  whatever type the writer raised
+      if not _is_disk_full(e):
+        raise
+      self._raise_disk_full()
 
   def restore(self, like: Any, step: Optional[int] = None) -> Any:
     """Restores into the structure, shapes and dtypes of `like` (a state built by create_train_state)."""
@@ -50,7 +98,9 @@ class Checkpointer:
 
   def _check_architecture(self, step: int, like: Any) -> None:
     """Raises CheckpointMismatchError when the saved parameter shapes differ from the model's."""
-    metadata = ocp.StandardCheckpointer().metadata(self.directory / str(step) / "default")
+    # The item's handler reads the tree's shapes alone (StandardCheckpointer would also look for a
+    # checkpoint-level metadata file in the item's folder and warn that it is not there).
+    metadata = ocp.StandardCheckpointHandler().metadata(self.directory / str(step) / "default")
     tree = getattr(metadata, "item_metadata", metadata)
     saved, expected = _shapes(getattr(tree, "tree", tree)["params"]), _shapes(like.params)
     if saved != expected:
@@ -98,8 +148,11 @@ class Checkpointer:
     return None
 
   def wait(self) -> None:
-    self._manager.wait_until_finished()
+    with self._disk_full_says():
+      self._manager.wait_until_finished()
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
-    self._manager.close()
+    try:
+      self.wait()
+    finally:
+      self._manager.close()

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from cvae_jax.engine import checkpoints, rundir
 from cvae_jax.engine.epoch import check_finite, epoch_row
+from cvae_jax.engine.memory import out_of_memory_says
 
 log = logging.getLogger(__name__)
 SUMMARY = ("train/loss", "test/elbo", "test/rec", "test/kl", "stop/loss", "stop/best")  # the numbers logged per epoch
@@ -125,9 +126,11 @@ def fit(phases: Sequence[Phase], state, train_epoch: Callable, images, labels, *
     if early_stopping is not None and early_stopping.done(state):
       break
     first_step = epoch * steps
-    state, step_metrics = train_epoch(state, images, labels, epoch, hypers) if batched else \
-        train_epoch(state, images, labels, epoch)
-    step_metrics = jax.device_get(step_metrics)
+    with out_of_memory_says(f"training, epoch {epoch + 1}", "Lower training.batch_size; the last checkpoint is kept, "
+                            "and the same command then resumes from it."):
+      state, step_metrics = train_epoch(state, images, labels, epoch, hypers) if batched else \
+          train_epoch(state, images, labels, epoch)
+      step_metrics = jax.device_get(step_metrics)
     elapsed = time.perf_counter() - t0  # batched: one program for all runs, each gets the batch's time
     for i in range(len(phases)):
       check_finite(member(step_metrics, i), first_step)
@@ -137,7 +140,9 @@ def fit(phases: Sequence[Phase], state, train_epoch: Callable, images, labels, *
     for i, phase in enumerate(phases):
       row = epoch_row(member(step_metrics, i), first_step + steps, epoch) | extra
       if epoch_metrics is not None:
-        row |= epoch_metrics(i, member(state.params, i))
+        with out_of_memory_says(f"the evaluation of epoch {epoch + 1}", "Lower training.eval_batch_size; the last "
+                                "checkpoint is kept, and the same command then resumes from it."):
+          row |= epoch_metrics(i, member(state.params, i))
       row["wall_time"] = offsets[i] + elapsed
       phase.metrics.write(row)
       log.info("%s epoch %d/%d step %d: %s", phase.name, row["epoch"], epochs, row["step"],

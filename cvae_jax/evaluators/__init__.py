@@ -16,6 +16,7 @@ from typing import Any, Callable, Sequence
 from cvae_jax.config import Config
 from cvae_jax.data import Dataset
 from cvae_jax.engine import rundir
+from cvae_jax.engine.memory import out_of_memory_says
 from cvae_jax.likelihoods import Likelihood
 from cvae_jax.models import VAE
 
@@ -39,7 +40,10 @@ def evaluate(ctx: EvalContext, evaluators: Sequence[Evaluator]) -> dict:
   t0 = time.perf_counter()
   result: dict = {}
   for evaluator in evaluators:
-    result |= evaluator(ctx)
+    with out_of_memory_says(f"the end-of-run evaluation ({getattr(evaluator, '__name__', 'evaluator')})",
+                            "Lower evaluation.batch_size and evaluation.sample_chunk (or training.eval_batch_size); "
+                            "the trained checkpoint is kept: `python -m cvae_jax.evaluate RUN_DIR` evaluates it again."):
+      result |= evaluator(ctx)
   result["wall_time"] = time.perf_counter() - t0
   rundir.write_json_atomic(ctx.workdir / "eval.json", result)
   return result

@@ -59,4 +59,5 @@ def iwae(num_samples: int) -> Callable[[EvalContext], dict]:
                      "standard_error": float(bound.std() / math.sqrt(len(bound))),
                      "conditional_on_label": bool(ctx.model.condition_size), "wall_time": time.perf_counter() - t0}}
 
+  evaluate.__name__ = f"iwae, k = {num_samples}"
   return evaluate

@@ -23,7 +23,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from cvae_jax import annealing, data, estimators, figures, likelihoods
 from cvae_jax.config import Config, ConfigError, Estimator, to_dict
 from cvae_jax.data import Dataset, DatasetSpec, model_input
-from cvae_jax.engine import epoch, loop, optim, rundir
+from cvae_jax.engine import epoch, loop, memory, optim, rundir
 from cvae_jax.estimators import condition
 from cvae_jax.evaluators import EvalContext, Evaluator, anomaly, evaluate, likelihood, samples
 from cvae_jax.keys import Stream, fold, stream_key
@@ -181,6 +181,8 @@ class DensityTask(Task):
                         "(training.data_parallel=true): use a multiple of the device count.")
     model = self.build_model(cfg0, ds.spec)
     self.check_data(cfg0, ds)
+    # A state that cannot fit the device is refused before anything is allocated or written.
+    memory.check_fits(jax.eval_shape(lambda: self.initial_state(cfg0, model, ds.spec)), runs=len(todo))
     phases = [loop.Phase(workdirs[r], cfgs[r].training.max_checkpoints) for r in todo]
     try:
       fresh = [self.initial_state(cfgs[r], model, ds.spec) for r in todo]
