@@ -53,9 +53,12 @@ class Checkpointer:
     self.directory = Path(directory).absolute()
     self._last_saved: tuple = (None, {})  # (step, state) of the newest save, for the disk-full message
     if self.directory.is_dir():
+      # Removed here, not by Orbax's own clean-up: that runs in a background thread, which a process that
+      # exits soon after (a command line stopping with an error) would leave scheduling work at shutdown.
       for leftover in sorted(self.directory.glob("*.orbax-checkpoint-tmp*")):
         log.warning("Checkpoint %s is incomplete (a save was interrupted); it is ignored and removed.", leftover)
-    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True, cleanup_tmp_directories=True)
+        shutil.rmtree(leftover)
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True, cleanup_tmp_directories=False)
     self._manager = ocp.CheckpointManager(self.directory, options=options)
 
   def latest_step(self) -> Optional[int]:
