@@ -48,7 +48,14 @@ def load_config(workdir: str | Path) -> Config:
   if not path.exists():
     raise RestoreError(f"{workdir} is not a run directory: it has no config.yaml. Pass the directory a "
                        "training run wrote (outputs/<name>/... or multirun/<name>/...).")
-  return validate(schema.structured(yaml.safe_load(path.read_text())))
+  try:
+    config = yaml.safe_load(path.read_text())
+    typed = schema.structured(config)
+  except Exception as e:  # noqa: BLE001  unreadable YAML, bytes, or keys and types the schema refuses
+    raise RestoreError(f"{path} does not hold a config this version can read ({type(e).__name__}: "
+                       f"{str(e).splitlines()[0] if str(e) else ''}). Restore that file from a copy, or retrain "
+                       "the run in a new directory.") from e
+  return validate(typed)
 
 
 def restore_run(workdir: str | Path, dataset: Optional[Dataset] = None) -> Restored:

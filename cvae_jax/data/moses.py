@@ -200,10 +200,16 @@ def save_or_check_vocabulary(workdir: Path, spec: DatasetSpec, syntax: Syntax) -
   """Writes the run's vocabulary on its first start; later (resume, sampling) the data must give the same one,
   or the checkpoint's token ids would mean other tokens."""
   vocab, path = vocabulary(spec, syntax), Path(workdir) / VOCAB_FILE
-  if not path.exists():
+  try:
+    saved = smiles_lib.Vocabulary.load(path) if path.exists() else None
+  except (OSError, ValueError, KeyError, TypeError) as e:  # damaged: the data's own is written (the same data
+    kept = path.with_name(path.name + ".damaged")            # gives the same one), the damaged file kept aside
+    path.rename(kept)
+    log.warning("%s is unreadable (%s); kept as %s and written again from the data.", path, type(e).__name__, kept.name)
+    saved = None
+  if saved is None:
     vocab.save(path)
     return
-  saved = smiles_lib.Vocabulary.load(path)
   if saved != vocab:
     raise DataError(f"The data now gives a vocabulary ({vocab.size} tokens, length {vocab.length}) other than the "
                     f"one {path} was trained with ({saved.size} tokens, length {saved.length}): the MOSES files "

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import platform
+import shutil
 from pathlib import Path
 from typing import Any, Optional
 
@@ -67,7 +68,7 @@ def check_config(workdir: Path, config: dict) -> None:
     return
   try:
     old = yaml.safe_load(path.read_text())
-  except yaml.YAMLError as e:
+  except (yaml.YAMLError, UnicodeDecodeError) as e:
     raise RunDirError(f"{path} is unreadable ({str(e).splitlines()[0]}). Nothing was changed. Restore or move "
                       "that file, or choose a new run directory with hydra.run.dir=....") from e
   if not isinstance(old, dict):
@@ -128,12 +129,16 @@ class MetricsLog:
     self.rows = []
     if self.path.exists():
       lines = self.path.read_text().splitlines()
-      parsed = []
+      parsed, unreadable = [], []
       for number, line in enumerate(lines, 1):
-        try:
-          parsed.append(json.loads(line))
-        except json.JSONDecodeError:  # a line cut short by a kill: its epoch is redone from the checkpoint
+        row = _json_or_none(line)
+        if isinstance(row, dict) and isinstance(row.get("step"), int):
+          parsed.append(row)
+        else:  # a line cut short by a kill (its epoch is redone from the checkpoint), or damage
+          unreadable.append(number)
           log.warning("Dropping unreadable line %d of %s: %r", number, self.path, line[:80])
+      if any(number < len(lines) for number in unreadable):  # more than a last line cut short: keep a copy
+        shutil.copy(self.path, self.path.with_name(self.path.name + ".damaged"))
       self.rows = [r for r in parsed if r["step"] <= resume_step]
       if len(self.rows) != len(lines):  # rewrite atomically: the dropped lines were work the resume redoes
         tmp = self.path.with_suffix(".jsonl.tmp")
@@ -158,6 +163,13 @@ class MetricsLog:
 
   def close(self) -> None:
     self._tb.close()
+
+
+def _json_or_none(text: str):
+  try:
+    return json.loads(text)
+  except ValueError:
+    return None
 
 
 def read_json(path: Path) -> Optional[dict]:

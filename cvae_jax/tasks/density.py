@@ -9,7 +9,6 @@ Variants change the hook methods (the molecule task: tasks/molecules.py).
 from __future__ import annotations
 
 import enum
-import json
 import logging
 import math
 from pathlib import Path
@@ -257,8 +256,7 @@ class DensityTask(Task):
     """results.json's numbers, with the NLL of eval.json when `python -m cvae_jax.evaluate` wrote one (a
     larger k than training's)."""
     row = super().report_row(workdir, results)
-    path = Path(workdir) / "eval.json"
-    evaluated = json.loads(path.read_text()) if path.exists() else {}
+    evaluated = rundir.read_json(Path(workdir) / "eval.json") or {}
     if "iwae" in evaluated:
       row["nll"], row["iwae_k"] = evaluated["iwae"]["nll"], evaluated["iwae"]["k"]
     return row
