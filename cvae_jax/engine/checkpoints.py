@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import gc
 import logging
 import shutil
+import sys
+import threading
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -31,6 +34,20 @@ class DiskFullError(OSError):
 
   def __str__(self) -> str:
     return self.strerror
+
+
+@contextlib.contextmanager
+def _quiet_background_failures():
+  """A failed read leaves Orbax's reading coroutines and threads to fail after it (unraisable exceptions,
+  "Event loop is closed"); their tracebacks say nothing the warning about the checkpoint does not, so they
+  are muted while a checkpoint is read, and collected before the hooks come back."""
+  unraisable, excepthook = sys.unraisablehook, threading.excepthook
+  sys.unraisablehook, threading.excepthook = (lambda args: None), (lambda args: None)
+  try:
+    yield
+  finally:
+    gc.collect()
+    sys.unraisablehook, threading.excepthook = unraisable, excepthook
 
 
 def _is_disk_full(error: BaseException) -> bool:
@@ -135,7 +152,8 @@ class Checkpointer:
     for step in sorted(self._manager.all_steps(), reverse=True):
       try:
         self._check_architecture(step, like)
-        return self._restore_any(like, step, legacy)
+        with _quiet_background_failures():
+          return self._restore_any(like, step, legacy)
       except CheckpointMismatchError:
         raise
       except Exception as e:  # noqa: BLE001  any read failure means this checkpoint is unusable
