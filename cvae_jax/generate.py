@@ -78,6 +78,12 @@ def main(argv=None) -> None:
     restored = experiment.restore_run(args.workdir)
   except (RestoreError, DataError, ConfigError, OutOfMemoryError) as e:
     sys.exit(f"error: {e}")
+  modality = restored.dataset.spec.modality
+  if not applicable(restored):  # signals' figures are drawn by training; molecules have their own command
+    elsewhere = (f"python -m cvae_jax.molecules {args.workdir}" if modality == Modality.tokens
+                 else f"the figures training wrote in {args.workdir / 'figures'}")
+    sys.exit(f"error: generate draws image figures, and {args.workdir} models {modality.value} data. "
+             f"Use {elsewhere}.")
   names = args.figures or applicable(restored)
   wrong = [n for n in names if n not in applicable(restored)]
   if wrong:

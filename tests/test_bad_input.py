@@ -1,6 +1,4 @@
 """Every row of the README's bad-input table: a clear message, a non-zero exit, nothing overwritten."""
-import gzip
-import json
 import shutil
 import subprocess
 import sys

@@ -180,6 +180,6 @@ def test_a_second_process_on_the_same_run_directory_is_refused(tmp_path, env_for
   second = run_cli(args[3:], env_for_cli, tmp_path)
   assert first.wait(timeout=300) == 0, first.stderr.read()[-2000:]
   assert second.returncode == 2 and "Traceback" not in second.stderr
-  assert f"is in use by another process (host" in second.stderr and f"pid {first.pid}" in second.stderr
+  assert "is in use by another process (host" in second.stderr and f"pid {first.pid}" in second.stderr
   rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
   assert [r["epoch"] for r in rows] == [1, 2] and not (run / ".lock").exists()

@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax.training import train_state

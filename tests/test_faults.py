@@ -257,3 +257,32 @@ def test_running_out_of_memory_while_training_says_what_to_lower(tmp_path, monke
                                              r"training.batch_size; the last checkpoint is kept"):
     train_and_evaluate(small_config(), tmp_path, dataset=synthetic_dataset())
   assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()) == [8]
+
+
+def test_a_checkpoint_whose_files_changed_is_set_aside_before_any_read(tmp_path, caplog):
+  from flax import struct
+  from cvae_jax.engine.checkpoints import MANIFEST, Checkpointer, check_manifest
+
+  class State(struct.PyTreeNode):
+    params: dict
+
+  state = State(params={"w": jnp.arange(6.0).reshape(2, 3)})
+  ckpt = Checkpointer(tmp_path / "checkpoints", 3)
+  ckpt.save(1, state)
+  ckpt.save(2, jax.tree.map(lambda a: a + 1, state))
+  ckpt.close()
+  for step in (1, 2):
+    assert (tmp_path / "checkpoints" / str(step) / MANIFEST).is_file()
+    check_manifest(tmp_path / "checkpoints" / str(step))  # intact: no error
+  data = max((p for p in (tmp_path / "checkpoints" / "2").rglob("d/*") if p.is_file()), key=lambda p: p.stat().st_size)
+  data.write_bytes(bytes(b ^ 1 for b in data.read_bytes()))  # same size, other bytes
+  with pytest.raises(ValueError, match="changed after it was saved"):
+    check_manifest(tmp_path / "checkpoints" / "2")
+  data.unlink()
+  with pytest.raises(ValueError, match="is missing"):
+    check_manifest(tmp_path / "checkpoints" / "2")
+  restored = Checkpointer(tmp_path / "checkpoints", 3).restore_latest_good(state)
+  np.testing.assert_array_equal(restored.params["w"], state.params["w"])  # step 1's values
+  assert (tmp_path / "checkpoints" / "2.corrupt").is_dir() and "2 is unreadable" in caplog.text
+  (tmp_path / "checkpoints" / "1" / MANIFEST).unlink()  # a step saved before manifests is read as it is
+  check_manifest(tmp_path / "checkpoints" / "1")

@@ -4,13 +4,21 @@ Orbax writes each step to a temporary folder and renames it when complete, so a 
 leaves the previous checkpoint as the latest complete one (leftover temporary folders are removed when
 the manager opens). A finalized checkpoint that cannot be read (a damaged disk, a truncated copy) is
 renamed `<step>.corrupt`, named in a warning, and the previous one is used instead.
+
+Each completed step gets a manifest (the size and SHA-256 of its files) checked before the step is read:
+damage is found without starting Orbax's reads, whose in-flight threads would otherwise fail after the
+first bad array (printing tracebacks a user cannot act on), and garbage that still parses is found too.
+A step without a manifest (a kill between the save and the manifest) is read as it is.
 """
 from __future__ import annotations
 
 import contextlib
 import errno
 import gc
+import hashlib
+import json
 import logging
+import os
 import shutil
 import sys
 import threading
@@ -65,6 +73,40 @@ def _shapes(tree) -> dict:
   return {jax.tree_util.keystr(path): tuple(leaf.shape) for path, leaf in leaves}
 
 
+MANIFEST = "cvae_jax_manifest.json"
+
+
+def _digest(path: Path) -> str:
+  with open(path, "rb") as f:
+    return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def write_manifest(step_dir: Path) -> None:
+  files = sorted(p for p in step_dir.rglob("*") if p.is_file() and p.name != MANIFEST)
+  entries = {p.relative_to(step_dir).as_posix(): [p.stat().st_size, _digest(p)] for p in files}
+  tmp = step_dir / (MANIFEST + ".tmp")
+  tmp.write_text(json.dumps(entries, indent=0))
+  os.replace(tmp, step_dir / MANIFEST)
+
+
+def check_manifest(step_dir: Path) -> None:
+  """Raises ValueError naming the first file of the step that is missing or changed since it was saved."""
+  try:
+    entries = json.loads((step_dir / MANIFEST).read_text())
+  except FileNotFoundError:
+    return  # written before manifests, or killed before its manifest: Orbax's own read decides
+  except (OSError, ValueError) as e:
+    raise ValueError(f"its manifest {MANIFEST} is unreadable ({e})") from None
+  if not isinstance(entries, dict):
+    raise ValueError(f"its manifest {MANIFEST} is unreadable")
+  for name, (size, digest) in entries.items():
+    path = step_dir / name
+    if not path.is_file():
+      raise ValueError(f"{name} is missing")
+    if path.stat().st_size != size or _digest(path) != digest:
+      raise ValueError(f"{name} changed after it was saved")
+
+
 class Checkpointer:
   def __init__(self, directory: Path, max_to_keep: int):
     self.directory = Path(directory).absolute()
@@ -84,7 +126,7 @@ class Checkpointer:
   def save(self, step: int, state: Any) -> None:
     """Asynchronous; `wait` (or the next save) makes it durable. A disk without room for it is found before
     anything is written (and a disk that fills meanwhile when the save completes): DiskFullError."""
-    self.wait()  # the previous save first, so that its failure names its own step
+    self.wait()  # the previous save first, so that its failure names its own step (and its manifest)
     self._last_saved = (step, state)
     self.directory.mkdir(parents=True, exist_ok=True)
     if shutil.disk_usage(self.directory).free < nbytes(state) + 2**20:  # the arrays and a little metadata
@@ -151,6 +193,7 @@ class Checkpointer:
     """
     for step in sorted(self._manager.all_steps(), reverse=True):
       try:
+        check_manifest(self.directory / str(step))
         self._check_architecture(step, like)
         with _quiet_background_failures():
           return self._restore_any(like, step, legacy)
@@ -171,6 +214,11 @@ class Checkpointer:
   def wait(self) -> None:
     with self._disk_full_says():
       self._manager.wait_until_finished()
+    step = self._last_saved[0]
+    step_dir = self.directory / str(step)
+    if step is not None and step_dir.is_dir() and not (step_dir / MANIFEST).exists():
+      with self._disk_full_says():
+        write_manifest(step_dir)
 
   def close(self) -> None:
     try:

@@ -128,7 +128,8 @@ class MetricsLog:
     self.path = workdir / "metrics.jsonl"
     self.rows = []
     if self.path.exists():
-      lines = self.path.read_text().splitlines()
+      text = self.path.read_text(errors="replace")  # bytes that are not text are damage, not a crash
+      lines = text.splitlines()
       parsed, unreadable = [], []
       for number, line in enumerate(lines, 1):
         row = _json_or_none(line)
@@ -137,7 +138,7 @@ class MetricsLog:
         else:  # a line cut short by a kill (its epoch is redone from the checkpoint), or damage
           unreadable.append(number)
           log.warning("Dropping unreadable line %d of %s: %r", number, self.path, line[:80])
-      if any(number < len(lines) for number in unreadable):  # more than a last line cut short: keep a copy
+      if any(number < len(lines) for number in unreadable) or "\ufffd" in text:  # more than a line cut short
         shutil.copy(self.path, self.path.with_name(self.path.name + ".damaged"))
       self.rows = [r for r in parsed if r["step"] <= resume_step]
       if len(self.rows) != len(lines):  # rewrite atomically: the dropped lines were work the resume redoes
