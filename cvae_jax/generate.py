@@ -15,7 +15,7 @@ import enum
 import sys
 from pathlib import Path
 
-from cvae_jax import experiment, figures, likelihoods, xla_cpu
+from cvae_jax import api, experiment, figures, likelihoods, xla_cpu
 from cvae_jax.config import ConfigError
 from cvae_jax.data import DataError, Modality
 from cvae_jax.engine.memory import OutOfMemoryError
@@ -75,15 +75,14 @@ def main(argv=None) -> None:
   xla_cpu.use_fast_scheduler()
   experiment.load_plugins()
   try:
-    restored = experiment.restore_run(args.workdir)
+    restored = api.load(args.workdir).restored
   except (RestoreError, DataError, ConfigError, OutOfMemoryError) as e:
     sys.exit(f"error: {e}")
   modality = restored.dataset.spec.modality
-  if not applicable(restored):  # signals' figures are drawn by training; molecules have their own command
-    elsewhere = (f"python -m cvae_jax.molecules {args.workdir}" if modality == Modality.tokens
-                 else f"the figures training wrote in {args.workdir / 'figures'}")
-    sys.exit(f"error: generate draws image figures, and {args.workdir} models {modality.value} data. "
-             f"Use {elsewhere}.")
+  if not applicable(restored):  # signals' figures are drawn by training; other tasks have their own command
+    sys.exit(f"error: generate draws image figures, and {args.workdir} models {modality.value} data "
+             f"(task={restored.cfg.task}). Training wrote its figures to {args.workdir / 'figures'}; the README lists "
+             "the command of each task.")
   names = args.figures or applicable(restored)
   wrong = [n for n in names if n not in applicable(restored)]
   if wrong:

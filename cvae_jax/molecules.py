@@ -16,7 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from cvae_jax import experiment, xla_cpu
+from cvae_jax import api, experiment, xla_cpu
 from cvae_jax.config import ConfigError
 from cvae_jax.data import DataError
 from cvae_jax.tasks import RestoreError
@@ -39,7 +39,7 @@ def main(argv=None) -> None:
   except ValueError:
     parser.error(f"--target takes PROPERTY=VALUE with a number, e.g. logp=4.5 (got {args.target})")
   try:
-    restored = experiment.restore_run(args.workdir)
+    restored = api.load(args.workdir).restored
     if not isinstance(restored.task, MoleculeTask):
       raise RestoreError(f"{args.workdir} is not a molecule run (task={restored.cfg.task}).")
     if named:

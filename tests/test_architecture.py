@@ -11,7 +11,7 @@ PACKAGE = REPO / "cvae_jax"
 
 # Lower layers never import higher ones: data -> models -> objectives -> engine -> tasks -> command lines.
 LAYERS = [
-    ["cvae_jax", "cvae_jax.config", "cvae_jax.keys", "cvae_jax.xla_cpu", "cvae_jax.registry"],
+    ["cvae_jax", "cvae_jax.config", "cvae_jax.keys", "cvae_jax.xla_cpu", "cvae_jax.registry", "cvae_jax.resources"],
     ["cvae_jax.data"],
     ["cvae_jax.likelihoods"],
     ["cvae_jax.models"],
@@ -21,6 +21,7 @@ LAYERS = [
     ["cvae_jax.generation", "cvae_jax.figures", "cvae_jax.evaluators"],
     ["cvae_jax.tasks"],
     ["cvae_jax.experiment", "cvae_jax.batched"],
+    ["cvae_jax.api"],
     ["cvae_jax.train", "cvae_jax.evaluate", "cvae_jax.generate", "cvae_jax.report", "cvae_jax.molecules"],
 ]
 # The engine, the trainer and the generic evaluation modules know no task.
@@ -58,8 +59,8 @@ GRAPH = {name: imports_of(name) for name in MODULES}
 
 
 def layer(name: str) -> int:
-  for i, names in enumerate(LAYERS):
-    if any(name == n or name.startswith(n + ".") for n in names):
+  for i, names in enumerate(LAYERS):  # the package itself ("cvae_jax") by its exact name, others with their modules
+    if any(name == n or (n != "cvae_jax" and name.startswith(n + ".")) for n in names):
       return i
   raise AssertionError(f"{name} is in no layer of this test: add it to LAYERS")
 
@@ -88,9 +89,13 @@ def test_the_cycle_finder_finds_a_cycle(monkeypatch):
     test_no_import_cycle()
 
 
+# `cvae_jax.load` is the package's one lazy attribute (PEP 562): imported when first used, not with the package.
+LAZY = {("cvae_jax", "cvae_jax.api")}
+
+
 def test_imports_flow_one_way():
   upward = [f"{name} (layer {layer(name)}) imports {dep} (layer {layer(dep)})"
-            for name, deps in GRAPH.items() for dep in deps if layer(dep) > layer(name)]
+            for name, deps in GRAPH.items() for dep in deps if layer(dep) > layer(name) and (name, dep) not in LAZY]
   assert not upward, "\n".join(upward)
 
 
@@ -109,3 +114,18 @@ def test_importing_the_library_changes_no_environment():
   script = "import os; before = dict(os.environ); import cvae_jax.experiment, cvae_jax.train; print(before == dict(os.environ))"
   out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=REPO)
   assert out.stdout.strip() == "True"
+
+
+def test_the_package_imports_light_and_loads_the_api_on_first_use():
+  import subprocess
+  import sys
+  script = ("import sys, cvae_jax; light = 'jax' not in sys.modules and 'cvae_jax.api' not in sys.modules; "
+            "load = cvae_jax.load; print(light, load.__module__)")
+  out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=REPO)
+  assert out.stdout.split() == ["True", "cvae_jax.api"]
+
+
+def test_the_layer_check_finds_an_upward_import(monkeypatch):
+  monkeypatch.setitem(GRAPH, "cvae_jax.data", GRAPH["cvae_jax.data"] | {"cvae_jax.tasks"})
+  with pytest.raises(AssertionError, match="cvae_jax.data .layer 1. imports cvae_jax.tasks"):
+    test_imports_flow_one_way()

@@ -166,7 +166,8 @@ def test_missing_moses_files_and_bad_settings_say_what_to_do(tmp_path, monkeypat
     moses.read(cfg.data)
 
 
-def test_a_molecule_run_trains_samples_scores_and_resamples_from_the_cli(moses_dir, tmp_path, env_for_cli):
+def test_a_molecule_run_trains_samples_scores_and_resamples_from_the_cli(moses_dir, tmp_path, env_for_cli,
+                                                                              monkeypatch):
   env = dict(env_for_cli, CVAE_JAX_MANUAL_DIR=str(moses_dir), TFDS_DATA_DIR=str(tmp_path / "cache"))
   run = tmp_path / "run"
   command = [sys.executable, "-m", "cvae_jax.train", "+experiment=molecules_cvae", "data.train_limit=null",
@@ -214,6 +215,19 @@ def test_a_molecule_run_trains_samples_scores_and_resamples_from_the_cli(moses_d
   wrong = subprocess.run([sys.executable, "-m", "cvae_jax.molecules", str(run), "--target", "color=1"], cwd=REPO,
                          env=env, capture_output=True, text=True, timeout=600)
   assert wrong.returncode == 1 and "conditioned on" in wrong.stderr
+
+  # The same run through the Python API: SMILES in, SMILES out, conditions in the properties' own units.
+  import cvae_jax
+  monkeypatch.setenv("CVAE_JAX_MANUAL_DIR", str(moses_dir))
+  model = cvae_jax.load(run)
+  drawn = model.sample(4, condition={"logp": 2.0}, seed=1)
+  assert len(drawn) == 4 and all(isinstance(s, str) for s in drawn)
+  assert drawn == model.sample(4, condition={"logp": 2.0}, seed=1)  # fixed keys
+  assert model.encode(SMILES[:3], np.zeros((3, len(model.spec.condition_names)))).shape == (3, 4)
+  with pytest.raises(ValueError, match="x: SMILES 'C!C' has characters outside"):
+    model.encode(["C!C"], np.zeros((1, len(model.spec.condition_names))))
+  with pytest.raises(ValueError, match="condition: --target color"):
+    model.sample(2, condition={"color": 1.0})
 
 
 def test_targets_keep_the_named_values_and_borrow_the_rest_from_near_training_molecules():
