@@ -23,7 +23,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from cvae_jax import data, experiment, models, tasks, xla_cpu
+from cvae_jax import data, experiment, models, resources, tasks, xla_cpu
 from cvae_jax.config import Config, ConfigError
 from cvae_jax.data import DataError
 from cvae_jax.engine.checkpoints import CheckpointMismatchError, DiskFullError
@@ -93,7 +93,9 @@ class RunChecks(Callback):
       sys.exit(1)
 
 
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")  # the repository's conf/, wherever it is cloned
+# The repository's conf/ in a clone, the copy inside the package when installed from a wheel; users add
+# their own folders on top with hydra.searchpath=[file:///path/to/my_conf].
+CONF_DIR = str(resources.conf_dir())
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")

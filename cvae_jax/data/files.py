@@ -1,8 +1,10 @@
 """Where datasets' local files are looked for, and where prepared data and caches go.
 
 Official files (for TFDS's offline preparation, ECG5000, MOSES) are looked for in `<root>/<dataset name>/`
-under, in order: `data.manual_dir`, the environment variable CVAE_JAX_MANUAL_DIR, and the repository's
-own `data/` folder (which ships MNIST).
+under, in order: `data.manual_dir`, the environment variable CVAE_JAX_MANUAL_DIR, and the folder of files that
+ship with us (MNIST), VENDORED_DATA_DIR: the repository's own `data/` in a clone or an editable install; in a
+package installed from a wheel (`pip install .`, a git URL), the copy the wheel carries at
+`cvae_jax/data/vendored/` (cvae_jax.resources decides which).
 """
 from __future__ import annotations
 
@@ -10,8 +12,10 @@ import os
 from pathlib import Path
 from typing import Optional
 
+from cvae_jax import resources
+
 MANUAL_DIR_ENV = "CVAE_JAX_MANUAL_DIR"
-VENDORED_DATA_DIR = Path(__file__).resolve().parents[2] / "data"
+VENDORED_DATA_DIR = resources.vendored_data_dir()
 
 
 def find_manual_dir(name: str, manual_dir: Optional[str]) -> tuple[Optional[Path], list[Path]]:
