@@ -201,6 +201,29 @@ def signal_reconstructions(path, model, params, spec, likelihood, split: Split, 
   plt.close(fig)
 
 
+def epoch_grids(model, params, spec, likelihood, split: Split, key, per_row: int = 8) -> dict[str, np.ndarray]:
+  """The images TensorBoard shows each epoch (fixed inputs and z, so epochs compare): [H, W, C] in [0, 1].
+  `reconstructions`: per_row test inputs over their reconstructions; `samples` (not for a plain
+  autoencoder): a row per class for a CVAE of classes, else per_row x per_row prior samples."""
+  k_rec, k_sample = jax.random.split(key)
+  x = model_input(jnp.asarray(split.images[:per_row]), spec.encoding, k_rec)
+  labels = split.labels[:per_row]
+  recon = generation.decode_mean(model, params, spec, generation.encode_mean(model, params, spec, x, labels), labels,
+                                 likelihood)
+  with_channels = lambda grid: grid[..., None] if grid.ndim == 2 else grid
+  grids = {"reconstructions": with_channels(tile(np.concatenate([np.asarray(x), np.asarray(recon)]), 2, per_row))}
+  if model.stochastic:
+    if model.condition_size and spec.num_classes:
+      images = generation.class_conditional(model, params, spec, k_sample, np.arange(spec.num_classes), per_row,
+                                            likelihood)
+      rows = spec.num_classes
+    else:
+      logits = model.apply({"params": params}, k_sample, None, per_row * per_row, method=VAE.generate)
+      images, rows = likelihood.mean(logits), per_row
+    grids["samples"] = with_channels(tile(np.asarray(images).reshape(-1, *spec.shape), rows, per_row))
+  return {name: np.clip(grid, 0.0, 1.0) for name, grid in grids.items()}
+
+
 def write_all(directory: Path, model: VAE, params, spec: DatasetSpec, likelihood: Likelihood,
               split: Split, key) -> list[Path]:
   """Every end-of-training figure that applies to this model and data (images and 1-D signals; other

@@ -104,13 +104,15 @@ def stack_states(states):
 
 def fit(phases: Sequence[Phase], state, train_epoch: Callable, images, labels, *, epochs: int, steps: int,
         checkpoint_every: int = 1, hypers=None, epoch_metrics: Optional[Callable[[int, Any], dict]] = None,
-        early_stopping: Optional[EarlyStopping] = None, progress: bool = False):
+        epoch_images: Optional[Callable[[int, Any], dict]] = None, early_stopping: Optional[EarlyStopping] = None,
+        progress: bool = False):
   """Trains `state` from its step to `epochs` epochs of `steps` steps and returns it.
 
   One phase: `state` is one run's. Several: `state` and `hypers` hold a leading axis of runs, trained by
   one batched `train_epoch`. Each epoch: the step metrics are checked for non-finite losses (the run stops
   with the step; the last good checkpoint is kept), each run's line gets the train/* means, then
-  epoch_metrics(run index, params) and the early-stopping hook's numbers, and goes to its metrics log;
+  epoch_metrics(run index, params) and the early-stopping hook's numbers, and goes to its metrics log
+  (with epoch_images(run index, params), image grids for TensorBoard);
   checkpoints every `checkpoint_every` epochs and at the end. The phases' metrics logs must be open.
   """
   batched = hypers is not None
@@ -145,6 +147,8 @@ def fit(phases: Sequence[Phase], state, train_epoch: Callable, images, labels, *
           row |= epoch_metrics(i, member(state.params, i))
       row["wall_time"] = offsets[i] + elapsed
       phase.metrics.write(row)
+      if epoch_images is not None:
+        phase.metrics.write_images(row["step"], epoch_images(i, member(state.params, i)))
       log.info("%s epoch %d/%d step %d: %s", phase.name, row["epoch"], epochs, row["step"],
                ", ".join(f"{k} {v:.3f}" for k, v in row.items() if k in SUMMARY and isinstance(v, float)))
       if "test/elbo" in row:

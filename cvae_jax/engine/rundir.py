@@ -16,6 +16,7 @@ import fcntl
 import importlib.metadata
 import json
 import logging
+import math
 import os
 import platform
 import shutil
@@ -162,8 +163,28 @@ class MetricsLog:
         self._tb.add_scalar(key, value, row["step"])
     self._tb.flush()
 
+  def write_images(self, step: int, images: dict) -> None:
+    """Image grids [H, W, C] in [0, 1] under images/<name> at this step (TensorBoard's Images tab)."""
+    for name, image in images.items():
+      self._tb.add_image(f"images/{name}", image, step, dataformats="HWC")
+    self._tb.flush()
+
   def close(self) -> None:
     self._tb.close()
+
+
+def write_hparams(workdir: Path, hparams: dict, metrics: dict) -> None:
+  """The run's hyperparameters and final metrics for TensorBoard's HParams view, in <run>/tb/hparams: a
+  sweep's runs become rows to sort and filter there (tensorboard --logdir multirun/<name>)."""
+  from tensorboardX import SummaryWriter
+  from tensorboardX.summary import hparams as hparams_summary
+  metrics = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+  experiment, start, end = hparams_summary(hparams, metrics)
+  with SummaryWriter(str(Path(workdir) / "tb" / "hparams")) as writer:
+    for summary in (experiment, start, end):
+      writer.file_writer.add_summary(summary)
+    for name, value in metrics.items():
+      writer.add_scalar(name, value)
 
 
 def _json_or_none(text: str):

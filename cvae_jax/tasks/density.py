@@ -75,6 +75,24 @@ def make_loss(cfg: Config, model: VAE, spec: DatasetSpec, steps_per_epoch: int) 
   return loss
 
 
+HPARAM_METRICS = ("elbo", "rec", "kl", "nll", "active_units")  # results.json's numbers in TensorBoard's HParams view
+
+
+def hyperparameters(cfg: Config) -> dict:
+  """Every scalar setting of the run as a dotted name (objective.beta, model.latent_size, ...); lists as text."""
+  flat = {}
+
+  def walk(prefix, node):
+    for key, value in node.items():
+      if isinstance(value, dict):
+        walk(f"{prefix}{key}.", value)
+      elif value is not None:
+        flat[prefix + key] = value if isinstance(value, (bool, int, float, str)) else str(value)
+
+  walk("", {k: v for k, v in to_dict(cfg).items() if k not in ("evaluation",)})
+  return flat
+
+
 class DensityTask(Task):
   name = "density"
   headline = "elbo"
@@ -149,6 +167,15 @@ class DensityTask(Task):
 
     return metrics
 
+  def epoch_images(self, cfgs: Sequence[Config], model: VAE, ds: Dataset) -> Optional[Callable[[int, object], dict]]:
+    """Returns images(run index, params) -> the epoch's sample and reconstruction grids for TensorBoard (image
+    data with training.figures), with each run's fixed figure key; None otherwise."""
+    if ds.spec.modality != data.Modality.image or not cfgs[0].training.figures:
+      return None
+    lik = likelihoods.get(cfgs[0].objective.likelihood)
+    keys = [stream_key(c.seed, Stream.FIGURES) for c in cfgs]
+    return lambda i, params: figures.epoch_grids(model, params, ds.spec, lik, ds.test, keys[i])
+
   def train(self, cfgs: Sequence[Config], workdirs: Sequence[Path], dataset: Optional[Dataset] = None,
             on_trace: Optional[Callable[[], None]] = None) -> list[dict]:
     workdirs = [Path(w) for w in workdirs]
@@ -215,6 +242,7 @@ class DensityTask(Task):
       state = loop.fit(phases, state, train_epoch, put(ds.train.images), put(ds.train.labels),
                        epochs=cfg0.training.epochs, steps=steps, checkpoint_every=cfg0.training.checkpoint_every_epochs,
                        hypers=hypers, epoch_metrics=self.epoch_metrics([cfgs[r] for r in todo], model, ds, put),
+                       epoch_images=self.epoch_images([cfgs[r] for r in todo], model, ds),
                        progress=cfg0.training.progress)
     finally:
       for phase in phases:
@@ -247,6 +275,7 @@ class DensityTask(Task):
     if "test/mutual_information" in final:
       results["mutual_information"] = final["test/mutual_information"]
     self.extend_results(cfg, ds, model, params, workdir, results)
+    rundir.write_hparams(workdir, hyperparameters(cfg), {"test/" + k: results.get(k) for k in HPARAM_METRICS})
     rundir.write_json_atomic(workdir / "results.json", results)
     log.info("Finished %s: test ELBO %.3f nats (rec %.3f, kl %.3f) after %d steps, %.1f s", workdir, results["elbo"],
              results["rec"], results["kl"], results["steps"], results["wall_time"])
