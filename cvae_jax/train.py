@@ -15,8 +15,10 @@ import shutil
 import sys
 import traceback
 from pathlib import Path
+from typing import Sequence
 
 import hydra
+from hydra import compose as hydra_compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
@@ -96,6 +98,17 @@ class RunChecks(Callback):
 # The repository's conf/ in a clone, the copy inside the package when installed from a wheel; users add
 # their own folders on top with hydra.searchpath=[file:///path/to/my_conf].
 CONF_DIR = str(resources.conf_dir())
+
+
+def compose(overrides: Sequence[str] = ()) -> Config:
+  """The typed, validated config the command line would train for these overrides (no `--multirun`, no
+  `hydra.*` keys): for notebooks and scripts, with Hydra's compose API on the same conf/.
+
+      cfg = compose(["+experiment=smoke", "training.epochs=3"])
+      results = experiment.train_and_evaluate(cfg, "runs/smoke")
+  """
+  with initialize_config_dir(CONF_DIR, version_base="1.3"):
+    return experiment.validate(OmegaConf.to_object(hydra_compose("config", overrides=list(overrides))))
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
