@@ -135,6 +135,9 @@ class EvaluationConfig:
                                  # `python -m cvae_jax.evaluate` defaults to the paper's 5000
   sample_accuracy: bool = False  # at the end of training, judge CVAE samples with a trained classifier
   samples_per_class: int = 1000  # class-conditional samples the classifier judges per class
+  quality_samples: int = 5000    # image runs with classes: prior samples whose Fréchet distance, precision/recall
+                                 # and density/coverage against the test set are computed in the classifier's
+                                 # features (evaluators/quality.py; trains the classifier: ~1 min on CPU); 0: skip
   batch_size: int = 100          # examples per chunk of the importance-weighted bound
   sample_chunk: int = 500        # importance samples per chunk (memory ~ batch_size * sample_chunk * D)
   diagnostics: bool = True       # every epoch: KL per dimension, active units and I(x; z) on the test split
@@ -220,6 +223,9 @@ def validate_common(cfg: Config) -> Config:
   check(ev.anomaly_samples >= 1, "evaluation.anomaly_samples", ev.anomaly_samples, "must be at least 1")
   check(ev.molecules >= 1, "evaluation.molecules", ev.molecules, "must be at least 1")
   check(ev.samples_per_class >= 1, "evaluation.samples_per_class", ev.samples_per_class, "must be at least 1")
+  check(ev.quality_samples == 0 or ev.quality_samples >= 10, "evaluation.quality_samples", ev.quality_samples,
+        "must be 0 (skip) or at least 10: the k-NN radii of precision, recall, density and coverage need more "
+        "samples than k = 5")
   check(ev.anomaly_dataset is None or ev.anomaly, "evaluation.anomaly_dataset", ev.anomaly_dataset,
         "scoring another dataset needs evaluation.anomaly=true")
   check(not ev.anomaly or d.exclude_classes or ev.anomaly_dataset, "evaluation.anomaly", ev.anomaly,

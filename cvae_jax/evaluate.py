@@ -1,4 +1,5 @@
-"""`python -m cvae_jax.evaluate RUN_DIR [--iwae-samples 5000]`: the numbers a paper reports, in eval.json.
+"""`python -m cvae_jax.evaluate RUN_DIR [--iwae-samples 5000] [--quality-samples 5000]`: the numbers a paper
+reports, in eval.json.
 
 Restores the run's latest checkpoint and runs its task's end-of-training evaluation again, with a larger k
 and the sample judge. For the density tasks:
@@ -10,8 +11,11 @@ and the sample judge. For the density tasks:
   anomaly_auroc          with evaluation.anomaly: AUROC per protocol and score (details in anomaly.json)
   sample_accuracy        CVAE only: a classifier's accuracy on class-conditional samples, per class and
                          overall, beside the classifier's own test accuracy
-The options set the run's evaluation.iwae_samples, evaluation.sample_accuracy and
-evaluation.samples_per_class for this evaluation only (config.yaml is not changed).
+  sample_quality         images: Fréchet distance, precision, recall, density and coverage of prior samples
+                         against the test set in the classifier's features, overall and per class, beside
+                         the same numbers for as many training images (docs/sample_quality.md)
+The options set the run's evaluation.iwae_samples, evaluation.sample_accuracy, evaluation.samples_per_class
+and evaluation.quality_samples for this evaluation only (config.yaml is not changed).
 """
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from cvae_jax import experiment, xla_cpu
+from cvae_jax import api, experiment, xla_cpu
 from cvae_jax.config import ConfigError
 from cvae_jax.data import DataError
 from cvae_jax.engine.memory import OutOfMemoryError
@@ -28,10 +32,11 @@ from cvae_jax.tasks import RestoreError
 
 
 def evaluate_run(workdir: Path, iwae_samples: int = 5000, sample_accuracy: bool = True,
-                 samples_per_class: int = 1000) -> dict:
-  restored = experiment.restore_run(workdir)
+                 samples_per_class: int = 1000, quality_samples: int = 5000) -> dict:
+  restored = api.load(workdir).restored
   restored.cfg.evaluation = dataclasses.replace(restored.cfg.evaluation, iwae_samples=iwae_samples,
-                                                sample_accuracy=sample_accuracy, samples_per_class=samples_per_class)
+                                                sample_accuracy=sample_accuracy, samples_per_class=samples_per_class,
+                                                quality_samples=quality_samples)
   return restored.task.evaluate(restored, Path(workdir))
 
 
@@ -41,13 +46,19 @@ def main(argv=None) -> None:
   parser.add_argument("--iwae-samples", type=int, default=5000, help="k of the importance-weighted bound (0: skip)")
   parser.add_argument("--no-sample-accuracy", action="store_true", help="skip the classifier judging CVAE samples")
   parser.add_argument("--samples-per-class", type=int, default=1000)
+  parser.add_argument("--quality-samples", type=int, default=5000,
+                      help="samples of the Fréchet distance, precision/recall, density/coverage (0: skip)")
   args = parser.parse_args(argv)
   if args.iwae_samples < 0 or args.samples_per_class < 1:
     parser.error("--iwae-samples must be >= 0 and --samples-per-class >= 1")
+  if args.quality_samples != 0 and args.quality_samples < 10:
+    parser.error(f"--quality-samples must be 0 (skip) or at least 10 (the k-NN radii need more than k = 5 "
+                 f"samples); got {args.quality_samples}")
   xla_cpu.use_fast_scheduler()
   experiment.load_plugins()
   try:
-    result = evaluate_run(args.workdir, args.iwae_samples, not args.no_sample_accuracy, args.samples_per_class)
+    result = evaluate_run(args.workdir, args.iwae_samples, not args.no_sample_accuracy, args.samples_per_class,
+                          args.quality_samples)
   except (RestoreError, DataError, ConfigError, OutOfMemoryError) as e:
     sys.exit(f"error: {e}")
   summary = {k: result[k] for k in ("elbo", "rec", "kl", "active_units", "wall_time") if k in result}
@@ -55,6 +66,10 @@ def main(argv=None) -> None:
     summary["nll"], summary["k"] = result["iwae"]["nll"], result["iwae"]["k"]
   if "sample_accuracy" in result:
     summary["sample_accuracy"] = result["sample_accuracy"]["overall"]
+  if "sample_quality" in result:
+    quality = result["sample_quality"]
+    summary |= {"fd": quality["fd"], "fd_reference": quality["reference"]["fd"], "recall": quality["recall"],
+                "coverage": quality["coverage"]}
   print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
   print(f"wrote {args.workdir / 'eval.json'}")
 

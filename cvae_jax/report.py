@@ -1,10 +1,11 @@
 """`python -m cvae_jax.report MULTIRUN_DIR`: one table and a few plots for a whole sweep.
 
 Writes into MULTIRUN_DIR (or --out): `report.csv`, `report.md` (the overrides that vary, status, and the
-numbers the runs' task reports: test ELBO, rec, KL, active units, NLL, wall time for the density tasks),
-best headline first, and plots of ELBO, rec and KL against each numeric hyperparameter that varies (beta
-gives the rate-distortion view) and per architecture. Every job the sweep defines appears: finished,
-failed (with its error), incomplete, or not started.
+numbers the runs' task reports: test ELBO, rec, KL, active units, NLL, wall time for the density tasks; and
+where runs have it, eval.json's sample quality: Fréchet distance, precision, recall, coverage, with a perfect
+generator's values in the header and the CSV), best headline first, and plots of ELBO, rec and KL against
+each numeric hyperparameter that varies (beta gives the rate-distortion view) and per architecture. Every job
+the sweep defines appears: finished, failed (with its error), incomplete, or not started.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from cvae_jax.engine import rundir  # noqa: E402
 from cvae_jax.tasks import Task  # noqa: E402
 
 PLOTTED = ("elbo", "rec", "kl")  # the numbers plotted against hyperparameters, where the task reports them
+QUALITY = ("fd", "precision", "recall", "coverage")  # eval.json's sample_quality numbers (evaluators/quality.py)
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
@@ -136,15 +138,50 @@ def sort_by_headline(rows: list[dict], task: Task) -> list[dict]:
   return done + [r for r in rows if r.get(task.headline) is None]
 
 
+def sample_quality_row(workdir: Path) -> dict:
+  """A run's sample quality from its eval.json (any evaluator's output, whatever the task), and the
+  reference values as `<name>_reference`; {} when it has none."""
+  quality = (rundir.read_json(Path(workdir) / "eval.json") or {}).get("sample_quality")
+  if not isinstance(quality, dict):
+    return {}
+  reference = quality.get("reference")
+  reference = reference if isinstance(reference, dict) else {}
+  number = lambda v: v if _is_number(v) else None  # noqa: E731  a damaged file's odd values become blanks
+  return ({k: number(quality.get(k)) for k in QUALITY} | {f"{k}_reference": number(reference.get(k)) for k in QUALITY}
+          | {"quality_samples": number(quality.get("samples"))})
+
+
+def _span(values: list[float]) -> str:
+  low, high = f"{min(values):.2f}", f"{max(values):.2f}"
+  return low if low == high else f"{low}-{high}"
+
+
+def quality_note(rows: list[dict]) -> str:
+  """The header's sentence on the sample-quality columns: what they are and a perfect generator's values
+  (the range over the runs, whose classifiers and sample counts may differ)."""
+  done = [r for r in rows if r.get("fd") is not None]
+  if not done:
+    return ""
+  reference = ", ".join(f"{k} {_span(values)}" for k in QUALITY
+                        if (values := [r[f"{k}_reference"] for r in done if r.get(f"{k}_reference") is not None]))
+  counts = sorted({r["quality_samples"] for r in done if r.get("quality_samples") is not None}) or ["?"]
+  samples = str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
+  return (f"Sample quality (eval.json, docs/sample_quality.md): {samples} prior samples against the test images "
+          f"in the classifier's features (fd lower is better; precision, recall, coverage in [0, 1]). "
+          f"Reference, as many training images: {reference}.\n\n")
+
+
 def write_tables(rows: list[dict], keys: list[str], task: Task, out: Path) -> tuple[Path, Path]:
-  metrics = task.report_columns
+  quality = [k for k in QUALITY if any(r.get(k) is not None for r in rows)]
+  metrics = [*task.report_columns, *(k for k in quality if k not in task.report_columns)]
   columns = ["run", *keys, "status", *metrics]
+  references = [f"{k}_reference" for k in quality]  # in the CSV; the markdown states them in its header
   csv_path, md_path = out / "report.csv", out / "report.md"
   with open(csv_path, "w", newline="") as f:
     writer = csv.writer(f)
-    writer.writerow(columns + ["error"])
+    writer.writerow(columns + references + ["error"])
     for r in rows:
-      writer.writerow([_value(r, k) if k in keys else r.get(k, "") for k in columns]
+      writer.writerow([_value(r, k) if k in keys else r.get(k, "") for k in columns + references]
                       + [r.get("error", "")])
 
   def fmt(v):
@@ -159,6 +196,7 @@ def write_tables(rows: list[dict], keys: list[str], task: Task, out: Path) -> tu
   note = "".join(f"\n- `{r['run']}` {r['status']}: {r['error']}" for r in rows if r.get("error"))
   md_path.write_text(f"# Sweep report: {out.name}\n\ntask={task.name}; numbers on the test split as its "
                      f"results.json holds them (nats per example), best {task.headline} first.\n\n"
+                     + quality_note(rows)
                      + "\n".join(lines) + "\n" + note + "\n")
   return csv_path, md_path
 
@@ -238,7 +276,8 @@ def write_report(sweep_dir: Path, out: Optional[Path] = None) -> dict:
   task = task_of(rows)
   for row in rows:  # the task's numbers as columns, the config flattened for lookups
     if "results" in row:
-      row |= task.report_row(row.pop("path"), row.pop("results"))
+      path = row.pop("path")
+      row |= task.report_row(path, row.pop("results")) | sample_quality_row(path)
     row["flat"] = _flatten(row["config"]) if "config" in row else {}
   rows = sort_by_headline(rows, task)
   keys = varying_keys(rows)

@@ -47,7 +47,7 @@ def small_config(**overrides) -> Config:
   config = {"model": {"arch": arch, "kind": "vae", "latent_size": 4} | ({"hidden": [32]} if arch == "mlp" else {}),
             "data": {"name": "mnist"},
             "training": {"batch_size": 32, "epochs": 3, "progress": False, "eval_batch_size": 50, "figures": False},
-            "evaluation": {"iwae_samples": 8, "batch_size": 32, "sample_chunk": 8}}
+            "evaluation": {"iwae_samples": 8, "batch_size": 32, "sample_chunk": 8, "quality_samples": 0}}
   for key, value in overrides.items():
     *path, name = key.split(".")
     node = config

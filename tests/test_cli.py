@@ -48,8 +48,8 @@ def test_smoke_experiment_end_to_end(tmp_path, env_for_cli):
   assert results["iwae_samples"] == 10 and results["nll"] < -results["elbo"] + 1  # L_10 tightens the bound
 
   # Evaluation restores the checkpoint: the ELBO matches training's, and CVAE samples are judged.
-  proc = run_cli([str(workdir), "--iwae-samples", "50", "--samples-per-class", "100"], env_for_cli, tmp_path,
-                 module="cvae_jax.evaluate")
+  proc = run_cli([str(workdir), "--iwae-samples", "50", "--samples-per-class", "100", "--quality-samples", "500"],
+                 env_for_cli, tmp_path, module="cvae_jax.evaluate")
   assert proc.returncode == 0, proc.stderr[-3000:]
   evaluated = json.loads((workdir / "eval.json").read_text())
   assert evaluated["elbo"] == pytest.approx(results["elbo"], rel=1e-5)
@@ -57,6 +57,9 @@ def test_smoke_experiment_end_to_end(tmp_path, env_for_cli):
   assert len(evaluated["kl_per_dim"]) == 2 and 0 <= evaluated["active_units"] <= 2
   accuracy = evaluated["sample_accuracy"]
   assert accuracy["classifier_test_accuracy"] > 0.9 and len(accuracy["per_class"]) == 10
+  quality = evaluated["sample_quality"]  # the same classifier's features: samples against the test set
+  assert quality["samples"] == 500 and len(quality["per_class"]) == 10
+  assert 0 <= quality["recall"] <= 1 and quality["reference"]["fd"] < quality["fd"]  # training images score better
   # After 200 steps the CVAE barely uses its label yet (see samples.png), so only consistency here; the
   # accuracy of a trained CVAE's samples is in the README.
   assert accuracy["overall"] == pytest.approx(np.mean(accuracy["per_class"]))

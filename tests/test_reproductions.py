@@ -14,7 +14,8 @@ from test_config import compose_config
 REPRODUCTIONS = {"iwae": "iwae", "sohn_quadrants": "sohn_quadrants", "flax_vae": "flax_vae",
                  "kingma_welling": "kingma_welling", "fashion_flax": "fashion_mnist", "fashion_iwae": "fashion_mnist"}
 SHRINK = ["data.train_limit=256", "data.test_limit=100", "training.epochs=1", "evaluation.iwae_samples=4",
-          "evaluation.sample_chunk=4", "evaluation.mi_examples=50", "training.progress=false", "training.figures=false"]
+          "evaluation.sample_chunk=4", "evaluation.mi_examples=50", "training.progress=false", "training.figures=false",
+          "evaluation.quality_samples=0"]
 
 
 def last_sweep_values(experiment: str) -> list[str]:

@@ -5,6 +5,8 @@ the ones it wants (tasks/), the code that runs them (`evaluate`) knows none of t
   likelihood.py  the test ELBO and its terms, KL per dimension, active units, the importance-weighted bound
   anomaly.py     anomaly scores, AUROC and AUPRC (held-out classes, another dataset)
   samples.py     a classifier's accuracy on class-conditional samples (classifier.py is the judge)
+  quality.py     sample quality and diversity in the classifier's features: Frechet distance, precision,
+                 recall, density, coverage, overall and per class, beside the train-vs-test reference
 """
 from __future__ import annotations
 

@@ -1,8 +1,10 @@
 """A small CNN classifier that judges class-conditional samples: does a CVAE asked for a 7 draw a 7?
 
-Trained by the engine on the same dataset's grayscale training images (decoder means are grayscale too),
-in the run directory's classifier/ (checkpoints, metrics, results.json with its test accuracy, which is
-reported beside the sample accuracy so that a reader knows how far to trust the judge).
+Trained by the engine on the same dataset's training images as intensities in [0, 1] (decoder means are in
+[0, 1] too), in the run directory's classifier/ (checkpoints, metrics, results.json with its test accuracy,
+which is reported beside the sample accuracy so that a reader knows how far to trust the judge). Its
+penultimate layer (128 ReLU units) is the feature space of the sample-quality metrics (quality.py), as
+Inception's pool features are FID's.
 """
 from __future__ import annotations
 
@@ -16,11 +18,12 @@ import optax
 from flax.training import train_state
 
 from cvae_jax.config import OptimizerConfig, TrainingConfig
-from cvae_jax.data import Dataset
+from cvae_jax.data import Dataset, Encoding, model_input
 from cvae_jax.engine import epoch, loop, optim, rundir
 from cvae_jax.keys import Stream, stream_key
 
 EPOCHS, BATCH_SIZE, LEARNING_RATE = 3, 128, 1e-3
+FEATURES = 128  # width of the penultimate layer (make_features)
 
 
 class Classifier(nn.Module):
@@ -33,12 +36,19 @@ class Classifier(nn.Module):
     h = x
     for ch in (32, 64):
       h = nn.relu(nn.Conv(ch, (3,) * spatial, strides=2, padding="SAME")(h))
-    h = nn.relu(nn.Dense(128)(h.reshape(h.shape[0], -1)))
+    h = nn.relu(nn.Dense(FEATURES)(h.reshape(h.shape[0], -1)))  # [B, FEATURES]
+    # Kept only when "intermediates" is mutable (make_features); parameters and outputs are unchanged, so
+    # classifiers trained before this line still load.
+    self.sow("intermediates", "features", h)
     return nn.Dense(self.num_classes)(h)
 
 
-def _grayscale(images) -> jax.Array:
-  return jnp.asarray(images, jnp.float32) / 255.0
+def intensities(images, encoding: Encoding) -> jax.Array:
+  """A split's stored images as the classifier reads them, float32 in [0, 1]: uint8 intensities / 255, and
+  static-binary images (stored as 0/1) as they are. Dynamic binarization's input is its intensity, the
+  value a binary draw has as its mean."""
+  stored = Encoding.static_binary if encoding == Encoding.static_binary else Encoding.grayscale
+  return model_input(jnp.asarray(images), stored)
 
 
 def make_predict(model: Classifier, batch_size: int = 1000):
@@ -51,6 +61,20 @@ def make_predict(model: Classifier, batch_size: int = 1000):
     return np.concatenate([np.asarray(predict_chunk(params, x[i:i + batch_size]))
                            for i in range(0, len(x), batch_size)])
   return predict
+
+
+def make_features(model: Classifier, batch_size: int = 1000):
+  """Returns features(params, x float [N, ...]) -> the penultimate layer's activations [N, FEATURES]
+  (float32 numpy), in chunks."""
+  @jax.jit
+  def features_chunk(params, x):
+    _, state = model.apply({"params": params}, x, mutable=["intermediates"])
+    return state["intermediates"]["features"][0]
+
+  def features(params, x):
+    return np.concatenate([np.asarray(features_chunk(params, x[i:i + batch_size]))
+                           for i in range(0, len(x), batch_size)])
+  return features
 
 
 def _initial_state(model: Classifier, ds: Dataset, seed: int) -> train_state.TrainState:
@@ -72,7 +96,7 @@ def load_or_train(directory: Path, ds: Dataset, seed: int = 0) -> tuple[Classifi
       return model, state.params, finished["test_accuracy"]
 
     def loss(params, images, labels, keys, hyper):
-      logits = model.apply({"params": params}, _grayscale(images))
+      logits = model.apply({"params": params}, intensities(images, ds.spec.encoding))
       value = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
       return value, {"loss": value}
 
@@ -85,7 +109,7 @@ def load_or_train(directory: Path, ds: Dataset, seed: int = 0) -> tuple[Classifi
                      jax.device_put(ds.train.labels), epochs=EPOCHS, steps=steps)
   finally:
     phase.close()
-  predicted = make_predict(model)(state.params, _grayscale(ds.test.images))
+  predicted = make_predict(model)(state.params, intensities(ds.test.images, ds.spec.encoding))
   accuracy = float(np.mean(predicted == ds.test.labels))
   rundir.write_json_atomic(directory / "results.json", {"test_accuracy": accuracy, "dataset": ds.spec.name,
                                                         "seed": seed, "epochs": EPOCHS})

@@ -24,7 +24,7 @@ from cvae_jax.config import Config, ConfigError, Estimator, to_dict
 from cvae_jax.data import Dataset, DatasetSpec, model_input
 from cvae_jax.engine import epoch, loop, memory, optim, rundir
 from cvae_jax.estimators import condition
-from cvae_jax.evaluators import EvalContext, Evaluator, anomaly, evaluate, likelihood, samples
+from cvae_jax.evaluators import EvalContext, Evaluator, anomaly, evaluate, likelihood, quality, samples
 from cvae_jax.keys import Stream, fold, stream_key
 from cvae_jax.models import VAE, create_model, family_of
 from cvae_jax.objectives import (decoder_log_likelihood, elbo_terms, free_bits_kl, gaussian_kl_per_dim,
@@ -126,6 +126,7 @@ class DensityTask(Task):
     chosen += [likelihood.iwae(ev.iwae_samples)] if ev.iwae_samples else []
     chosen += [anomaly.evaluator] if ev.anomaly else []
     chosen += [samples.sample_accuracy] if ev.sample_accuracy else []
+    chosen += [quality.sample_quality] if ev.quality_samples else []
     return chosen
 
   def check_data(self, cfg: Config, ds: Dataset) -> None:
