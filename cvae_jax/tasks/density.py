@@ -276,7 +276,9 @@ class DensityTask(Task):
     if "test/mutual_information" in final:
       results["mutual_information"] = final["test/mutual_information"]
     self.extend_results(cfg, ds, model, params, workdir, results)
-    rundir.write_hparams(workdir, hyperparameters(cfg), {"test/" + k: results.get(k) for k in HPARAM_METRICS})
+    quality = evaluated.get("sample_quality", {})  # sample diversity beside the bound, for the sweep's comparison
+    rundir.write_hparams(workdir, hyperparameters(cfg), {"test/" + k: results.get(k) for k in HPARAM_METRICS} |
+                         {f"samples/{k}": quality.get(k) for k in ("fd", "recall", "coverage")})
     rundir.write_json_atomic(workdir / "results.json", results)
     log.info("Finished %s: test ELBO %.3f nats (rec %.3f, kl %.3f) after %d steps, %.1f s", workdir, results["elbo"],
              results["rec"], results["kl"], results["steps"], results["wall_time"])
