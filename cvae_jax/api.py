@@ -11,16 +11,19 @@
     model.log_likelihood(x, k=100, labels=labels)     # L_k per input, nats (log p(x | c) for a CVAE)
     model.anomaly_score(x)                            # higher = more anomalous (see the method)
 
-Arrays go in and come out as NumPy in the dataset's own units: uint8 images (intensities 0..255; 0/1 for
-a run trained on statically binarized pixels, as its data holds them), float32 signals, SMILES strings for
-molecules (their condition: property values in their own units, or a dict naming some of them). Every
-input is checked (shape, dtype, range, finite, the condition against the model) and a bad one raises
-ValueError naming the argument. The computations are the ones the command lines run (generate, evaluate
-and molecules are built on this object), jitted, with fixed keys unless `seed` is given.
+Arrays go in and come out as NumPy in the dataset's own units. Images go in as the run's data holds them
+(uint8 intensities 0..255, or 0/1 pixels for a run trained on statically binarized data; any integer or
+bool array in that range is accepted) and come out as uint8 intensities 0..255: the decoder's mean (for
+a binarized run, its pixel probabilities times 255; binarize them again before feeding them back). Signals
+are float32, molecules SMILES strings (their condition: property values in their own units, or a dict
+naming some). Every input is checked (shape, type, range, finite, the condition against the model) and a
+bad one raises ValueError naming the argument. The computations are the ones the command lines run
+(generate, evaluate and molecules load runs through this object; the estimators are those of evaluate);
+encoding, decoding, sampling and the bounds compile once per input shape; the run's fixed keys are used
+unless `seed` is given.
 """
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 from typing import Optional
 
@@ -47,6 +50,11 @@ class Model:
     self.spec, self.network, self.params = self.dataset.spec, self.restored.model, self.restored.params
     self.likelihood = likelihoods.get(self.config.objective.likelihood)
 
+  @property
+  def normalized_likelihood(self) -> bool:
+    """Whether log_likelihood bounds a normalized log-density (so nats and bits per dimension mean something)."""
+    return self.likelihood.normalized(self.spec.encoding)
+
   def __repr__(self) -> str:
     kind = self.config.model.kind.value
     return (f"Model({str(self.workdir)!r}: a {kind} ({self.config.model.arch}) of {self.spec.name} "
@@ -58,6 +66,8 @@ class Model:
     if self.spec.modality == Modality.tokens:
       return self._token_ids(x, name)
     x = np.asarray(x)
+    if x.ndim and len(x) == 0:
+      raise ValueError(f"{name} holds no inputs (its first axis is empty)")
     shape = self.spec.shape
     if x.ndim == len(shape) and shape[-1] == 1 and x.shape[1:] == shape[:-1]:
       x = x[..., None]  # grayscale images given as [N, H, W]
@@ -68,17 +78,20 @@ class Model:
       if not np.issubdtype(x.dtype, np.floating) or not np.all(np.isfinite(x)):
         raise ValueError(f"{name} must hold finite floats (signals); got {x.dtype} with NaN, inf or non-float values")
       return x.astype(np.float32)
-    if x.dtype != np.uint8:
+    if not (np.issubdtype(x.dtype, np.integer) or x.dtype == np.bool_):
       raise ValueError(f"{name} has dtype {x.dtype}; images go in as uint8 intensities 0..255 (convert floats in "
                        "[0, 1] with (x * 255).round().astype(np.uint8))")
-    if self.spec.encoding == Encoding.static_binary and x.max(initial=0) > 1:
-      raise ValueError(f"{name} holds values up to {x.max()}: this run was trained on statically binarized "
-                       "pixels (0 or 1); binarize the images first (cvae_jax.data.spec.static_binarize)")
-    return x
+    top = 1 if self.spec.encoding == Encoding.static_binary else 255
+    if x.size and (x.min() < 0 or x.max() > top):
+      if top == 1:
+        raise ValueError(f"{name} holds values up to {x.max()}: this run was trained on statically binarized "
+                         "pixels (0 or 1); binarize the images first (cvae_jax.data.spec.static_binarize)")
+      raise ValueError(f"{name} holds values in [{x.min()}, {x.max()}]; images are intensities 0..255")
+    return x.astype(np.uint8)
 
   def _token_ids(self, strings, name: str) -> np.ndarray:
-    if isinstance(strings, str) or not all(isinstance(s, str) for s in strings):
-      raise ValueError(f"{name} must be a list of SMILES strings")
+    if isinstance(strings, str) or not all(isinstance(s, str) for s in strings) or not len(strings):
+      raise ValueError(f"{name} must be a non-empty list of SMILES strings")
     vocab = self._vocabulary()
     syntax = vocab.syntax
     try:
@@ -138,7 +151,9 @@ class Model:
     return mean.astype(np.float32)
 
   def _key(self, seed: Optional[int], stream: Stream = Stream.FIGURES) -> jax.Array:
-    return stream_key(self.config.seed if seed is None else seed, stream)
+    if seed is not None and (not _is_int(seed) or not 0 <= seed < 2**32):
+      raise ValueError(f"seed must be an integer in [0, 2**32); got {seed!r}")
+    return stream_key(self.config.seed if seed is None else int(seed), stream)
 
   def _needs_classes(self, what: str) -> None:
     if not (self.network.condition_size and self.spec.num_classes):
@@ -169,10 +184,11 @@ class Model:
 
   def sample(self, n: int, condition=None, temperature: float = 1.0, seed: Optional[int] = None):
     """n draws z ~ N(0, temperature^2 I) decoded (under `condition`: class ids, or property values)."""
-    if not isinstance(n, (int, np.integer)) or n < 1:
+    if not _is_int(n) or n < 1:
       raise ValueError(f"n must be a positive integer; got {n!r}")
-    if not np.isfinite(temperature) or temperature < 0:
-      raise ValueError(f"temperature must be >= 0; got {temperature}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float, np.number)) or \
+        not np.isfinite(temperature) or temperature < 0:
+      raise ValueError(f"temperature must be a number >= 0; got {temperature!r}")
     if not self.network.stochastic:
       raise ValueError("a plain autoencoder (model.kind=ae) has no prior to sample from")
     c = self._labels(condition, n, "condition")
@@ -201,6 +217,8 @@ class Model:
     self._needs_means("style_transfer")
     x = self._inputs(style_x, "style_x")
     s = self._labels(style_labels, len(x), "style_labels")
+    if not np.size(content_labels):
+      raise ValueError("content_labels holds no class")
     content = self._labels(content_labels, len(np.atleast_1d(content_labels)), "content_labels")
     out = generation.style_transfer(self.network, self.params, self.spec,
                                     model_input(jnp.asarray(x), self._encoding()), s, content, self.likelihood)
@@ -219,32 +237,31 @@ class Model:
                                                 self.likelihood))
 
   def log_likelihood(self, x, k: int = 100, labels=None, seed: Optional[int] = None) -> np.ndarray:
-    """L_k (Burda et al. 2016) per input, in nats: a lower bound on log p(x) (log p(x | c) for a CVAE),
-    chunked as the run's evaluation.batch_size and sample_chunk; with the run's own evaluation key by
-    default, so the mean over the test split equals eval.json's iwae bound at the same k."""
+    """L_k (Burda et al. 2016) per input, in nats, chunked as the run's evaluation.batch_size and sample_chunk;
+    with the run's own evaluation key by default, so the mean over the test split equals eval.json's iwae
+    bound at the same k. A lower bound on log p(x) (log p(x | c) for a CVAE) only where the likelihood is
+    a normalized density on these inputs (`normalized_likelihood`): not Bernoulli on grayscale pixels."""
     if not self.network.stochastic:
       raise ValueError("a plain autoencoder (model.kind=ae) has no likelihood bound; use anomaly_score")
-    if k < 1:
-      raise ValueError(f"k must be >= 1; got {k}")
+    _check_k(k)
     x = self._inputs(x)
     c = self._labels(labels, len(x))
     bound = self._jitted("iwae", int(k))
     return np.asarray(bound(self.params, jnp.asarray(x), jnp.asarray(c), self._eval_key(seed)), np.float64)
 
   def anomaly_score(self, x, k: int = 100, seed: Optional[int] = None) -> np.ndarray:
-    """Higher is more anomalous; the labels are not used (a detector does not know them):
+    """Higher is more anomalous; the labels are not used (a detector does not know them). With the anomaly
+    evaluator's key, so these are the scores of anomaly_scores.npz at the same k:
     a VAE's -L_k; a CVAE's -log sum_c p(c) exp(L_k(x | c)) with p(c) the training classes' frequencies;
     a plain autoencoder's reconstruction error (-log p(x | z = encoder mean))."""
+    _check_k(k)
     x = self._inputs(x)
-    prior = None
     if self.network.condition_size:
       self._needs_classes("anomaly_score")
-      prior = anomaly.class_log_prior(self.dataset.train.labels, self.spec.num_classes)
-    ev = self.config.evaluation
-    scores = anomaly.make_scores(self.network, self.spec, self.likelihood, int(k), ev.batch_size, ev.sample_chunk,
-                                 prior)
-    out = scores(self.params, jnp.asarray(x), jnp.zeros(len(x), jnp.int32), self._eval_key(seed))
-    name = "reconstruction" if not self.network.stochastic else ("marginal_nll" if prior is not None else "nll")
+    out = self._jitted("scores", int(k))(self.params, jnp.asarray(x), jnp.zeros(len(x), jnp.int32),
+                                         self._key(seed, Stream.EVAL))  # the anomaly evaluator's key
+    name = "reconstruction" if not self.network.stochastic else \
+        ("marginal_nll" if self.network.condition_size else "nll")
     return np.asarray(out[name], np.float64)
 
   # ---- internals ------------------------------------------------------------------------------------
@@ -255,9 +272,15 @@ class Model:
   def _eval_key(self, seed: Optional[int]) -> jax.Array:
     return fold(self._key(seed, Stream.EVAL), Draw.IWAE)
 
-  @functools.cache
   def _jitted(self, what: str, k: int = 0):
-    """One compiled function per use (and k), built on first call: repeated calls do not retrace."""
+    """One compiled function per use (and k), built on first call and kept on this object: repeated calls do
+    not retrace."""
+    cache = self.__dict__.setdefault("_compiled", {})
+    if (what, k) not in cache:
+      cache[what, k] = self._build(what, k)
+    return cache[what, k]
+
+  def _build(self, what: str, k: int):
     network, spec, likelihood, encoding = self.network, self.spec, self.likelihood, self._encoding()
     if what == "encode":
       return jax.jit(lambda params, x, labels: generation.encode_mean(network, params, spec,
@@ -267,6 +290,10 @@ class Model:
     if what == "tokens":
       return jax.jit(lambda params, z, c, key: sample_tokens(network, params, z, c, key, spec.shape[0]))
     ev = self.config.evaluation
+    if what == "scores":
+      prior = (anomaly.class_log_prior(self.dataset.train.labels, spec.num_classes) if network.condition_size
+               else None)
+      return anomaly.make_scores(network, spec, likelihood, k, ev.batch_size, ev.sample_chunk, prior)
     return estimators.make_iwae(network, spec, likelihood, k, ev.batch_size, ev.sample_chunk)
 
   def _vocabulary(self) -> Vocabulary:
@@ -278,6 +305,15 @@ class Model:
     cond = jnp.asarray(c) if self.network.condition_size else None
     ids = self._jitted("tokens")(self.params, jnp.asarray(z), cond, self._key(seed, Stream.EVAL))
     return vocab.to_smiles(vocab.decode(np.asarray(ids)))
+
+
+def _is_int(value) -> bool:
+  return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _check_k(k) -> None:
+  if not _is_int(k) or k < 1:
+    raise ValueError(f"k must be an integer >= 1; got {k!r}")
 
 
 def load(workdir: str | Path) -> Model:

@@ -261,7 +261,7 @@ def test_running_out_of_memory_while_training_says_what_to_lower(tmp_path, monke
 
 def test_a_checkpoint_whose_files_changed_is_set_aside_before_any_read(tmp_path, caplog):
   from flax import struct
-  from cvae_jax.engine.checkpoints import MANIFEST, Checkpointer, check_manifest
+  from cvae_jax.engine.checkpoints import MANIFEST, Checkpointer, check_manifest, write_manifest
 
   class State(struct.PyTreeNode):
     params: dict
@@ -286,3 +286,7 @@ def test_a_checkpoint_whose_files_changed_is_set_aside_before_any_read(tmp_path,
   assert (tmp_path / "checkpoints" / "2.corrupt").is_dir() and "2 is unreadable" in caplog.text
   (tmp_path / "checkpoints" / "1" / MANIFEST).unlink()  # a step saved before manifests is read as it is
   check_manifest(tmp_path / "checkpoints" / "1")
+  (tmp_path / "checkpoints" / "1" / (MANIFEST + ".tmp")).write_text("{\"cut")  # a write that a full disk stopped
+  write_manifest(tmp_path / "checkpoints" / "1")
+  check_manifest(tmp_path / "checkpoints" / "1")  # the leftover is neither listed nor kept
+  assert not (tmp_path / "checkpoints" / "1" / (MANIFEST + ".tmp")).exists()

@@ -283,3 +283,11 @@ def test_report_shows_fd_recall_coverage_and_the_reference(tmp_path):
           "recall 0.91, coverage 0.97." in text)
   rows = list(csv.DictReader(out["csv"].open()))
   assert [(r["fd"], r["fd_reference"]) for r in rows] == [("12.5", "1.51"), ("", ""), ("30.25", "1.54")]
+
+
+def test_too_few_points_give_null_numbers_not_an_error():
+  from cvae_jax.evaluators.quality import NAMES, measured
+  rng = np.random.default_rng(0)
+  real, fake = rng.normal(size=(5, 3)), rng.normal(size=(40, 3))  # 5 points: no 5th neighbour of one's own
+  assert measured(real, fake) == dict.fromkeys(NAMES)
+  assert measured(rng.normal(size=(6, 3)), fake)["fd"] > 0

@@ -60,7 +60,12 @@ def test_the_epoch_grids_hold_the_reconstructions_and_a_row_per_class():
   grids = figures.epoch_grids(model, state.params, ds.spec, lik, ds.test, key, per_row=3)
   h, w, c = ds.spec.shape
   assert grids["reconstructions"].shape == (2 * h, 3 * w, c)
-  assert grids["samples"].shape == (ds.spec.num_classes * h, 3 * w, c)
   k_rec, k_sample = jax.random.split(key)
+  x = ds.test.images[:3].astype(np.float32) / 255.0  # grayscale: the inputs as the model reads them
+  recon = generation.decode_mean(model, state.params, ds.spec, generation.encode_mean(model, state.params, ds.spec, x,
+                                 ds.test.labels[:3]), ds.test.labels[:3], lik)
+  np.testing.assert_allclose(grids["reconstructions"][:h, 2 * w:3 * w], x[2], rtol=1e-6)  # top row: inputs
+  np.testing.assert_allclose(grids["reconstructions"][h:, 2 * w:3 * w], np.asarray(recon[2]), rtol=1e-6)
+  assert grids["samples"].shape == (ds.spec.num_classes * h, 3 * w, c)
   expected = generation.class_conditional(model, state.params, ds.spec, k_sample, np.arange(3), 3, lik)
   np.testing.assert_allclose(grids["samples"][h:2 * h, w:2 * w], np.asarray(expected[1, 1]), rtol=1e-6)  # class 1

@@ -82,9 +82,10 @@ def _digest(path: Path) -> str:
 
 
 def write_manifest(step_dir: Path) -> None:
+  tmp = step_dir / (MANIFEST + ".tmp")
+  tmp.unlink(missing_ok=True)  # left by a write that failed (a full disk): not a file of the checkpoint
   files = sorted(p for p in step_dir.rglob("*") if p.is_file() and p.name != MANIFEST)
   entries = {p.relative_to(step_dir).as_posix(): [p.stat().st_size, _digest(p)] for p in files}
-  tmp = step_dir / (MANIFEST + ".tmp")
   tmp.write_text(json.dumps(entries, indent=0))
   os.replace(tmp, step_dir / MANIFEST)
 

@@ -119,15 +119,19 @@ def metrics(real: np.ndarray, fake: np.ndarray) -> dict:
   return {"fd": frechet_distance(real, fake)} | manifold_metrics(real, fake)
 
 
+def measured(real, fake) -> dict:
+  """metrics(real, fake), or None for every number when a side has too few points for the k-NN radii."""
+  need = max(K_PRECISION_RECALL, K_DENSITY_COVERAGE) + 1
+  return metrics(real, fake) if min(len(real), len(fake)) >= need else dict.fromkeys(NAMES)
+
+
 def _by_group(real, real_groups, fake, fake_groups, num_classes: int) -> list[dict]:
   """metrics per class, fake of class k against real of class k, with the counts of each side; the numbers
   are None where a side has too few points for the k-NN radii."""
-  need = max(K_PRECISION_RECALL, K_DENSITY_COVERAGE) + 1
   out = []
   for k in range(num_classes):
     r, f = real[real_groups == k], fake[fake_groups == k]
-    numbers = metrics(r, f) if min(len(r), len(f)) >= need else dict.fromkeys(NAMES)
-    out.append(numbers | {"samples": int(len(f)), "test_images": int(len(r))})
+    out.append(measured(r, f) | {"samples": int(len(f)), "test_images": int(len(r))})
   return out
 
 
@@ -193,9 +197,9 @@ def sample_quality(ctx: EvalContext) -> dict:
   else:
     fake_groups, reference_groups = classes, ds.train.labels[picked]
   num_classes = ds.spec.num_classes
-  return {"sample_quality": metrics(real, fake) | {
+  return {"sample_quality": measured(real, fake) | {
       "per_class": _by_group(real, ds.test.labels, fake, fake_groups, num_classes),
-      "reference": metrics(real, reference) | {
+      "reference": measured(real, reference) | {
           "samples": int(len(reference)),
           "per_class": _by_group(real, ds.test.labels, reference, reference_groups, num_classes)},
       "samples": int(len(fake)), "test_images": int(len(real)),

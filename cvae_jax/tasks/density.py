@@ -8,6 +8,7 @@ Variants change the hook methods (the molecule task: tasks/molecules.py).
 """
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 import math
@@ -300,8 +301,15 @@ class DensityTask(Task):
     ckpt_dir = Path(workdir) / "checkpoints"
     if not ckpt_dir.is_dir():
       raise RestoreError(f"{ckpt_dir} does not exist: train the run first (rerun its training command).")
-    phase = loop.Phase(workdir, cfg.training.max_checkpoints)
-    try:
+    # Restoring tidies the checkpoints (interrupted saves removed, unreadable ones set aside): not while a
+    # training process owns the directory, whose save in progress would look interrupted.
+    with contextlib.ExitStack() as stack:
+      try:
+        stack.enter_context(rundir.RunLock(workdir))
+      except rundir.RunDirError as e:
+        raise RestoreError(str(e)) from None
+      phase = loop.Phase(workdir, cfg.training.max_checkpoints)
+      stack.callback(phase.close)
       if phase.checkpointer.latest_step() is None:
         raise RestoreError(f"{ckpt_dir} holds no checkpoint: train the run first (rerun its training command).")
       self.on_start(workdir, cfg, dataset)
@@ -309,9 +317,7 @@ class DensityTask(Task):
       state = phase.restore(self.initial_state(cfg, model, dataset.spec))
       if state is None:
         raise RestoreError(f"No checkpoint in {ckpt_dir} is readable (see the warnings above): retrain the run.")
-    finally:
-      phase.close()
-    return model, state
+      return model, state
 
   def evaluate(self, restored: Restored, workdir: Path) -> dict:
     return evaluate(self.context(restored.cfg, restored.dataset, restored.model, restored.params, workdir),
