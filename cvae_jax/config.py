@@ -135,7 +135,7 @@ class EvaluationConfig:
                                  # `python -m cvae_jax.evaluate` defaults to the paper's 5000
   sample_accuracy: bool = False  # at the end of training, judge CVAE samples with a trained classifier
   samples_per_class: int = 1000  # class-conditional samples the classifier judges per class
-  quality_samples: int = 5000    # image runs with classes: prior samples whose Fréchet distance, precision/recall
+  quality_samples: int = 0       # image runs with classes: prior samples whose Fréchet distance, precision/recall
                                  # and density/coverage against the test set are computed in the classifier's
                                  # features (evaluators/quality.py; trains the classifier: ~1 min on CPU); 0: skip
   batch_size: int = 100          # examples per chunk of the importance-weighted bound
