@@ -253,3 +253,14 @@ def to_dict(cfg) -> dict:
       return [convert(v) for v in value]
     return value
   return convert(dataclasses.asdict(cfg))
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+  """A nested dict (to_dict's) as one level of dotted names: {"objective": {"beta": 4}} -> {"objective.beta": 4}."""
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      out |= flatten(v, f"{prefix}{k}.")
+    else:
+      out[f"{prefix}{k}"] = v
+  return out

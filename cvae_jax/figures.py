@@ -37,14 +37,29 @@ def _class_name(spec: DatasetSpec, k: int) -> str:
   return spec.condition_names[k] if spec.condition_names else str(k)
 
 
-def reconstruction_grid(path, model, params, spec, likelihood, split: Split, key, n: int = 10):
-  """Top row: inputs as the model sees them; bottom row: the decoder's mean for their encoded mean."""
+def reconstructions(model, params, spec, likelihood, split: Split, key, n: int) -> np.ndarray:
+  """[2 * n, *shape]: the first n inputs as the model sees them, then the decoder's mean for their encoded mean."""
   x = model_input(jnp.asarray(split.images[:n]), spec.encoding, key)
   labels = split.labels[:n]
   recon = generation.decode_mean(model, params, spec, generation.encode_mean(model, params, spec, x, labels), labels,
                                  likelihood)
+  return np.concatenate([np.asarray(x), np.asarray(recon)])
+
+
+def prior_samples(model, params, spec, likelihood, key, per_row: int) -> np.ndarray:
+  """[rows, per_row, *shape]: a CVAE of classes, per_row samples of each class; otherwise per_row x per_row
+  samples of the prior."""
+  if model.condition_size and spec.num_classes:
+    return np.asarray(generation.class_conditional(model, params, spec, key, np.arange(spec.num_classes), per_row,
+                                                   likelihood))
+  logits = model.apply({"params": params}, key, None, per_row * per_row, method=VAE.generate)
+  return np.asarray(likelihood.mean(logits)).reshape(per_row, per_row, *spec.shape)
+
+
+def reconstruction_grid(path, model, params, spec, likelihood, split: Split, key, n: int = 10):
+  """Top row: inputs as the model sees them; bottom row: the decoder's mean for their encoded mean."""
   fig, ax = plt.subplots(figsize=(n, 2.2))
-  _show(ax, tile(np.concatenate([np.asarray(x), np.asarray(recon)]), 2, n))
+  _show(ax, tile(reconstructions(model, params, spec, likelihood, split, key, n), 2, n))
   ax.set_title("inputs (top) and reconstructions (bottom)")
   fig.savefig(path, bbox_inches="tight", dpi=80)
   plt.close(fig)
@@ -70,13 +85,11 @@ def grid_figure(path, images, title: str, row_labels=None, col_labels=None, cell
 
 def sample_grid(path, model, params, spec, likelihood, key, per_row: int = 10):
   """CVAE: one labelled row per class, z ~ N(0, I). VAE: a square of prior samples."""
+  images = prior_samples(model, params, spec, likelihood, key, per_row)
   if model.condition_size:
-    images = generation.class_conditional(model, params, spec, key, np.arange(spec.num_classes), per_row, likelihood)
     grid_figure(path, images, "samples, one row per class",
                 row_labels=[_class_name(spec, k) for k in range(spec.num_classes)])
   else:
-    logits = model.apply({"params": params}, key, None, per_row * per_row, method=VAE.generate)
-    images = np.asarray(likelihood.mean(logits)).reshape(per_row, per_row, *spec.shape)
     grid_figure(path, images, "samples from the prior")
 
 
@@ -206,21 +219,12 @@ def epoch_grids(model, params, spec, likelihood, split: Split, key, per_row: int
   `reconstructions`: per_row test inputs over their reconstructions; `samples` (not for a plain
   autoencoder): a row per class for a CVAE of classes, else per_row x per_row prior samples."""
   k_rec, k_sample = jax.random.split(key)
-  x = model_input(jnp.asarray(split.images[:per_row]), spec.encoding, k_rec)
-  labels = split.labels[:per_row]
-  recon = generation.decode_mean(model, params, spec, generation.encode_mean(model, params, spec, x, labels), labels,
-                                 likelihood)
   with_channels = lambda grid: grid[..., None] if grid.ndim == 2 else grid
-  grids = {"reconstructions": with_channels(tile(np.concatenate([np.asarray(x), np.asarray(recon)]), 2, per_row))}
+  grids = {"reconstructions": with_channels(tile(reconstructions(model, params, spec, likelihood, split, k_rec,
+                                                                 per_row), 2, per_row))}
   if model.stochastic:
-    if model.condition_size and spec.num_classes:
-      images = generation.class_conditional(model, params, spec, k_sample, np.arange(spec.num_classes), per_row,
-                                            likelihood)
-      rows = spec.num_classes
-    else:
-      logits = model.apply({"params": params}, k_sample, None, per_row * per_row, method=VAE.generate)
-      images, rows = likelihood.mean(logits), per_row
-    grids["samples"] = with_channels(tile(np.asarray(images).reshape(-1, *spec.shape), rows, per_row))
+    images = prior_samples(model, params, spec, likelihood, k_sample, per_row)
+    grids["samples"] = with_channels(tile(images.reshape(-1, *spec.shape), len(images), per_row))
   return {name: np.clip(grid, 0.0, 1.0) for name, grid in grids.items()}
 
 

@@ -23,21 +23,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 import yaml  # noqa: E402
 
 from cvae_jax import experiment, schema, tasks  # noqa: E402
+from cvae_jax.config import flatten  # noqa: E402
 from cvae_jax.engine import rundir  # noqa: E402
 from cvae_jax.tasks import Task  # noqa: E402
 
 PLOTTED = ("elbo", "rec", "kl")  # the numbers plotted against hyperparameters, where the task reports them
 QUALITY = ("fd", "precision", "recall", "coverage")  # eval.json's sample_quality numbers (evaluators/quality.py)
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, dict):
-      out |= _flatten(v, f"{prefix}{k}.")
-    else:
-      out[f"{prefix}{k}"] = v
-  return out
 
 
 def expected_jobs(sweep_dir: Path) -> Optional[dict[str, dict]]:
@@ -105,7 +96,7 @@ def collect(sweep_dir: Path) -> list[dict]:
 def varying_keys(rows: list[dict]) -> list[str]:
   """Config keys whose value differs between runs, plus the keys the sweep itself varies."""
   # A key a run's config.yaml lacks (written before the key existed) holds the schema default.
-  configs = [_flatten(schema.defaults_like(r["config"])) | _flatten(r["config"]) for r in rows if "config" in r]
+  configs = [flatten(schema.defaults_like(r["config"])) | flatten(r["config"]) for r in rows if "config" in r]
   keys = sorted({k for c in configs for k in c})
   varying = {k for k in keys if len({json.dumps(c.get(k), sort_keys=True) for c in configs}) > 1}
   return sorted(varying | swept_keys(rows))
@@ -278,7 +269,7 @@ def write_report(sweep_dir: Path, out: Optional[Path] = None) -> dict:
     if "results" in row:
       path = row.pop("path")
       row |= task.report_row(path, row.pop("results")) | sample_quality_row(path)
-    row["flat"] = _flatten(row["config"]) if "config" in row else {}
+    row["flat"] = flatten(row["config"]) if "config" in row else {}
   rows = sort_by_headline(rows, task)
   keys = varying_keys(rows)
   csv_path, md_path = write_tables(rows, keys, task, out)

@@ -21,7 +21,7 @@ from flax.training import train_state
 from jax.sharding import NamedSharding, PartitionSpec
 
 from cvae_jax import annealing, data, estimators, figures, likelihoods
-from cvae_jax.config import Config, ConfigError, Estimator, to_dict
+from cvae_jax.config import Config, ConfigError, Estimator, flatten, to_dict
 from cvae_jax.data import Dataset, DatasetSpec, model_input
 from cvae_jax.engine import epoch, loop, memory, optim, rundir
 from cvae_jax.estimators import condition
@@ -80,18 +80,10 @@ HPARAM_METRICS = ("elbo", "rec", "kl", "nll", "active_units")  # results.json's 
 
 
 def hyperparameters(cfg: Config) -> dict:
-  """Every scalar setting of the run as a dotted name (objective.beta, model.latent_size, ...); lists as text."""
-  flat = {}
-
-  def walk(prefix, node):
-    for key, value in node.items():
-      if isinstance(value, dict):
-        walk(f"{prefix}{key}.", value)
-      elif value is not None:
-        flat[prefix + key] = value if isinstance(value, (bool, int, float, str)) else str(value)
-
-  walk("", {k: v for k, v in to_dict(cfg).items() if k not in ("evaluation",)})
-  return flat
+  """Every setting of the run but its evaluation, as a dotted name (objective.beta, model.latent_size, ...);
+  lists as text, unset ones left out."""
+  settings = flatten({k: v for k, v in to_dict(cfg).items() if k != "evaluation"})
+  return {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in settings.items() if v is not None}
 
 
 class DensityTask(Task):
