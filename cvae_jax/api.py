@@ -89,6 +89,10 @@ class Model:
       raise ValueError(f"{name} holds values in [{x.min()}, {x.max()}]; images are intensities 0..255")
     return x.astype(np.uint8)
 
+  def _model_inputs(self, x, name: str = "x") -> jax.Array:
+    """Checked inputs as the network reads them in the uses (intensities for dynamically binarized runs)."""
+    return model_input(jnp.asarray(self._inputs(x, name)), self._encoding())
+
   def _token_ids(self, strings, name: str) -> np.ndarray:
     if isinstance(strings, str) or not all(isinstance(s, str) for s in strings) or not len(strings):
       raise ValueError(f"{name} must be a non-empty list of SMILES strings")
@@ -205,32 +209,28 @@ class Model:
     """[N, K, ...]: each input's code (encoded under its own label) decoded under every class."""
     self._needs_classes("translate")
     self._needs_means("translate")
-    x = self._inputs(x)
+    x = self._model_inputs(x)
     c = self._labels(labels, len(x))
-    out = generation.translate(self.network, self.params, self.spec, model_input(jnp.asarray(x), self._encoding()),
-                               c, self.likelihood)
-    return self._outputs(out)
+    return self._outputs(generation.translate(self.network, self.params, self.spec, x, c, self.likelihood))
 
   def style_transfer(self, style_x, style_labels, content_labels) -> np.ndarray:
     """[S, C, ...]: the style (code) of each style input rendered as each content label's class."""
     self._needs_classes("style_transfer")
     self._needs_means("style_transfer")
-    x = self._inputs(style_x, "style_x")
+    x = self._model_inputs(style_x, "style_x")
     s = self._labels(style_labels, len(x), "style_labels")
     if not np.size(content_labels):
       raise ValueError("content_labels holds no class")
     content = self._labels(content_labels, len(np.atleast_1d(content_labels)), "content_labels")
-    out = generation.style_transfer(self.network, self.params, self.spec,
-                                    model_input(jnp.asarray(x), self._encoding()), s, content, self.likelihood)
-    return self._outputs(out)
+    return self._outputs(generation.style_transfer(self.network, self.params, self.spec, x, s, content,
+                                                   self.likelihood))
 
   def interpolate(self, x_a, x_b, steps: int = 8, label_a=None, label_b=None) -> np.ndarray:
     """[steps, ...]: decodes (1 - t) z_a + t z_b (and the labels' conditions alike) for t in [0, 1]."""
     self._needs_means("interpolate")
     if not isinstance(steps, (int, np.integer)) or steps < 2:
       raise ValueError(f"steps must be an integer >= 2; got {steps!r}")
-    a, b = model_input(jnp.asarray(self._inputs(np.stack([np.asarray(x_a), np.asarray(x_b)]), "x_a and x_b")),
-                       self._encoding())
+    a, b = self._model_inputs(np.stack([np.asarray(x_a), np.asarray(x_b)]), "x_a and x_b")
     label_a = self._labels(None if label_a is None else [label_a], 1, "label_a")[0]
     label_b = self._labels(None if label_b is None else [label_b], 1, "label_b")[0]
     return self._outputs(generation.interpolate(self.network, self.params, self.spec, a, label_a, b, label_b, steps,
