@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import signal
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -34,6 +35,12 @@ class EpochLoop(str, enum.Enum):
   auto = "auto"    # a host loop for families that ask for it on CPU (conv: XLA:CPU runs convs in a loop body ~10x slower), else scan
   scan = "scan"    # the whole epoch as one compiled lax.scan
   steps = "steps"  # a host loop over the jitted step
+
+
+class Distributed(str, enum.Enum):
+  none = "none"          # one process (its local devices with training.data_parallel)
+  auto = "auto"          # join the other processes of the job as JAX detects them (Slurm, Open MPI, ...)
+  explicit = "explicit"  # join through training.coordinator_address, num_processes and process_id
 
 
 class KLSchedule(str, enum.Enum):
@@ -73,6 +80,10 @@ class DataConfig:
                                                            # detection: the test split keeps them)
   manual_dir: Optional[str] = None   # folder holding <name>/ with the official files (env CVAE_JAX_MANUAL_DIR)
   data_dir: Optional[str] = None     # prepared data and caches (env TFDS_DATA_DIR, ~/tensorflow_datasets)
+  in_memory: Optional[bool] = None   # true: the training split lives on the device (fast); false: batches are
+                                     # read from host arrays or memory-mapped files as training goes (data
+                                     # larger than device memory); null: true when it takes under a quarter
+                                     # of the device's memory
 
 
 @dataclass
@@ -123,8 +134,18 @@ class TrainingConfig:
                                       # instead of stopping the run at the first one
   epoch_loop: EpochLoop = EpochLoop.auto  # how an epoch runs: one lax.scan, or a host loop of jitted steps
   scan_unroll: int = 1                # steps per iteration of the epoch's lax.scan (fewer loop trips; longer compile)
-  data_parallel: bool = False         # split each minibatch over all local devices (a 1-D mesh, axis "data");
+  data_parallel: bool = False         # split each minibatch over all devices (a 1-D mesh, axis "data");
                                       # batch_size must be a multiple of the device count
+  checkpoint_every_steps: int = 0     # also save every N steps, mid-epoch: the epoch runs in pieces of N steps
+                                      # (one compiled program), and a preemption signal saves at the next
+                                      # piece's end; 0: pieces are whole epochs (streamed data: 64 steps)
+  preemption_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])  # save and stop on these
+  requeue: bool = True                # a preempted run inside a Slurm job requeues it (scontrol requeue)
+  distributed: Distributed = Distributed.none  # several processes, one run (engine/distributed.py); with
+                                      # auto or explicit every device of every process splits the batch
+  coordinator_address: Optional[str] = None  # explicit: host:port of process 0's coordinator
+  num_processes: Optional[int] = None        # explicit: how many processes the run has
+  process_id: Optional[int] = None           # explicit: this process's id, 0..num_processes-1
   progress: bool = True               # show a progress bar
   figures: bool = True                # write the figures at the end of training
 
@@ -175,6 +196,13 @@ class Config:
   quadrants: QuadrantConfig = field(default_factory=QuadrantConfig)
 
 
+# Settings of how a run executes, not of what it computes: a run resumes under other values of these (more
+# processes, step checkpoints, streamed data), and they do not name its directory (conf/config.yaml).
+EXECUTION_KEYS = ("training.checkpoint_every_steps", "training.preemption_signals", "training.requeue",
+                  "training.distributed", "training.coordinator_address", "training.num_processes",
+                  "training.process_id", "data.in_memory")
+
+
 class ConfigError(ValueError):
   """A configuration value is out of range; the message names the key, the value and the fix."""
 
@@ -214,6 +242,13 @@ def validate_common(cfg: Config) -> Config:
   check(t.eval_batch_size >= 1, "training.eval_batch_size", t.eval_batch_size, "must be at least 1")
   check(t.scan_unroll >= 1, "training.scan_unroll", t.scan_unroll, "must be at least 1")
   check(t.checkpoint_every_epochs >= 1, "training.checkpoint_every_epochs", t.checkpoint_every_epochs,
+        "must be at least 1")
+  check(t.checkpoint_every_steps >= 0, "training.checkpoint_every_steps", t.checkpoint_every_steps,
+        "must be >= 0 (0: checkpoints at epoch ends only)")
+  for name in t.preemption_signals:
+    check(isinstance(getattr(signal, "SIG" + str(name).upper().removeprefix("SIG"), None), int),
+          "training.preemption_signals", list(t.preemption_signals), f"{name!r} is not a signal name (SIGTERM, SIGUSR1, ...)")
+  check(t.num_processes is None or t.num_processes >= 1, "training.num_processes", t.num_processes,
         "must be at least 1")
   check(t.max_checkpoints >= 1, "training.max_checkpoints", t.max_checkpoints, "must be at least 1")
   check(ev.iwae_samples >= 0, "evaluation.iwae_samples", ev.iwae_samples, "must be >= 0 (0 skips the bound)")

@@ -22,6 +22,7 @@ import yaml
 from cvae_jax import data, schema, tasks
 from cvae_jax.config import Config
 from cvae_jax.data import Dataset
+from cvae_jax.engine import distributed
 from cvae_jax.tasks import Restored, RestoreError
 
 PLUGINS_ENV = "CVAE_JAX_PLUGINS"
@@ -40,6 +41,7 @@ def train_and_evaluate(cfg: Config, workdir: str | Path, dataset: Optional[Datas
   retrained), evaluates, writes figures and results.json, and returns the results. `dataset` replaces the
   config's data (tests); `on_trace` is called each time the train epoch is traced."""
   validate(cfg)
+  distributed.initialize(cfg.training)  # several processes: join the others first (training.distributed)
   return tasks.get(cfg.task).train([cfg], [Path(workdir)], dataset, on_trace)[0]
 
 

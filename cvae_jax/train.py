@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from cvae_jax import data, experiment, models, resources, tasks, xla_cpu
 from cvae_jax.config import Config, ConfigError
 from cvae_jax.data import DataError
+from cvae_jax.engine import distributed, preemption
 from cvae_jax.engine.checkpoints import CheckpointMismatchError, DiskFullError
 from cvae_jax.engine.epoch import NonFiniteLossError
 from cvae_jax.engine.memory import OutOfMemoryError
@@ -119,6 +120,10 @@ def main(dict_cfg: DictConfig) -> float:
   try:
     cfg: Config = experiment.validate(OmegaConf.to_object(dict_cfg))
     results = experiment.train_and_evaluate(cfg, workdir)
+  except preemption.Preempted as e:  # the checkpoint is saved: requeue, and stop with the status that says so
+    requeued = cfg.training.requeue and distributed.is_primary() and preemption.requeue_slurm_job()
+    print(f"preempted: {e}{' The Slurm job is requeued.' if requeued else ''}", file=sys.stderr)
+    sys.exit(preemption.PREEMPTED_EXIT)
   except Exception as e:  # noqa: BLE001  a sweep goes on past one failed job; a single run stops
     if isinstance(e, OSError) and e.errno == errno.ENOSPC and not isinstance(e, DiskFullError):
       e = DiskFullError(errno.ENOSPC, f"The disk is full: {e.strerror} ({e.filename or workdir}). The last "
@@ -135,6 +140,8 @@ def main(dict_cfg: DictConfig) -> float:
     _clean_up(workdir)
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
+  if not distributed.is_primary():  # the first process writes the run's files and reports its number
+    return float("nan")
   (workdir / FAILED).unlink(missing_ok=True)  # a rerun that succeeded clears an earlier failure
   return tasks.get(cfg.task).headline_value(results)  # what a hyperparameter sweeper (e.g. Optuna) maximizes
 

@@ -22,19 +22,34 @@ def test_mnist_loads_from_the_vendored_files(mnist):
 
 def test_decoded_splits_are_kept_beside_the_dataset_and_a_bad_copy_is_rewritten(mnist):
   builder = images.prepare(DataConfig(name="mnist"))
-  path = images.split_cache(builder, "test")
-  assert path.parent == Path(builder.data_dir)
-  for bad in (b"PK\x03\x04 cut short", None):  # a truncated file, then one of another size
+  folder = images.split_cache(builder, "test")
+  assert folder.parent == Path(builder.data_dir)
+  for bad in (b"\x93NUMPY cut short", None):  # a truncated file, then one of another size
     if bad is None:
-      np.savez(path, images=mnist.test.images[:10], labels=mnist.test.labels[:10])
+      np.save(folder / "images.npy", mnist.test.images[:10])
     else:
-      path.write_bytes(bad)
+      (folder / "images.npy").write_bytes(bad)
     again = data.load(DataConfig(name="mnist"))
     assert np.array_equal(again.test.images, mnist.test.images) and np.array_equal(again.test.labels, mnist.test.labels)
-    with np.load(path) as kept:  # rewritten whole
-      assert np.array_equal(kept["images"], mnist.test.images) and np.array_equal(kept["labels"], mnist.test.labels)
-  assert not list(path.parent.glob("*.tmp"))
+    kept_images, kept_labels = np.load(folder / "images.npy"), np.load(folder / "labels.npy")  # rewritten whole
+    assert np.array_equal(kept_images, mnist.test.images) and np.array_equal(kept_labels, mnist.test.labels)
+  assert not list(folder.parent.glob("*.tmp"))
   assert np.array_equal(data.load(DataConfig(name="mnist")).train.images, mnist.train.images)  # read back as decoded
+
+
+def test_a_split_kept_out_of_memory_is_a_memory_map_of_the_same_pixels(mnist):
+  streamed = data.load(DataConfig(name="mnist", in_memory=False, train_limit=1000))
+  assert isinstance(streamed.train.images, np.memmap)
+  assert np.array_equal(streamed.train.images, mnist.train.images[:1000])
+  assert not isinstance(data.load(DataConfig(name="mnist", train_limit=10)).train.images, np.memmap)
+
+
+def test_the_training_split_lives_on_the_device_when_it_fits_a_quarter_of_its_memory():
+  split = data.Split(np.zeros((100, 10), np.uint8), np.zeros(100, np.int32))  # 1,000 + 400 bytes
+  assert data.fits_device(DataConfig(name="mnist"), split, device_bytes=4 * 1400)
+  assert not data.fits_device(DataConfig(name="mnist"), split, device_bytes=4 * 1400 - 4)
+  assert not data.fits_device(DataConfig(name="mnist", in_memory=False), split, device_bytes=10**12)
+  assert data.fits_device(DataConfig(name="mnist", in_memory=True), split, device_bytes=1)
 
 
 def test_static_binarization_is_one_fixed_sample(mnist):

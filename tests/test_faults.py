@@ -73,8 +73,8 @@ def poison_after(monkeypatch, epoch_index):
 
   def make(*args, **kwargs):
     epoch_fn = original(*args, **kwargs)
-    def poisoned(state, images, labels, epoch):
-      state, metrics = epoch_fn(state, images, labels, epoch)
+    def poisoned(state, images, labels, epoch, *rest, **pieces):
+      state, metrics = epoch_fn(state, images, labels, epoch, *rest, **pieces)
       if int(epoch) >= epoch_index:
         metrics = dict(metrics, loss=metrics["loss"].at[3].set(jnp.nan))
       return state, metrics
@@ -246,10 +246,10 @@ def test_running_out_of_memory_while_training_says_what_to_lower(tmp_path, monke
   def make(*args, **kwargs):
     run_epoch = original(*args, **kwargs)
 
-    def exhausted(state, images, labels, epoch, *rest):
+    def exhausted(state, images, labels, epoch, *rest, **pieces):
       if int(epoch) == 1:
         raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 51200002560 bytes.")
-      return run_epoch(state, images, labels, epoch, *rest)
+      return run_epoch(state, images, labels, epoch, *rest, **pieces)
     return exhausted
 
   monkeypatch.setattr(engine_epoch, "make_train_epoch", make)

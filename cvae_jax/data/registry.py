@@ -67,3 +67,11 @@ def binarize(ds: Dataset, seed: int) -> Dataset:
     return Split(static_binarize(split.images, seed * 1000 + stream), split.labels)
 
   return Dataset(ds.spec, apply(ds.train, 0), apply(ds.test, 1), apply(ds.validation, 2))
+
+
+def fits_device(cfg: DataConfig, split: Split, device_bytes: int) -> bool:
+  """Whether the training split lives on the device (data.in_memory): as asked, or, when not set, when it
+  takes under a quarter of the device's memory (the rest is for the model, its activations and evaluation)."""
+  if cfg.in_memory is not None:
+    return bool(cfg.in_memory)
+  return split.images.nbytes + split.labels.nbytes <= device_bytes // 4

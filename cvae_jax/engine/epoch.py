@@ -107,8 +107,8 @@ def make_train_step(plan: Plan) -> Callable:
 
 
 def data_parallel_mesh() -> Mesh:
-  """A 1-D mesh over every local device; axis "data" splits the batch."""
-  return jax.make_mesh((jax.local_device_count(),), ("data",), axis_types=(AxisType.Auto,))
+  """A 1-D mesh over every device (of every process, when several run together); axis "data" splits the batch."""
+  return jax.make_mesh((jax.device_count(),), ("data",), axis_types=(AxisType.Auto,))
 
 
 def uses_step_loop(training: TrainingConfig, host_loop_on_cpu: bool) -> bool:
@@ -140,19 +140,85 @@ def over_runs(fn: Callable, in_axes: tuple) -> Callable:
   return mapped
 
 
-def make_train_epoch(plan: Plan, on_trace: Optional[Callable[[], None]] = None, mesh: Optional[Mesh] = None,
-                     batched: bool = False) -> Callable:
-  """Returns train_epoch(state, images, labels, epoch, hyper=None) -> (state, per-step metrics).
+class TrainEpoch:
+  """The compiled epoch (make_train_epoch): `runner(state, images, labels, epoch, hyper=None, start=0, stop=None)`
+  trains steps [start, stop) of the epoch and returns (state, their per-step metrics); the whole epoch by
+  default. `images`, `labels`: the training data on the device (resident), or the host arrays batches are
+  gathered from (streamed; numpy arrays or memory maps). A call runs the steps in pieces of `chunk_steps`,
+  each one compiled call; a short last piece is padded with steps that are skipped, so there is one program
+  for every piece. The order of an epoch is a pure function of the seed and the epoch: a run resumed at a
+  piece boundary sees the batches an uninterrupted one would."""
 
-  The epoch is one compiled lax.scan of train_step over minibatches of data already on the device:
-  no host round trip per step (or, see uses_step_loop, a host loop over the same jitted step). Either
-  is traced once; `on_trace` is called each time JAX traces it (tests count retraces with it). With a
-  `mesh` (data parallelism), state and data are replicated and each minibatch is split over the mesh's
-  "data" axis; XLA partitions the step and all-reduces the gradients. batched: state and hyper carry a
-  leading axis of runs; the data is shared.
+  def __init__(self, order: Callable, piece: Callable, chunk_steps: int, steps: int, streamed: bool,
+               put_order: Callable, put_batches: Callable, batched: bool):
+    self.order, self.piece, self.chunk_steps, self.steps = order, piece, chunk_steps, steps
+    self.streamed, self.put_order, self.put_batches, self.batched = streamed, put_order, put_batches, batched
+    self._orders: dict = {}
+
+  def batches(self, epoch: int, hyper) -> np.ndarray:
+    """[steps, B] example indices of the epoch ([runs, steps, B] batched), computed once per epoch."""
+    key = (epoch, None if hyper is None else np.asarray(hyper.seed).tobytes())
+    if key not in self._orders:
+      self._orders = {key: np.asarray(self.order(jnp.asarray(epoch), hyper))}
+    return self._orders[key]
+
+  def _piece_inputs(self, batches: np.ndarray, images, labels, lo: int, hi: int):
+    """The piece's rows [lo, hi) padded to chunk_steps: example indices (resident), or the gathered
+    batches themselves (streamed); and which rows are real steps."""
+    rows = batches[..., lo:hi, :]
+    pad = self.chunk_steps - (hi - lo)
+    if pad:
+      widths = [(0, 0)] * rows.ndim
+      widths[-2] = (0, pad)
+      rows = np.pad(rows, widths)
+    valid = np.arange(self.chunk_steps) < hi - lo
+    if not self.streamed:
+      return self.put_order(rows), valid
+    return self.put_batches((np.asarray(images[rows.reshape(-1)]).reshape(*rows.shape, *images.shape[1:]),
+                             np.asarray(labels[rows.reshape(-1)]).reshape(*rows.shape, *labels.shape[1:]))), valid
+
+  def __call__(self, state, images, labels, epoch, hyper=None, start: int = 0, stop: Optional[int] = None):
+    stop = self.steps if stop is None else stop
+    batches = self.batches(int(epoch), hyper)
+    bounds = [(lo, min(lo + self.chunk_steps, stop)) for lo in range(start, stop, self.chunk_steps)]
+    parts = []
+    data = (None, None) if self.streamed else (images, labels)
+    upcoming = self._piece_inputs(batches, images, labels, *bounds[0])
+    for n, (lo, hi) in enumerate(bounds):
+      xs, valid = upcoming
+      state, metrics = self.piece(state, *data, xs, valid, hyper)  # dispatched; runs while the next piece is
+      if n + 1 < len(bounds):                                     # gathered on the host
+        upcoming = self._piece_inputs(batches, images, labels, *bounds[n + 1])
+      parts.append(jax.tree.map(lambda m: m[..., : hi - lo], metrics))
+    axis = 1 if self.batched else 0
+    return state, jax.tree.map(lambda *m: jnp.concatenate(m, axis=axis), *parts) if len(parts) > 1 else parts[0]
+
+  def lower(self, state, images, labels, epoch, hyper=None):
+    """The compiled program of one piece (its HLO: benchmarks and tests)."""
+    xs, valid = self._piece_inputs(self.batches(int(epoch), hyper), images, labels, 0,
+                                   min(self.chunk_steps, self.steps))
+    data = (None, None) if self.streamed else (images, labels)
+    return self.piece.lower(state, *data, xs, valid, hyper)
+
+
+def make_train_epoch(plan: Plan, on_trace: Optional[Callable[[], None]] = None, mesh: Optional[Mesh] = None,
+                     batched: bool = False, chunk_steps: Optional[int] = None, streamed: bool = False,
+                     put_order: Callable = jnp.asarray, put_batches: Callable = jnp.asarray) -> TrainEpoch:
+  """Returns the epoch runner (TrainEpoch): its pieces of `chunk_steps` steps (the whole epoch by default)
+  are each one compiled lax.scan of train_step over minibatches (or, see uses_step_loop, a host loop over
+  the same jitted step). Resident data lives on the device and each step gathers its minibatch there;
+  streamed data (data.in_memory=false) is gathered on the host, one piece at a time, while the device runs
+  the previous piece. Traced once; `on_trace` is called each time JAX traces (tests count retraces with it).
+  With a `mesh` (data parallelism, one or several processes), state and resident data are replicated and
+  each minibatch is split over the mesh's "data" axis; XLA partitions the step and all-reduces the
+  gradients. batched: state and hyper carry a leading axis of runs; the data is shared. `put_order`,
+  `put_batches`: how a piece's indices and streamed batches reach the devices (sharded over several
+  processes by the caller).
   """
   batch_size = plan.training.batch_size
   steps, num_train = plan.steps_per_epoch, plan.num_train
+  chunk_steps = min(chunk_steps or steps, steps)
+  masked = chunk_steps != steps  # pieces may be short: padded rows are skipped
   train_step = make_train_step(plan)
 
   def epoch_batches(epoch, hyper):  # [steps, batch_size] example indices; the last partial batch dropped
@@ -161,24 +227,32 @@ def make_train_epoch(plan: Plan, on_trace: Optional[Callable[[], None]] = None, 
                                    num_train)
     return order[: steps * batch_size].reshape(steps, batch_size)
 
-  def step_on(state, images, labels, idx, hyper):
-    batch_images, batch_labels = images[idx], labels[idx]
+  def step_on(state, images, labels, x, hyper):
+    batch_images, batch_labels = (images[x], labels[x]) if images is not None else x
     if mesh is not None:
       split = NamedSharding(mesh, PartitionSpec("data"))
       batch_images = jax.lax.with_sharding_constraint(batch_images, split)
       batch_labels = jax.lax.with_sharding_constraint(batch_labels, split)
     return train_step(state, batch_images, batch_labels, hyper)
 
-  def scan_epoch(state, images, labels, epoch, hyper=None):
-    batches = epoch_batches(epoch, hyper)
+  def scan_piece(state, images, labels, xs, valid, hyper=None):
     names = []
 
-    def body(s, idx):  # the step's metrics packed into one vector: one write per step, not one per metric
-      s, metrics = step_on(s, images, labels, idx, hyper)
-      names[:] = sorted(metrics)
-      return s, jnp.stack([jnp.asarray(metrics[k], jnp.float32) for k in names])
+    def body(s, x_ok):  # the step's metrics packed into one vector: one write per step, not one per metric
+      x, ok = x_ok
+      if not masked:
+        s, metrics = step_on(s, images, labels, x, hyper)
+        names[:] = sorted(metrics)
+        return s, jnp.stack([jnp.asarray(metrics[k], jnp.float32) for k in names])
+      shapes = jax.eval_shape(lambda: step_on(s, images, labels, x, hyper)[1])
+      names[:] = sorted(shapes)
 
-    state, packed = jax.lax.scan(body, state, batches, unroll=plan.training.scan_unroll)
+      def run(s):
+        s, metrics = step_on(s, images, labels, x, hyper)
+        return s, jnp.stack([jnp.asarray(metrics[k], jnp.float32) for k in names])
+      return jax.lax.cond(ok, run, lambda s: (s, jnp.zeros(len(names), jnp.float32)), s)
+
+    state, packed = jax.lax.scan(body, state, (xs, valid), unroll=plan.training.scan_unroll)
     return state, {k: packed[:, i] for i, k in enumerate(names)}
 
   def traced(fn, batched_axes):
@@ -188,21 +262,29 @@ def make_train_epoch(plan: Plan, on_trace: Optional[Callable[[], None]] = None, 
       return over_runs(fn, batched_axes)(*args) if batched else fn(*args)
     return wrapped
 
-  if not uses_step_loop(plan.training, plan.host_loop_on_cpu):
-    return jax.jit(traced(scan_epoch, (0, None, None, None, 0)), donate_argnums=0)
-
   order = jax.jit(jax.vmap(epoch_batches, in_axes=(None, 0)) if batched else epoch_batches)
-  step = jax.jit(traced(step_on, (0, None, None, 0, 0)), donate_argnums=0)
+  args = dict(order=order, chunk_steps=chunk_steps, steps=steps, streamed=streamed, put_order=put_order,
+              put_batches=put_batches, batched=batched)
+  if not uses_step_loop(plan.training, plan.host_loop_on_cpu):
+    piece = jax.jit(traced(scan_piece, (0, None, None, 0, None, 0)), donate_argnums=0)
+    return TrainEpoch(piece=piece, **args)
 
-  def loop_epoch(state, images, labels, epoch, hyper: Optional[RunHyper] = None):
-    batches = order(epoch, hyper)  # [steps, B] ([runs, steps, B] batched)
+  step = jax.jit(traced(step_on, (0, None, None, 0, 0)), donate_argnums=0)
+  pick = (lambda xs, i: jax.tree.map(lambda a: a[:, i], xs)) if batched else (lambda xs, i: jax.tree.map(lambda a: a[i], xs))
+
+  def loop_piece(state, images, labels, xs, valid, hyper: Optional[RunHyper] = None):
     per_step = []
-    for i in range(steps):
-      state, metrics = step(state, images, labels, batches[:, i] if batched else batches[i], hyper)
+    for i in range(int(np.sum(valid))):  # padded rows are not run
+      state, metrics = step(state, images, labels, pick(xs, i), hyper)
       per_step.append(metrics)
     return state, jax.tree.map(lambda *m: jnp.stack(m, axis=1 if batched else 0), *per_step)
 
-  return loop_epoch
+  loop_piece.lower = piece_lower_unavailable
+  return TrainEpoch(piece=loop_piece, **args)
+
+
+def piece_lower_unavailable(*args, **kwargs):
+  raise NotImplementedError("an epoch of host-looped steps (training.epoch_loop=steps) is no single program")
 
 
 def check_finite(step_metrics: dict, first_step: int) -> None:

@@ -14,10 +14,12 @@ from typing import Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax.training import train_state
 from tqdm.auto import tqdm
 
-from cvae_jax.engine import checkpoints, rundir
+from cvae_jax.engine import checkpoints, distributed, rundir
+from cvae_jax.engine import preemption as preemption_lib
 from cvae_jax.engine.epoch import check_finite, epoch_row
 from cvae_jax.engine.memory import out_of_memory_says
 
@@ -103,43 +105,74 @@ def stack_states(states):
 
 
 def fit(phases: Sequence[Phase], state, train_epoch: Callable, images, labels, *, epochs: int, steps: int,
-        checkpoint_every: int = 1, hypers=None, epoch_metrics: Optional[Callable[[int, Any], dict]] = None,
+        checkpoint_every: int = 1, checkpoint_every_steps: int = 0, hypers=None,
+        epoch_metrics: Optional[Callable[[int, Any], dict]] = None,
         epoch_images: Optional[Callable[[int, Any], dict]] = None, early_stopping: Optional[EarlyStopping] = None,
-        progress: bool = False):
+        progress: bool = False, preemption: Optional[preemption_lib.Watch] = None):
   """Trains `state` from its step to `epochs` epochs of `steps` steps and returns it.
 
   One phase: `state` is one run's. Several: `state` and `hypers` hold a leading axis of runs, trained by
-  one batched `train_epoch`. Each epoch: the step metrics are checked for non-finite losses (the run stops
-  with the step; the last good checkpoint is kept), each run's line gets the train/* means, then
-  epoch_metrics(run index, params) and the early-stopping hook's numbers, and goes to its metrics log
-  (with epoch_images(run index, params), image grids for TensorBoard);
-  checkpoints every `checkpoint_every` epochs and at the end. The phases' metrics logs must be open.
+  one batched `train_epoch` (engine.epoch.TrainEpoch, or any function with its call signature). Each epoch:
+  the step metrics are checked for non-finite losses (the run stops with the step; the last good checkpoint
+  is kept), each run's line gets the train/* means, then epoch_metrics(run index, params) and the
+  early-stopping hook's numbers, and goes to its metrics log (with epoch_images(run index, params), image
+  grids for TensorBoard); checkpoints every `checkpoint_every` epochs and at the end, and every
+  `checkpoint_every_steps` steps within an epoch. A signal `preemption` caught saves at the next such
+  boundary (or the epoch's end) and raises Preempted. A run resumed mid-epoch continues from its step; that
+  epoch's train/* means cover the steps since. A phase whose metrics log is not open (a process other than
+  the first of a distributed run) writes no metrics; every process saves the checkpoints together.
   """
   batched = hypers is not None
   if batched and early_stopping is not None:
     raise ValueError("early stopping acts on one run's state; train the runs of a batched sweep without it")
   member = (lambda tree, i: index(tree, i)) if batched else (lambda tree, i: tree)
   step0 = int(jax.device_get(state.step if not batched else state.step[0]))
-  offsets, t0 = [p.metrics.wall_time for p in phases], time.perf_counter()
+  offsets, t0 = [p.metrics.wall_time if p.metrics else 0.0 for p in phases], time.perf_counter()
   start = step0 // steps
+  every = checkpoint_every_steps
   bar = tqdm(range(start, epochs), initial=start, total=epochs, unit="epoch", disable=not progress,
              desc=f"train {phases[0].name}")
+
+  def save(step: int) -> None:
+    for i, phase in enumerate(phases):
+      phase.checkpointer.save(step, member(state, i))
+
+  def stop_if_asked(step: int) -> None:  # every process decides together: the save is collective
+    if preemption is not None and distributed.any_process(preemption.requested is not None):
+      for phase in phases:
+        phase.checkpointer.wait()
+      raise preemption_lib.Preempted(step, preemption.requested or "a signal to another process")
+
   for epoch in bar:
     if early_stopping is not None and early_stopping.done(state):
       break
     first_step = epoch * steps
-    with out_of_memory_says(f"training, epoch {epoch + 1}", "Lower training.batch_size; the last checkpoint is kept, "
-                            "and the same command then resumes from it."):
-      state, step_metrics = train_epoch(state, images, labels, epoch, hypers) if batched else \
-          train_epoch(state, images, labels, epoch)
-      step_metrics = jax.device_get(step_metrics)
+    begin = max(step0 - first_step, 0)
+    # Pieces end where a step checkpoint is due; without them the epoch is one piece.
+    ends = [s - first_step for s in range(first_step + 1, first_step + steps) if every and s % every == 0]
+    parts, lo = [], begin
+    for hi in [e for e in ends if e > begin] + [steps]:
+      with out_of_memory_says(f"training, epoch {epoch + 1}", "Lower training.batch_size; the last checkpoint is "
+                              "kept, and the same command then resumes from it."):
+        state, piece_metrics = train_epoch(state, images, labels, epoch, hypers, start=lo, stop=hi) if batched else \
+            train_epoch(state, images, labels, epoch, start=lo, stop=hi)
+        parts.append(jax.device_get(piece_metrics))
+      if hi < steps:  # mid-epoch: nothing non-finite may be saved as good
+        for i in range(len(phases)):
+          check_finite(member(parts[-1], i), first_step + lo)
+        save(first_step + hi)
+        stop_if_asked(first_step + hi)
+      lo = hi
+    step_metrics = jax.tree.map(lambda *m: np.concatenate(m, axis=1 if batched else 0), *parts)
     elapsed = time.perf_counter() - t0  # batched: one program for all runs, each gets the batch's time
     for i in range(len(phases)):
-      check_finite(member(step_metrics, i), first_step)
+      check_finite(member(step_metrics, i), first_step + begin)
     extra = {}
     if early_stopping is not None:
       state, extra = early_stopping(state)
     for i, phase in enumerate(phases):
+      if phase.metrics is None:
+        continue
       row = epoch_row(member(step_metrics, i), first_step + steps, epoch) | extra
       if epoch_metrics is not None:
         with out_of_memory_says(f"the evaluation of epoch {epoch + 1}", "Lower training.eval_batch_size; the last "
@@ -154,9 +187,11 @@ def fit(phases: Sequence[Phase], state, train_epoch: Callable, images, labels, *
       if "test/elbo" in row:
         bar.set_postfix({"test/elbo": f"{row['test/elbo']:.2f}"})
     stopping = early_stopping is not None and early_stopping.done(state)
-    if (epoch + 1) % checkpoint_every == 0 or epoch + 1 == epochs or stopping:
-      for i, phase in enumerate(phases):
-        phase.checkpointer.save(first_step + steps, member(state, i))
+    asked = preemption is not None and distributed.any_process(preemption.requested is not None)
+    if (epoch + 1) % checkpoint_every == 0 or epoch + 1 == epochs or stopping or asked:
+      save(first_step + steps)
+    if asked and epoch + 1 < epochs:
+      stop_if_asked(first_step + steps)
   for phase in phases:
     phase.checkpointer.wait()
   return state

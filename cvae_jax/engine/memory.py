@@ -21,7 +21,7 @@ def nbytes(tree: Any) -> int:
 
 def device_memory(device=None) -> int:
   """The memory a computation may use on the device: an accelerator's limit, or the host's available RAM."""
-  device = device or jax.devices()[0]
+  device = device or jax.local_devices()[0]
   stats = device.memory_stats() if hasattr(device, "memory_stats") else None
   if stats and stats.get("bytes_limit"):
     return int(stats["bytes_limit"])

@@ -27,6 +27,7 @@ import jax
 import yaml
 
 from cvae_jax import schema
+from cvae_jax.config import EXECUTION_KEYS
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +81,7 @@ def check_config(workdir: Path, config: dict) -> None:
   except Exception as e:  # noqa: BLE001  any content a migration cannot read: the same advice
     raise RunDirError(f"{path} does not hold a config this version can read ({e}). Nothing was changed. Move it "
                       "away, or choose a new run directory with hydra.run.dir=....") from e
-  changes = _diff(old, config, schema.defaults_like(config))
+  changes = [c for c in _diff(old, config, schema.defaults_like(config)) if c.split(":")[0] not in EXECUTION_KEYS]
   if changes:
     raise RunDirError(
         f"Run directory {workdir} holds a run with a different config ({'; '.join(changes)}). "

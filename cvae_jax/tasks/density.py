@@ -18,12 +18,11 @@ from typing import Callable, Optional, Sequence
 import jax
 import jax.numpy as jnp
 from flax.training import train_state
-from jax.sharding import NamedSharding, PartitionSpec
 
 from cvae_jax import annealing, data, estimators, figures, likelihoods
 from cvae_jax.config import Config, ConfigError, Estimator, flatten, to_dict
 from cvae_jax.data import Dataset, DatasetSpec, model_input
-from cvae_jax.engine import epoch, loop, memory, optim, rundir
+from cvae_jax.engine import distributed, epoch, loop, memory, optim, preemption, rundir
 from cvae_jax.estimators import condition
 from cvae_jax.evaluators import EvalContext, Evaluator, anomaly, evaluate, likelihood, quality, samples
 from cvae_jax.keys import Stream, fold, stream_key
@@ -33,6 +32,9 @@ from cvae_jax.objectives import (decoder_log_likelihood, elbo_terms, free_bits_k
 from cvae_jax.tasks.base import Restored, RestoreError, Task, register
 
 log = logging.getLogger(__name__)
+
+
+STREAM_PIECE_STEPS = 64  # streamed data: steps gathered on the host per compiled piece (bounds host memory)
 
 
 class InitPart(enum.IntEnum):
@@ -173,6 +175,8 @@ class DensityTask(Task):
   def train(self, cfgs: Sequence[Config], workdirs: Sequence[Path], dataset: Optional[Dataset] = None,
             on_trace: Optional[Callable[[], None]] = None) -> list[dict]:
     workdirs = [Path(w) for w in workdirs]
+    if not distributed.is_primary():  # the first process owns the run directory; the others train beside it
+      return self._train(cfgs, workdirs, dataset, on_trace)
     for cfg, workdir in zip(cfgs, workdirs):  # a directory of another run is refused before anything is written
       rundir.check_config(workdir, to_dict(cfg))
     with rundir.locked(workdirs):  # one process per run directory
@@ -181,6 +185,7 @@ class DensityTask(Task):
   def _train(self, cfgs: Sequence[Config], workdirs: Sequence[Path], dataset: Optional[Dataset],
              on_trace: Optional[Callable[[], None]]) -> list[dict]:
     configs = [to_dict(c) for c in cfgs]
+    primary = distributed.is_primary()
     results = {}
     for r, (workdir, config) in enumerate(zip(workdirs, configs)):
       finished = rundir.finished_results(workdir, config)
@@ -191,14 +196,16 @@ class DensityTask(Task):
       return [results[r] for r in range(len(cfgs))]
     batched = len(todo) > 1
     cfg0 = cfgs[todo[0]]
-    if batched and any(cfgs[r].training.data_parallel for r in todo):
-      raise ValueError("Batched runs train on one device: training.data_parallel=true runs train one by one.")
+    parallel = cfg0.training.data_parallel or jax.process_count() > 1
+    if batched and parallel:
+      raise ValueError("Batched runs train on one device: data-parallel runs (training.data_parallel=true, or "
+                       "several processes) train one by one.")
     ds = dataset if dataset is not None else data.load(cfg0.data)  # before writing: bad data writes nothing
     steps = epoch.steps_per_epoch(cfg0.training.batch_size, len(ds.train))
-    mesh = epoch.data_parallel_mesh() if cfg0.training.data_parallel else None
+    mesh = epoch.data_parallel_mesh() if parallel else None
     if mesh is not None and cfg0.training.batch_size % mesh.size:
       raise ConfigError(f"training.batch_size={cfg0.training.batch_size} does not split over {mesh.size} devices "
-                        "(training.data_parallel=true): use a multiple of the device count.")
+                        "(data parallel): use a multiple of the device count.")
     model = self.build_model(cfg0, ds.spec)
     self.check_data(cfg0, ds)
     # A state that cannot fit the device is refused before anything is allocated or written.
@@ -219,28 +226,48 @@ class DensityTask(Task):
         return [results[r] for r in range(len(cfgs))]
       states = [s if s is not None else f for s, f in zip(restored, fresh)]
       for r, phase, state in zip(todo, phases, states):
-        rundir.init(workdirs[r], configs[r])
-        self.on_start(workdirs[r], cfgs[r], ds)
-        phase.open_metrics(int(state.step))
+        if primary:
+          rundir.init(workdirs[r], configs[r])
+          self.on_start(workdirs[r], cfgs[r], ds)
+          phase.open_metrics(int(state.step))
       if restored[0] is not None:
         log.info("Resumed from step %d in %s", int(states[0].step), ", ".join(str(workdirs[r]) for r in todo))
-      # The whole dataset lives on the device as stored (uint8 for images); each step converts its
-      # minibatch. Data parallel: data and state are replicated on every device of the mesh.
-      put = jax.device_put if mesh is None else lambda x: jax.device_put(x, NamedSharding(mesh, PartitionSpec()))
+      # Resident data lives on the device as stored (uint8 for images); each step converts its minibatch.
+      # Data parallel: data and state are replicated on every device of the mesh.
+      put = jax.device_put if mesh is None else distributed.replicate(mesh)
       state = loop.stack_states(states) if batched else put(states[0])
       hypers = loop.stack([epoch.run_hyper(cfgs[r].seed, cfgs[r].objective.beta, cfgs[r].optimizer.learning_rate)
                            for r in todo]) if batched else None
       if batched:
         log.info("Training %d runs as one batched program: %s", len(todo), ", ".join(str(workdirs[r]) for r in todo))
-      train_epoch = epoch.make_train_epoch(self.plan(cfg0, model, ds.spec, len(ds.train)), on_trace, mesh, batched)
-      state = loop.fit(phases, state, train_epoch, put(ds.train.images), put(ds.train.labels),
-                       epochs=cfg0.training.epochs, steps=steps, checkpoint_every=cfg0.training.checkpoint_every_epochs,
-                       hypers=hypers, epoch_metrics=self.epoch_metrics([cfgs[r] for r in todo], model, ds, put),
-                       epoch_images=self.epoch_images([cfgs[r] for r in todo], model, ds),
-                       progress=cfg0.training.progress)
+      resident = data.fits_device(cfg0.data, ds.train, memory.device_memory())
+      every = cfg0.training.checkpoint_every_steps
+      train_epoch = epoch.make_train_epoch(
+          self.plan(cfg0, model, ds.spec, len(ds.train)), on_trace, mesh, batched,
+          chunk_steps=every or (None if resident else STREAM_PIECE_STEPS), streamed=not resident,
+          put_order=put if mesh is not None else jnp.asarray,
+          put_batches=distributed.split_batches(mesh, batched) if mesh is not None else jnp.asarray)
+      images, labels = (put(ds.train.images), put(ds.train.labels)) if resident else (ds.train.images, ds.train.labels)
+      if not resident:
+        log.info("Streaming the training split from the host (data.in_memory=false or larger than the device "
+                 "budget): %d pieces of %d steps per epoch.", -(-steps // train_epoch.chunk_steps),
+                 train_epoch.chunk_steps)
+      # Evaluation runs on one local device, on the first process only.
+      evaluation_params = (lambda p: p) if mesh is None else jax.device_get
+      metrics_fn = self.epoch_metrics([cfgs[r] for r in todo], model, ds, jax.device_put) if primary else None
+      images_fn = self.epoch_images([cfgs[r] for r in todo], model, ds) if primary else None
+      with preemption.Watch(cfg0.training.preemption_signals) as watch:
+        state = loop.fit(phases, state, train_epoch, images, labels, epochs=cfg0.training.epochs, steps=steps,
+                         checkpoint_every=cfg0.training.checkpoint_every_epochs, checkpoint_every_steps=every,
+                         hypers=hypers,
+                         epoch_metrics=metrics_fn and (lambda i, p: metrics_fn(i, evaluation_params(p))),
+                         epoch_images=images_fn and (lambda i, p: images_fn(i, evaluation_params(p))),
+                         progress=cfg0.training.progress and primary, preemption=watch)
     finally:
       for phase in phases:
         phase.close()
+    if not primary:
+      return [{} for _ in cfgs]
     for i, r in enumerate(todo):
       params = loop.index(state.params, i) if batched else state.params
       params = params if mesh is None else jax.device_get(params)  # figures and evaluation on one device
