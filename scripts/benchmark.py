@@ -5,6 +5,7 @@
   python scripts/benchmark.py --batch-size 128 4096 # several batch sizes (a GPU wants large ones too)
   python scripts/benchmark.py --sweep-runs 8        # also a batched sweep of 8 models vs separate runs
   python scripts/benchmark.py --iwae-images 200     # also the k=5000 bound's speed at a few chunk sizes
+  python scripts/benchmark.py --streamed            # also streamed data (data.in_memory=false) against resident
   python scripts/benchmark.py --unroll 1 8 --flat-optimizer   # variants of the MLP's compiled epoch
 
 For each architecture, kind and batch size it measures, on statically binarized MNIST:
@@ -12,6 +13,10 @@ For each architecture, kind and batch size it measures, on statically binarized 
     of the jitted step, see engine.epoch.uses_step_loop) (images/s, median over epochs after a warm-up) and
     the compile time (first epoch minus a median one); FLOPs per training image from XLA's cost analysis
     of one train step;
+  - with --streamed, the same epoch with the training images memory-mapped from a .npy on the host
+    (data.in_memory=false): batches gathered on the host, the whole epoch as one piece and in the pieces of
+    STREAM_PIECE_STEPS steps that training uses (each gathered while the previous one runs), against the
+    resident epoch, whole and in the same pieces;
   - a conventional loop: a tf.data pipeline (shuffle, batch, prefetch) feeding the same train step,
     jitted, one Python call per step (fed from NumPy where TensorFlow is not installed);
   - a PyTorch loop of the same MLP, if PyTorch happens to be installed (never a dependency), on the GPU
@@ -34,6 +39,7 @@ import importlib.util
 import json
 import platform
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -48,7 +54,7 @@ from cvae_jax.data import Dataset, DatasetSpec, Encoding, Split
 from cvae_jax.data.images import ImageDataConfig
 from cvae_jax.engine import epoch, loop
 from cvae_jax.models import family_of
-from cvae_jax.tasks.density import DensityTask
+from cvae_jax.tasks.density import STREAM_PIECE_STEPS, DensityTask
 
 TASK = DensityTask()  # the density task's model, state and train step, as `python -m cvae_jax.train` builds them
 
@@ -65,8 +71,8 @@ def make_train_step(cfg: Config, model, spec: DatasetSpec, num_train: int):
   return epoch.make_train_step(TASK.plan(cfg, model, spec, num_train))
 
 
-def make_train_epoch(cfg: Config, model, spec: DatasetSpec, num_train: int, batched: bool = False):
-  return epoch.make_train_epoch(TASK.plan(cfg, model, spec, num_train), batched=batched)
+def make_train_epoch(cfg: Config, model, spec: DatasetSpec, num_train: int, batched: bool = False, **options):
+  return epoch.make_train_epoch(TASK.plan(cfg, model, spec, num_train), batched=batched, **options)
 
 
 def uses_step_loop(cfg: Config) -> bool:
@@ -205,13 +211,17 @@ def images_per_epoch(cfg, ds) -> int:
   return (len(ds.train) // cfg.training.batch_size) * cfg.training.batch_size  # the last partial batch dropped
 
 
-def project_loop(cfg, ds, hlo_path: str | None = None):
-  """cvae_jax's compiled epoch: (run_epoch(e) -> images, info). With several runs (a batched sweep),
-  see batched_loop."""
+def project_loop(cfg, ds, hlo_path: str | None = None, streamed_from=None, chunk_steps: int | None = None):
+  """cvae_jax's compiled epoch: (run_epoch(e) -> images, info), in pieces of `chunk_steps` steps (default:
+  the whole epoch as one). The training split lives on the device (resident), or, given `streamed_from`
+  (the host's training images, e.g. a memory map), each piece's batches are gathered from it on the host,
+  as with data.in_memory=false. With several runs (a batched sweep), see batched_loop."""
   model = create_model(cfg, ds.spec)
   state = create_train_state(cfg, model, ds.spec)
-  images, labels = jax.device_put(ds.train.images), jax.device_put(ds.train.labels)
-  epoch_fn = make_train_epoch(cfg, model, ds.spec, len(ds.train))
+  streamed = streamed_from is not None
+  images, labels = ((streamed_from, ds.train.labels) if streamed
+                    else (jax.device_put(ds.train.images), jax.device_put(ds.train.labels)))
+  epoch_fn = make_train_epoch(cfg, model, ds.spec, len(ds.train), chunk_steps=chunk_steps, streamed=streamed)
   info = {"flops_per_image": step_flops(cfg, model, ds.spec, state, images, labels), "step_loop": uses_step_loop(cfg)}
   if hlo_path and not uses_step_loop(cfg):
     Path(hlo_path).write_text(epoch_fn.lower(state, images, labels, 0).compile().as_text())
@@ -408,6 +418,15 @@ def print_tables(result: dict) -> None:
       print(f"| {v['batch_size']} | {v['unroll']} | {v['flat_optimizer']} | {v['images_per_s']:,.0f} | {v['compile_s']:.2f} | "
             + (f"{sweep['images_per_s']:,.0f} ({sweep['runs']} models) | "
                f"{sweep['images_per_s'] / v['separate_runs']['images_per_s']:.2f} |" if sweep else " | |"))
+  if any("streamed" in r for r in result["rows"]):
+    print("\nstreamed data (training images memory-mapped from a .npy) against resident, img/s and ratio to resident:")
+    print(f"| arch | kind | batch | resident | streamed, {STREAM_PIECE_STEPS}-step pieces (as training) | ratio | "
+          f"streamed, one piece | ratio | resident, {STREAM_PIECE_STEPS}-step pieces | ratio |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in result["rows"]:
+      print(f"| {r['arch']} | {r['kind']} | {r['batch_size']} | {r['cvae_jax']['images_per_s']:,.0f} | "
+            + " | ".join(f"{r[n]['images_per_s']:,.0f} | {r[n + '_vs_resident']:.2f}"
+                         for n in ("streamed_pieces", "streamed", "resident_pieces")) + " |")
   for r in result["rows"]:
     if "batched_sweep" in r:
       s = r["batched_sweep"]
@@ -432,6 +451,9 @@ def main(argv=None) -> None:
   parser.add_argument("--batch-size", nargs="+", type=int, default=[128])
   parser.add_argument("--epochs", type=int, default=3, help="timed epochs per loop (after one warm-up)")
   parser.add_argument("--no-baselines", action="store_true", help="time cvae_jax alone (no per-step or PyTorch loop)")
+  parser.add_argument("--streamed", action="store_true",
+                      help="also time the epoch on streamed data (training images memory-mapped from a temporary "
+                           ".npy, as data.in_memory=false) against resident data, whole and in training's pieces")
   parser.add_argument("--sweep-runs", type=int, default=0,
                       help="also time a batched sweep of this many models against separate runs (0: skip); "
                            "first architecture and kind, each batch size")
@@ -453,6 +475,11 @@ def main(argv=None) -> None:
   if args.save_data:
     save_dataset(ds, args.save_data)
     return
+  mapped = None
+  if args.streamed:  # the images as data.in_memory=false reads them: a memory map of a .npy file
+    folder = tempfile.TemporaryDirectory()  # removed when the script ends
+    np.save(f"{folder.name}/train_images.npy", ds.train.images)
+    mapped = np.load(f"{folder.name}/train_images.npy", mmap_mode="r")
   result = {"device": jax.devices()[0].device_kind, "backend": jax.default_backend(), "jax": jax.__version__,
             "cpu": platform.processor(), "matmul_gflops_large": matmul_rate([(2048, 2048, 2048)], iters=10),
             "rows": [], "variants": []}
@@ -464,6 +491,10 @@ def main(argv=None) -> None:
         hlo = f"{args.hlo_dir}/mlp_epoch_batch{b}.txt" if args.hlo_dir and arch == "mlp" and kind == "vae" else None
         project, info = project_loop(cfg, ds, hlo)
         loops = {"cvae_jax": project, "own_ops": step_ops_loop(cfg, ds)}
+        if mapped is not None:
+          loops["streamed"] = project_loop(cfg, ds, streamed_from=mapped)[0]
+          for name, source in (("resident_pieces", None), ("streamed_pieces", mapped)):
+            loops[name] = project_loop(cfg, ds, streamed_from=source, chunk_steps=STREAM_PIECE_STEPS)[0]
         torch_info = None
         if not args.no_baselines:
           loops["step_loop"] = step_loop(cfg, ds)
@@ -488,6 +519,10 @@ def main(argv=None) -> None:
         if "pytorch_loop" in timed:
           row["pytorch_loop"] = timed["pytorch_loop"] | torch_info
           row["vs_pytorch_loop"] = timed["cvae_jax"]["images_per_s"] / timed["pytorch_loop"]["images_per_s"]
+        for name in ("streamed", "resident_pieces", "streamed_pieces"):
+          if name in timed:
+            row[name] = timed[name] | {"chunk_steps": STREAM_PIECE_STEPS if name.endswith("pieces") else None}
+            row[f"{name}_vs_resident"] = timed[name]["images_per_s"] / timed["cvae_jax"]["images_per_s"]
         if sweep:
           row["batched_sweep"] = timed["batched_sweep"] | {"runs": args.sweep_runs}
           row["separate_runs"] = timed["separate_runs"]

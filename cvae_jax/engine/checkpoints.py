@@ -112,7 +112,7 @@ class Checkpointer:
   def __init__(self, directory: Path, max_to_keep: int):
     self.directory = Path(directory).absolute()
     self._last_saved: tuple = (None, {})  # (step, state) of the newest save, for the disk-full message
-    if self.directory.is_dir():
+    if self.directory.is_dir() and jax.process_index() == 0:
       # Removed here, not by Orbax's own clean-up: that runs in a background thread, which a process that
       # exits soon after (a command line stopping with an error) would leave scheduling work at shutdown.
       for leftover in sorted(self.directory.glob("*.orbax-checkpoint-tmp*")):
@@ -202,6 +202,8 @@ class Checkpointer:
         raise
       except Exception as e:  # noqa: BLE001  any read failure means this checkpoint is unusable
         path = self.directory / str(step)
+        if jax.process_index() != 0:  # the first process sets it aside; each process reads the previous one
+          continue
         quarantine = path.with_name(f"{step}.corrupt")
         n = 1
         while quarantine.exists():
@@ -217,7 +219,9 @@ class Checkpointer:
       self._manager.wait_until_finished()
     step = self._last_saved[0]
     step_dir = self.directory / str(step)
-    if step is not None and step_dir.is_dir() and not (step_dir / MANIFEST).exists():
+    # Several processes save one checkpoint together; the first, whose wait returns once it is complete, writes
+    # the manifest.
+    if step is not None and jax.process_index() == 0 and step_dir.is_dir() and not (step_dir / MANIFEST).exists():
       with self._disk_full_says():
         write_manifest(step_dir)
 

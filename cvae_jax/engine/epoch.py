@@ -203,7 +203,7 @@ class TrainEpoch:
 
 def make_train_epoch(plan: Plan, on_trace: Optional[Callable[[], None]] = None, mesh: Optional[Mesh] = None,
                      batched: bool = False, chunk_steps: Optional[int] = None, streamed: bool = False,
-                     put_order: Callable = jnp.asarray, put_batches: Callable = jnp.asarray) -> TrainEpoch:
+                     put_order: Callable = jnp.asarray, put_batches: Callable = None) -> TrainEpoch:
   """Returns the epoch runner (TrainEpoch): its pieces of `chunk_steps` steps (the whole epoch by default)
   are each one compiled lax.scan of train_step over minibatches (or, see uses_step_loop, a host loop over
   the same jitted step). Resident data lives on the device and each step gathers its minibatch there;
@@ -217,6 +217,7 @@ def make_train_epoch(plan: Plan, on_trace: Optional[Callable[[], None]] = None, 
   """
   batch_size = plan.training.batch_size
   steps, num_train = plan.steps_per_epoch, plan.num_train
+  put_batches = put_batches or (lambda tree: jax.tree.map(jnp.asarray, tree))
   chunk_steps = min(chunk_steps or steps, steps)
   masked = chunk_steps != steps  # pieces may be short: padded rows are skipped
   train_step = make_train_step(plan)

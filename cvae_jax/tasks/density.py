@@ -244,14 +244,13 @@ class DensityTask(Task):
       every = cfg0.training.checkpoint_every_steps
       train_epoch = epoch.make_train_epoch(
           self.plan(cfg0, model, ds.spec, len(ds.train)), on_trace, mesh, batched,
-          chunk_steps=every or (None if resident else STREAM_PIECE_STEPS), streamed=not resident,
+          chunk_steps=every if resident else min(every or STREAM_PIECE_STEPS, STREAM_PIECE_STEPS), streamed=not resident,
           put_order=put if mesh is not None else jnp.asarray,
-          put_batches=distributed.split_batches(mesh, batched) if mesh is not None else jnp.asarray)
+          put_batches=distributed.split_batches(mesh, batched) if mesh is not None else None)
       images, labels = (put(ds.train.images), put(ds.train.labels)) if resident else (ds.train.images, ds.train.labels)
       if not resident:
-        log.info("Streaming the training split from the host (data.in_memory=false or larger than the device "
-                 "budget): %d pieces of %d steps per epoch.", -(-steps // train_epoch.chunk_steps),
-                 train_epoch.chunk_steps)
+        log.info("Streaming the training split from the host (data.in_memory=false, or larger than a quarter of "
+                 "the device's memory), %d steps per piece.", min(every or STREAM_PIECE_STEPS, STREAM_PIECE_STEPS, steps))
       # Evaluation runs on one local device, on the first process only.
       evaluation_params = (lambda p: p) if mesh is None else jax.device_get
       metrics_fn = self.epoch_metrics([cfgs[r] for r in todo], model, ds, jax.device_put) if primary else None
