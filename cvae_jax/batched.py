@@ -30,7 +30,7 @@ def group_key(cfg: Config) -> str:
 
 
 def can_batch(cfg: Config) -> bool:
-  return tasks.get(cfg.task).batchable and not cfg.training.data_parallel
+  return tasks.get(cfg.task).batchable and not cfg.training.data_parallel and cfg.training.distributed == "none"
 
 
 def train_batched(cfgs: Sequence[Config], workdirs: Sequence[str | Path], dataset: Optional[Dataset] = None) -> list[dict]:

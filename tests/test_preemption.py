@@ -77,6 +77,12 @@ def test_step_checkpoints_fall_mid_epoch_and_a_preempted_run_resumes_to_the_same
   assert [r["step"] for r in lines] == [8, 16]
 
 
+def test_the_pieces_of_every_epoch_share_one_program(tmp_path):
+  traces = []  # 8 steps per epoch in pieces of 3: 3, 3 and a padded 2 in each epoch, one trace for all
+  train_and_evaluate(config(), tmp_path, dataset=synthetic_dataset(), on_trace=lambda: traces.append(1))
+  assert len(traces) == 1
+
+
 def test_without_step_checkpoints_a_signal_saves_at_the_end_of_its_epoch(tmp_path, monkeypatch):
   ds = synthetic_dataset()
   signal_during(monkeypatch, step=0, number=signal.SIGUSR1)

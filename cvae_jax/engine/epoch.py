@@ -195,6 +195,8 @@ class TrainEpoch:
 
   def lower(self, state, images, labels, epoch, hyper=None):
     """The compiled program of one piece (its HLO: benchmarks and tests)."""
+    if not hasattr(self.piece, "lower"):
+      raise NotImplementedError("an epoch of host-looped steps (training.epoch_loop=steps) is no single program")
     xs, valid = self._piece_inputs(self.batches(int(epoch), hyper), images, labels, 0,
                                    min(self.chunk_steps, self.steps))
     data = (None, None) if self.streamed else (images, labels)
@@ -239,19 +241,17 @@ def make_train_epoch(plan: Plan, on_trace: Optional[Callable[[], None]] = None, 
   def scan_piece(state, images, labels, xs, valid, hyper=None):
     names = []
 
-    def body(s, x_ok):  # the step's metrics packed into one vector: one write per step, not one per metric
+    def packed_step(s, x):  # the step's metrics packed into one vector: one write per step, not one per metric
+      s, metrics = step_on(s, images, labels, x, hyper)
+      names[:] = sorted(metrics)
+      return s, jnp.stack([jnp.asarray(metrics[k], jnp.float32) for k in names])
+
+    def body(s, x_ok):
       x, ok = x_ok
       if not masked:
-        s, metrics = step_on(s, images, labels, x, hyper)
-        names[:] = sorted(metrics)
-        return s, jnp.stack([jnp.asarray(metrics[k], jnp.float32) for k in names])
-      shapes = jax.eval_shape(lambda: step_on(s, images, labels, x, hyper)[1])
-      names[:] = sorted(shapes)
-
-      def run(s):
-        s, metrics = step_on(s, images, labels, x, hyper)
-        return s, jnp.stack([jnp.asarray(metrics[k], jnp.float32) for k in names])
-      return jax.lax.cond(ok, run, lambda s: (s, jnp.zeros(len(names), jnp.float32)), s)
+        return packed_step(s, x)
+      width = jax.eval_shape(packed_step, s, x)[1].shape
+      return jax.lax.cond(ok, lambda s: packed_step(s, x), lambda s: (s, jnp.zeros(width, jnp.float32)), s)
 
     state, packed = jax.lax.scan(body, state, (xs, valid), unroll=plan.training.scan_unroll)
     return state, {k: packed[:, i] for i, k in enumerate(names)}
@@ -280,12 +280,7 @@ def make_train_epoch(plan: Plan, on_trace: Optional[Callable[[], None]] = None, 
       per_step.append(metrics)
     return state, jax.tree.map(lambda *m: jnp.stack(m, axis=1 if batched else 0), *per_step)
 
-  loop_piece.lower = piece_lower_unavailable
   return TrainEpoch(piece=loop_piece, **args)
-
-
-def piece_lower_unavailable(*args, **kwargs):
-  raise NotImplementedError("an epoch of host-looped steps (training.epoch_loop=steps) is no single program")
 
 
 def check_finite(step_metrics: dict, first_step: int) -> None:

@@ -148,8 +148,9 @@ def fit(phases: Sequence[Phase], state, train_epoch: Callable, images, labels, *
       break
     first_step = epoch * steps
     begin = max(step0 - first_step, 0)
-    # Pieces end where a step checkpoint is due; without them the epoch is one piece.
-    ends = [s - first_step for s in range(first_step + 1, first_step + steps) if every and s % every == 0]
+    # Pieces end where a step checkpoint is due (global steps that are multiples of `every`); without them the
+    # epoch is one piece.
+    ends = range((-first_step) % every or every, steps, every) if every else []
     parts, lo = [], begin
     for hi in [e for e in ends if e > begin] + [steps]:
       with out_of_memory_says(f"training, epoch {epoch + 1}", "Lower training.batch_size; the last checkpoint is "

@@ -35,7 +35,7 @@ import optax
 from cvae_jax import data
 from cvae_jax.config import Config, ConfigError, KLEstimator, Pixels, check, to_dict
 from cvae_jax.data import Dataset
-from cvae_jax.engine import epoch, loop, optim, rundir
+from cvae_jax.engine import epoch, loop, optim, preemption, rundir
 from cvae_jax.estimators import importance_weighted_bound, map_over_split
 from cvae_jax.figures import grid_figure
 from cvae_jax.keys import Stream, fold, stream_key
@@ -206,8 +206,11 @@ def train_net(cfg: Config, directory: Path, params, loss: Callable, stopping_los
     state = state if state is not None else fresh
     phase.open_metrics(int(state.step))
     unlabelled = jnp.zeros(num_train, jnp.int32)  # the losses read the images alone
-    state = loop.fit([phase], state, epoch.make_train_epoch(plan), train_images, unlabelled,
-                     epochs=cfg.training.epochs, steps=steps, early_stopping=stopper)
+    every = cfg.training.checkpoint_every_steps
+    with preemption.Watch(cfg.training.preemption_signals) as watch:
+      state = loop.fit([phase], state, epoch.make_train_epoch(plan, chunk_steps=every), train_images, unlabelled,
+                       epochs=cfg.training.epochs, steps=steps, checkpoint_every_steps=every, early_stopping=stopper,
+                       preemption=watch)
   finally:
     phase.close()
   summary = {"epochs": int(state.step) // steps, "best_loss": float(state.best_loss), "stopped_early": stopper.done(state)}
@@ -238,6 +241,11 @@ class QuadrantTask(Task):
           "pixels in [0, 1] of an image dataset: set data.pixels=grayscale")
     check(cfg.model.arch == "mlp" and len(cfg.model.hidden) >= 1, "model.arch", cfg.model.arch,
           "the quadrant networks are MLPs: use model=mlp with at least one hidden layer")
+    check(cfg.training.distributed == "none" and not cfg.training.data_parallel, "training.distributed",
+          cfg.training.distributed, "the quadrant task trains its small networks in one process on one device: "
+          "use training.distributed=none and training.data_parallel=false")
+    check(cfg.data.in_memory is not False, "data.in_memory", cfg.data.in_memory, "the quadrant task keeps MNIST on "
+          "the device: leave data.in_memory unset")
 
   def train(self, cfgs: Sequence[Config], workdirs: Sequence[Path], dataset: Optional[Dataset] = None,
             on_trace=None) -> list[dict]:
