@@ -1,5 +1,6 @@
 """Two processes, one run (JAX's distributed runtime over Gloo on this CPU): the same numbers as one process
-at the same global batch, one checkpoint directory and one results.json; a SIGTERM to one process stops
+at the same global batch, one checkpoint directory and one results.json; streamed data the same parameters
+as resident data; a SIGTERM to one process stops
 both at the same step, and the rerun ends with the parameters of an uninterrupted run, bit for bit."""
 import json
 import os
@@ -22,7 +23,7 @@ from cvae_jax.engine import epoch as engine_epoch, preemption
 from cvae_jax.experiment import train_and_evaluate
 
 workdir, process, processes, port, signal_at = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], int(sys.argv[5])
-over = {"training.epochs": 2, "training.checkpoint_every_steps": 3, "training.max_checkpoints": 20,
+over = {"data.in_memory": sys.argv[6] == "resident", "training.epochs": 2, "training.checkpoint_every_steps": 3, "training.max_checkpoints": 20,
         "data.pixels": "dynamic_binary", "model.kind": "cvae", "evaluation.iwae_samples": 0}
 if processes > 1:
   over |= {"training.distributed": "explicit", "training.coordinator_address": f"127.0.0.1:{port}",
@@ -54,7 +55,7 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def run(workdir, processes: int, signal_to=None, signal_at: int = -1):
+def run(workdir, processes: int, signal_to=None, signal_at: int = -1, data="resident"):
   """Starts the processes of one run and waits for them: [(exit status, stdout, stderr)] by process id. Their
   output goes to files: a full pipe would block one process inside a collective the other waits on."""
   env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=str(REPO))
@@ -65,7 +66,7 @@ def run(workdir, processes: int, signal_to=None, signal_at: int = -1):
     out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
     logs.append((out, err))
     procs.append(subprocess.Popen([sys.executable, "-c", WORKER, str(workdir), str(i), str(processes), str(port),
-                                   str(signal_at if i == signal_to else -1)], cwd=REPO, env=env, text=True,
+                                   str(signal_at if i == signal_to else -1), data], cwd=REPO, env=env, text=True,
                                   stdout=out, stderr=err))
   results = []
   for p, (out, err) in zip(procs, logs):
@@ -103,6 +104,11 @@ def test_two_processes_match_one_and_resume_together_after_a_signal_to_one(tmp_p
         assert np.isclose(b[key], value, rtol=1e-5, atol=1e-5), (key, value, b[key])
   for a, b in zip(final_params(tmp_path / "one"), final_params(tmp_path / "two")):
     np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
+
+  streamed = run(tmp_path / "streamed", 2, data="streamed")  # each process sends its devices their rows
+  assert all(status == 0 for status, _, _ in streamed), streamed[0][2][-3000:]
+  for a, b in zip(final_params(tmp_path / "two"), final_params(tmp_path / "streamed")):
+    np.testing.assert_array_equal(b, a)
 
   cut = run(tmp_path / "cut", 2, signal_to=1, signal_at=9)  # only process 1 is signalled
   for status, out, err in cut:
