@@ -11,6 +11,7 @@ import tempfile
 
 import jax
 import numpy as np
+import pytest
 
 from conftest import REPO, synthetic_dataset
 from cvae_jax.experiment import restore_run
@@ -120,3 +121,14 @@ def test_two_processes_match_one_and_resume_together_after_a_signal_to_one(tmp_p
     np.testing.assert_array_equal(b, a)
   assert json.loads((tmp_path / "cut" / "results.json").read_text())["elbo"] == \
       json.loads((tmp_path / "two" / "results.json").read_text())["elbo"]
+
+
+def test_explicit_distribution_names_what_it_lacks_before_joining():
+  from cvae_jax.config import ConfigError, TrainingConfig
+  from cvae_jax.engine import distributed
+  with pytest.raises(ConfigError, match="needs training.coordinator_address, training.process_id"):
+    distributed.initialize(TrainingConfig(distributed="explicit", num_processes=2))
+  with pytest.raises(ConfigError, match=r"training.process_id=2 is invalid: it must be in 0..1"):
+    distributed.initialize(TrainingConfig(distributed="explicit", coordinator_address="localhost:1", num_processes=2,
+                                          process_id=2))
+  assert not jax.distributed.is_initialized()
