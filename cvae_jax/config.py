@@ -43,6 +43,11 @@ class Distributed(str, enum.Enum):
   explicit = "explicit"  # join through training.coordinator_address, num_processes and process_id
 
 
+class Compressor(str, enum.Enum):
+  zlib = "zlib"  # zlib level 9 of the stored bytes: any input
+  png = "png"    # PNG, Pillow level 9: uint8 images
+
+
 class KLSchedule(str, enum.Enum):
   constant = "constant"  # the KL weight is beta throughout
   linear = "linear"      # 0 -> beta over objective.kl_warmup_epochs, then beta (Bowman et al. 2016)
@@ -168,6 +173,7 @@ class EvaluationConfig:
   anomaly: bool = False          # at the end of training, score the test split for anomaly detection
   anomaly_samples: int = 100     # k of the importance-weighted anomaly score
   anomaly_dataset: Optional[str] = None  # also score this dataset's test split as anomalies (cross-dataset)
+  compressor: Compressor = Compressor.zlib  # the input_complexity score's generic compressor
 
 
 @dataclass

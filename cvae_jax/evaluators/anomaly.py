@@ -7,6 +7,10 @@ Scores (higher = more anomalous), by model kind:
         best_label_nll       -max_c L_k(x|c): the label that explains x best
         marginal_neg_elbo, best_label_neg_elbo: the same with the ELBO in place of L_k
   ae    reconstruction       -log p(x | decode(encode(x))): the baseline of An & Cho (2015)
+  all   input_complexity     the kind's bound (nll, marginal_nll or reconstruction) minus the input's compressed
+                             length L(x) in nats (Serrà et al. 2020; evaluation.compressor; evaluators/ood.py)
+        typicality           |bound - H|, H the bound's mean over (up to 2,000) training inputs (Nalisnick et al.
+                             2019b, one input at a time)
 Protocols: held_out (the test images of data.exclude_classes, never trained on, against the test images
 of the other classes) and cross_dataset (evaluation.anomaly_dataset's test split against ours).
 """
@@ -26,7 +30,7 @@ from cvae_jax.config import Config
 from cvae_jax.data import Dataset, DatasetSpec, DataError
 from cvae_jax.engine import rundir
 from cvae_jax.estimators import Draw, inputs, iwae_bound, map_over_split
-from cvae_jax.evaluators import EvalContext
+from cvae_jax.evaluators import EvalContext, ood
 from cvae_jax.keys import Stream, fold, stream_key
 from cvae_jax.likelihoods import Likelihood
 from cvae_jax.models import VAE
@@ -63,6 +67,16 @@ def make_scores(model: VAE, spec: DatasetSpec, likelihood: Likelihood, num_sampl
             "marginal_neg_elbo": -lse(elbo), "best_label_neg_elbo": -elbo.max(axis=0)}
 
   return map_over_split(per_batch, batch_size)
+
+
+BOUNDS = ("nll", "marginal_nll", "reconstruction")  # each kind's -log p(x) (or its stand-in), corrected below
+TYPICAL_SET = 2000  # training inputs whose mean bound is H
+
+
+def add_corrected_scores(scores: dict, complexity: np.ndarray, entropy: float) -> dict:
+  """The scores with input_complexity and typicality, computed from the kind's bound (BOUNDS)."""
+  bound = scores[next(k for k in BOUNDS if k in scores)]
+  return scores | {"input_complexity": bound - complexity, "typicality": ood.typicality_scores(bound, [entropy])}
 
 
 def detection_metrics(scores: np.ndarray, is_anomaly: np.ndarray) -> dict:
@@ -135,7 +149,12 @@ def score_anomalies(ctx: EvalContext) -> dict:
   key = stream_key(cfg.seed, Stream.EVAL)
   score = lambda split: {k: np.asarray(v, np.float64) for k, v in jax.device_get(
       scores_fn(params, jax.device_put(split.images), jax.device_put(split.labels), key)).items()}
-  test_scores = score(ds.test)
+  normal = ds.train.images[:TYPICAL_SET], ds.train.labels[:TYPICAL_SET]
+  normal_scores = score(data.Split(*normal))
+  entropy = float(np.mean(normal_scores[next(k for k in BOUNDS if k in normal_scores)]))
+  corrected = lambda split, scores: add_corrected_scores(scores, ood.complexity_nats(split.images, ev.compressor),
+                                                         entropy)
+  test_scores = corrected(ds.test, score(ds.test))
   held_out = np.isin(ds.test.labels, list(cfg.data.exclude_classes))
   if cfg.data.exclude_classes and (held_out.all() or not held_out.any()):
     raise DataError(f"The test split ({len(ds.test)} examples) holds {'only' if held_out.any() else 'no'} examples of "
@@ -145,7 +164,7 @@ def score_anomalies(ctx: EvalContext) -> dict:
     protocols["held_out"] = (test_scores, held_out.astype(np.int32))
   if ev.anomaly_dataset:
     other = load_anomaly_dataset(cfg, spec)
-    other_scores = score(other.test)
+    other_scores = corrected(other.test, score(other.test))
     normal = {k: v[~held_out] for k, v in test_scores.items()}  # only classes the model was trained on
     protocols["cross_dataset"] = ({k: np.concatenate([normal[k], other_scores[k]]) for k in normal},
                                   np.r_[np.zeros((~held_out).sum(), np.int32), np.ones(len(other.test), np.int32)])

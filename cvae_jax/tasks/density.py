@@ -128,6 +128,9 @@ class DensityTask(Task):
     """Before any training: what the evaluators will need (a wrong anomaly dataset stops the run now)."""
     if cfg.evaluation.anomaly_dataset:
       anomaly.load_anomaly_dataset(cfg, ds.spec)
+    if cfg.evaluation.anomaly and cfg.evaluation.compressor == "png" and ds.spec.modality != data.Modality.image:
+      raise ConfigError(f"evaluation.compressor=png compresses images; {ds.spec.name} holds {ds.spec.modality.value}s: "
+                        "use evaluation.compressor=zlib")
 
   def on_start(self, workdir: Path, cfg: Config, ds: Dataset) -> None:
     """Called when a run directory is initialized or restored (the molecule task saves its vocabulary)."""
