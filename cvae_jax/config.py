@@ -174,6 +174,9 @@ class EvaluationConfig:
   anomaly_samples: int = 100     # k of the importance-weighted anomaly score
   anomaly_dataset: Optional[str] = None  # also score this dataset's test split as anomalies (cross-dataset)
   compressor: Compressor = Compressor.zlib  # the input_complexity score's generic compressor
+  background_rate: float = 0.0   # > 0: also train a background model on training images whose pixels are replaced
+                                 # at this rate by random values (Ren et al. 2019 use 0.1-0.2), in <run>/background/,
+                                 # for the likelihood_ratio score; 0: none
 
 
 @dataclass
@@ -267,6 +270,12 @@ def validate_common(cfg: Config) -> Config:
   check(ev.quality_samples == 0 or ev.quality_samples >= 10, "evaluation.quality_samples", ev.quality_samples,
         "must be 0 (skip) or at least 10: the k-NN radii of precision, recall, density and coverage need more "
         "samples than k = 5")
+  check(0 <= ev.background_rate < 1, "evaluation.background_rate", ev.background_rate,
+        "the fraction of pixels replaced must be in [0, 1) (0: no background model)")
+  check(ev.background_rate == 0 or ev.anomaly, "evaluation.background_rate", ev.background_rate,
+        "the background model serves the anomaly scores: set evaluation.anomaly=true")
+  check(ev.background_rate == 0 or t.distributed == Distributed.none, "evaluation.background_rate", ev.background_rate,
+        "the background model trains in one process after the run: use training.distributed=none")
   check(ev.anomaly_dataset is None or ev.anomaly, "evaluation.anomaly_dataset", ev.anomaly_dataset,
         "scoring another dataset needs evaluation.anomaly=true")
   check(not ev.anomaly or d.exclude_classes or ev.anomaly_dataset, "evaluation.anomaly", ev.anomaly,

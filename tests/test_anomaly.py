@@ -6,13 +6,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import yaml
 
 from cvae_jax import data, estimators, likelihoods
 from cvae_jax.config import Kind
 from cvae_jax.data import Dataset, DatasetSpec, Encoding, Modality, Split
 from cvae_jax.data.images import ImageDataConfig
 from cvae_jax.evaluators import anomaly
-from cvae_jax.experiment import train_and_evaluate, validate
+from cvae_jax.evaluators import EvalContext
+from cvae_jax.experiment import restore_run, train_and_evaluate, validate
 from cvae_jax.models import create_model
 from cvae_jax.models.mlp import MLPConfig
 
@@ -176,3 +178,24 @@ def test_the_class_prior_is_the_normalized_label_frequency():
   log_prior = anomaly.class_log_prior(np.array([0, 0, 1, 0, 1, 3], np.int32), 4)
   np.testing.assert_allclose(np.exp(log_prior), [3 / 6, 2 / 6, 0.0, 1 / 6])
   assert log_prior[2] == -np.inf  # a held-out class: left out of the marginal
+
+
+def test_the_background_model_trains_beside_the_run_and_gives_the_likelihood_ratio(tmp_path):
+  ds = synthetic_dataset(n_train=512, n_test=200)
+  cfg = small_config(**{"data.exclude_classes": [2], "evaluation.anomaly": True, "evaluation.anomaly_samples": 4,
+                        "evaluation.background_rate": 0.2, "training.epochs": 2})
+  ds = Dataset(ds.spec, data.exclude(ds.train, [2]), ds.test)
+  train_and_evaluate(cfg, tmp_path, dataset=ds)
+  scores = json.loads((tmp_path / "anomaly.json").read_text())["protocols"]["held_out"]["scores"]
+  assert {"likelihood_ratio", "input_complexity", "typicality"} <= set(scores)
+  background = yaml.safe_load((tmp_path / "background" / "config.yaml").read_text())
+  assert background["evaluation"]["background_rate"] == 0.0 and not background["evaluation"]["anomaly"]
+  assert (tmp_path / "background" / "results.json").exists()
+  # The same model as its own background: the ratio is 0 for every input.
+  restored = restore_run(tmp_path, dataset=ds)
+  ctx = EvalContext(restored.cfg, ds, restored.model, restored.params, tmp_path,
+                    likelihoods.get(restored.cfg.objective.likelihood), background_params=restored.params)
+  itself = anomaly.score_anomalies(ctx)["protocols"]["held_out"]["scores"]["likelihood_ratio"]
+  assert itself["auroc"] == 0.5  # all scores tie at 0
+  saved = np.load(tmp_path / "anomaly_scores.npz")
+  assert np.array_equal(saved["held_out/likelihood_ratio"], np.zeros(len(ds.test)))

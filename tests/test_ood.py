@@ -52,3 +52,26 @@ def test_typicality_flags_a_batch_off_the_training_distribution_even_when_it_is_
   assert likelier["atypical"] and likelier["statistic"] > likelier["epsilon"]
   # epsilon is the bootstrap quantile of |mean of 25 - H|: about 2.576 * 5 / sqrt(25) for a normal nll
   assert abs(likelier["epsilon"] - 2.576) < 0.3
+
+
+def test_random_pixel_replacement_replaces_the_asked_fraction_with_uniform_values():
+  from cvae_jax.data import Encoding, perturb
+  images = np.full((200, 28, 28, 1), 7, np.uint8)
+  assert np.array_equal(perturb(images, 0.0, 0, Encoding.grayscale), images)
+  out = perturb(images, 0.2, 0, Encoding.grayscale)
+  assert np.array_equal(out, perturb(images, 0.2, 0, Encoding.grayscale))  # a fixed copy per seed
+  changed = out != 7  # a replacement draws 7 again with probability 1/256
+  assert abs(changed.mean() - 0.2 * 255 / 256) < 0.005
+  assert abs(out[changed].mean() - 127.5) < 2  # uniform on 0..255
+  binary = perturb(np.zeros((200, 28, 28, 1), np.uint8), 0.2, 0, Encoding.static_binary)
+  assert set(np.unique(binary)) == {0, 1} and abs(binary.mean() - 0.1) < 0.005
+  with pytest.raises(ValueError, match="perturbs images"):
+    perturb(np.zeros((2, 8, 1), np.float32), 0.1, 0, Encoding.real)
+
+
+def test_the_likelihood_ratio_of_a_model_against_itself_is_zero():
+  scores = {"neg_elbo": np.array([10.0, 20.0]), "nll": np.array([9.0, 19.0])}
+  out = anomaly.add_corrected_scores(scores, np.zeros(2), 0.0, background=dict(scores))
+  assert np.array_equal(out["likelihood_ratio"], np.zeros(2))
+  out = anomaly.add_corrected_scores(scores, np.zeros(2), 0.0, background={"nll": np.array([4.0, 25.0])})
+  np.testing.assert_allclose(out["likelihood_ratio"], [5.0, -6.0])  # nll - background nll

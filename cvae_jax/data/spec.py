@@ -121,3 +121,14 @@ def exclude(split: Optional[Split], classes) -> Optional[Split]:
     return None
   keep = ~np.isin(split.labels, np.asarray(list(classes)))
   return Split(split.images[keep], split.labels[keep])
+
+
+def perturb(images: np.ndarray, rate: float, seed: int, encoding: Encoding) -> np.ndarray:
+  """Each pixel replaced, with probability `rate`, by a uniform random value: 0..255, or 0/1 for statically
+  binarized images (Ren et al. 2019's background inputs)."""
+  if encoding not in (Encoding.grayscale, Encoding.static_binary, Encoding.dynamic_binary):
+    raise ValueError(f"random pixel replacement perturbs images, not {encoding.value} data")
+  rng = np.random.default_rng(seed)
+  top = 1 if encoding == Encoding.static_binary else 255
+  replace = rng.random(images.shape) < rate
+  return np.where(replace, rng.integers(0, top + 1, images.shape), images).astype(np.uint8)

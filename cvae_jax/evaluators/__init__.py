@@ -32,6 +32,7 @@ class EvalContext:
   params: Any
   workdir: Path
   likelihood: Likelihood
+  background_params: Any = None  # a background model's parameters (evaluation.background_rate), same network
 
 
 Evaluator = Callable[[EvalContext], dict]  # returns its part of eval.json

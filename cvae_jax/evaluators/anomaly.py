@@ -11,6 +11,8 @@ Scores (higher = more anomalous), by model kind:
                              length L(x) in nats (Serrà et al. 2020; evaluation.compressor; evaluators/ood.py)
         typicality           |bound - H|, H the bound's mean over (up to 2,000) training inputs (Nalisnick et al.
                              2019b, one input at a time)
+        likelihood_ratio     bound - background bound: minus the log-likelihood ratio log p(x) - log p_bg(x) of the
+                             model against its background model (Ren et al. 2019; evaluation.background_rate)
 Protocols: held_out (the test images of data.exclude_classes, never trained on, against the test images
 of the other classes) and cross_dataset (evaluation.anomaly_dataset's test split against ours).
 """
@@ -73,10 +75,18 @@ BOUNDS = ("nll", "marginal_nll", "reconstruction")  # each kind's -log p(x) (or 
 TYPICAL_SET = 2000  # training inputs whose mean bound is H
 
 
-def add_corrected_scores(scores: dict, complexity: np.ndarray, entropy: float) -> dict:
-  """The scores with input_complexity and typicality, computed from the kind's bound (BOUNDS)."""
-  bound = scores[next(k for k in BOUNDS if k in scores)]
-  return scores | {"input_complexity": bound - complexity, "typicality": ood.typicality_scores(bound, [entropy])}
+def bound_of(scores: dict) -> np.ndarray:
+  return scores[next(k for k in BOUNDS if k in scores)]
+
+
+def add_corrected_scores(scores: dict, complexity: np.ndarray, entropy: float, background: dict | None = None) -> dict:
+  """The scores with input_complexity, typicality and (given the background model's scores of the same inputs)
+  likelihood_ratio, computed from the kind's bound (BOUNDS)."""
+  bound = bound_of(scores)
+  out = scores | {"input_complexity": bound - complexity, "typicality": ood.typicality_scores(bound, [entropy])}
+  if background is not None:
+    out["likelihood_ratio"] = bound - bound_of(background)
+  return out
 
 
 def detection_metrics(scores: np.ndarray, is_anomaly: np.ndarray) -> dict:
@@ -103,6 +113,8 @@ def histogram_figure(path: Path, protocols: dict[str, tuple[dict, np.ndarray]], 
   for ax, (protocol, name, score, y) in zip(axes[0], panels):
     finite = np.isfinite(score)
     lo, hi = np.percentile(score[finite], [0.5, 99.5])
+    if hi <= lo:  # every score equal (a model against itself): one bin around the value
+      lo, hi = lo - 0.5, hi + 0.5
     bins = np.linspace(lo, hi, 60)
     ax.hist(score[(y == 0) & finite], bins, alpha=0.6, density=True, label="normal")
     ax.hist(score[(y == 1) & finite], bins, alpha=0.6, density=True, label="anomalous")
@@ -147,13 +159,14 @@ def score_anomalies(ctx: EvalContext) -> dict:
   scores_fn = make_scores(model, spec, ctx.likelihood, ev.anomaly_samples, ev.batch_size,
                           ev.sample_chunk, log_prior)
   key = stream_key(cfg.seed, Stream.EVAL)
-  score = lambda split: {k: np.asarray(v, np.float64) for k, v in jax.device_get(
-      scores_fn(params, jax.device_put(split.images), jax.device_put(split.labels), key)).items()}
+  score = lambda split, with_params=params: {k: np.asarray(v, np.float64) for k, v in jax.device_get(
+      scores_fn(with_params, jax.device_put(split.images), jax.device_put(split.labels), key)).items()}
   normal = ds.train.images[:TYPICAL_SET], ds.train.labels[:TYPICAL_SET]
-  normal_scores = score(data.Split(*normal))
-  entropy = float(np.mean(normal_scores[next(k for k in BOUNDS if k in normal_scores)]))
-  corrected = lambda split, scores: add_corrected_scores(scores, ood.complexity_nats(split.images, ev.compressor),
-                                                         entropy)
+  entropy = float(np.mean(bound_of(score(data.Split(*normal)))))
+  background = ctx.background_params
+  corrected = lambda split, scores: add_corrected_scores(
+      scores, ood.complexity_nats(split.images, ev.compressor), entropy,
+      None if background is None else score(split, background))
   test_scores = corrected(ds.test, score(ds.test))
   held_out = np.isin(ds.test.labels, list(cfg.data.exclude_classes))
   if cfg.data.exclude_classes and (held_out.all() or not held_out.any()):

@@ -9,6 +9,7 @@ Variants change the hook methods (the molecule task: tasks/molecules.py).
 from __future__ import annotations
 
 import contextlib
+import copy
 import enum
 import logging
 import math
@@ -128,6 +129,9 @@ class DensityTask(Task):
     """Before any training: what the evaluators will need (a wrong anomaly dataset stops the run now)."""
     if cfg.evaluation.anomaly_dataset:
       anomaly.load_anomaly_dataset(cfg, ds.spec)
+    if cfg.evaluation.background_rate and ds.spec.modality != data.Modality.image:
+      raise ConfigError(f"evaluation.background_rate={cfg.evaluation.background_rate}: random pixel replacement "
+                        f"perturbs images; {ds.spec.name} holds {ds.spec.modality.value}s. Set it to 0.")
     if cfg.evaluation.anomaly and cfg.evaluation.compressor == "png" and ds.spec.modality != data.Modality.image:
       raise ConfigError(f"evaluation.compressor=png compresses images; {ds.spec.name} holds {ds.spec.modality.value}s: "
                         "use evaluation.compressor=zlib")
@@ -316,7 +320,22 @@ class DensityTask(Task):
     return row
 
   def context(self, cfg: Config, ds: Dataset, model: VAE, params, workdir: Path) -> EvalContext:
-    return EvalContext(cfg, ds, model, params, Path(workdir), likelihoods.get(cfg.objective.likelihood))
+    background = self.background_params(cfg, ds, Path(workdir)) if cfg.evaluation.background_rate else None
+    return EvalContext(cfg, ds, model, params, Path(workdir), likelihoods.get(cfg.objective.likelihood), background)
+
+  def background_params(self, cfg: Config, ds: Dataset, workdir: Path):
+    """The parameters of the run's background model (Ren et al. 2019): the same model and schedule trained on the
+    training images with a fraction evaluation.background_rate of their pixels replaced by random values (one
+    fixed perturbed copy, from the run's seed), in <run>/background/ (resumed and kept like any run)."""
+    background = copy.deepcopy(cfg)
+    ev, background.training.figures = background.evaluation, False
+    ev.anomaly, ev.anomaly_dataset, ev.background_rate, ev.iwae_samples, ev.quality_samples = False, None, 0.0, 0, 0
+    ev.sample_accuracy = False
+    train = data.Split(data.perturb(ds.train.images, cfg.evaluation.background_rate, cfg.seed, ds.spec.encoding),
+                       ds.train.labels)
+    perturbed = Dataset(ds.spec, train, ds.test, ds.validation)
+    self.train([background], [workdir / "background"], perturbed)
+    return self.restore(background, perturbed, workdir / "background")[1].params
 
   def restore(self, cfg: Config, dataset: Dataset, workdir: Path):
     ckpt_dir = Path(workdir) / "checkpoints"
