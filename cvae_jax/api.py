@@ -48,7 +48,7 @@ class Model:
     self.restored = experiment.restore_run(self.workdir)
     self.config, self.dataset, self.task = self.restored.cfg, self.restored.dataset, self.restored.task
     self.spec, self.network, self.params = self.dataset.spec, self.restored.model, self.restored.params
-    self.likelihood = likelihoods.get(self.config.objective.likelihood)
+    self.likelihood = likelihoods.of(self.config.objective)
 
   @property
   def normalized_likelihood(self) -> bool:

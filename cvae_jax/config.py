@@ -112,6 +112,8 @@ class ObjectiveConfig:
                                  # et al. 2016): loss KL = sum_j max(free_bits, batch mean KL_j); 0: off
   samples: int = 1               # k: draws of z per example in each training step
   estimator: Estimator = Estimator.elbo  # what the k draws estimate: the ELBO, or the IWAE bound L_k
+  min_scale: float = 1e-3        # gaussian: the decoder's scale is softplus(output) + this floor (in the data's
+                                 # units); a larger floor stops the scale fitting training inputs too closely
 
 
 @dataclass
@@ -234,6 +236,7 @@ def validate_common(cfg: Config) -> Config:
   check(o.kl_cycles >= 1, "objective.kl_cycles", o.kl_cycles, "must be at least 1")
   check(0 < o.kl_cycle_ratio <= 1, "objective.kl_cycle_ratio", o.kl_cycle_ratio, "must be in (0, 1]")
   check(o.free_bits >= 0, "objective.free_bits", o.free_bits, "must be >= 0 nats per dimension (0: off)")
+  check(o.min_scale > 0, "objective.min_scale", o.min_scale, "the Gaussian scale's floor must be > 0")
   check(o.samples >= 1, "objective.samples", o.samples, "the number of z draws per example must be at least 1")
   if o.estimator == Estimator.iwae:
     check(o.beta == 1 and o.kl_schedule == KLSchedule.constant and o.free_bits == 0,

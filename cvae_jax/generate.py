@@ -50,7 +50,7 @@ def applicable(restored: Restored) -> list[str]:
 
 def write_figures(restored: Restored, names, out: Path) -> list[Path]:
   cfg, ds, model, params = restored.cfg, restored.dataset, restored.model, restored.params
-  likelihood = likelihoods.get(cfg.objective.likelihood)
+  likelihood = likelihoods.of(cfg.objective)
   out.mkdir(parents=True, exist_ok=True)
   paths = []
   for name in names:

@@ -8,6 +8,7 @@ log-likelihood comparable with published NLLs). Every log-density is summed over
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Callable, Optional
 
@@ -69,15 +70,15 @@ def continuous_bernoulli_mean(logits: jax.Array) -> jax.Array:
 GAUSSIAN_MIN_SCALE = 1e-3  # keeps the density bounded when a dimension is reconstructed exactly
 
 
-def gaussian_mean_scale(outputs: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Decoder outputs [..., 2C] -> (mean [..., C], sigma [..., C]), sigma = softplus(raw) + 1e-3."""
+def gaussian_mean_scale(outputs: jax.Array, min_scale: float = GAUSSIAN_MIN_SCALE) -> tuple[jax.Array, jax.Array]:
+  """Decoder outputs [..., 2C] -> (mean [..., C], sigma [..., C]), sigma = softplus(raw) + min_scale."""
   mean, raw = jnp.split(outputs, 2, axis=-1)
-  return mean, jax.nn.softplus(raw) + GAUSSIAN_MIN_SCALE
+  return mean, jax.nn.softplus(raw) + min_scale
 
 
-def gaussian_log_prob(x: jax.Array, outputs: jax.Array) -> jax.Array:
+def gaussian_log_prob(x: jax.Array, outputs: jax.Array, min_scale: float = GAUSSIAN_MIN_SCALE) -> jax.Array:
   """log N(x | mean, sigma^2) summed over dimensions, mean and sigma from the decoder outputs.  [B]"""
-  x, mean, sigma = _flat(x, *gaussian_mean_scale(outputs))
+  x, mean, sigma = _flat(x, *gaussian_mean_scale(outputs, min_scale))
   return jnp.sum(-0.5 * jnp.square((x - mean) / sigma) - jnp.log(sigma) - 0.5 * math.log(2 * math.pi), axis=-1)
 
 
@@ -116,3 +117,15 @@ register(Likelihood("gaussian", gaussian_log_prob, lambda outputs: gaussian_mean
                     IMAGES | {Encoding.real}, frozenset({Encoding.real, Encoding.grayscale})))
 register(Likelihood("categorical", categorical_log_prob, None, 1, frozenset({Encoding.tokens}),
                     frozenset({Encoding.tokens})))
+
+
+@functools.lru_cache(maxsize=None)
+def _gaussian_with_floor(min_scale: float) -> Likelihood:
+  return dataclasses.replace(get("gaussian"), log_prob=functools.partial(gaussian_log_prob, min_scale=min_scale))
+
+
+def of(objective) -> Likelihood:
+  """The objective's likelihood, with its settings (the Gaussian's objective.min_scale)."""
+  if objective.likelihood == "gaussian" and objective.min_scale != GAUSSIAN_MIN_SCALE:
+    return _gaussian_with_floor(float(objective.min_scale))
+  return get(objective.likelihood)

@@ -68,7 +68,7 @@ def validate(cfg: Config) -> Config:
   family = models.family_of(cfg.model)
   check(isinstance(cfg.model, family.config), "model.arch", cfg.model.arch,
         "choose the model family with model=NAME, not model.arch=NAME")
-  likelihood = likelihoods.get(cfg.objective.likelihood)
+  likelihood = likelihoods.of(cfg.objective)
   encoding = entry.encoding(cfg.data)
   check(encoding in likelihood.encodings, "objective.likelihood", cfg.objective.likelihood,
         f"{cfg.data.name!r} gives {encoding.value} inputs, which the {likelihood.name} likelihood does not model: use "

@@ -305,7 +305,7 @@ def bench_iwae(cfg, ds, images: int, k: int, chunks) -> list[dict]:
   x, y = jax.device_put(ds.test.images[:images]), jax.device_put(ds.test.labels[:images])
   out = []
   for batch, chunk in chunks:
-    lik = likelihoods.get(cfg.objective.likelihood)
+    lik = likelihoods.of(cfg.objective)
     iwae = estimators.make_iwae(model, ds.spec, lik, k, batch, chunk)
     compiled = iwae.lower(params, x, y, jax.random.key(0)).compile()
     one = estimators.make_iwae(model, ds.spec, lik, chunk, batch, chunk)

@@ -194,7 +194,7 @@ def test_the_background_model_trains_beside_the_run_and_gives_the_likelihood_rat
   # The same model as its own background: the ratio is 0 for every input.
   restored = restore_run(tmp_path, dataset=ds)
   ctx = EvalContext(restored.cfg, ds, restored.model, restored.params, tmp_path,
-                    likelihoods.get(restored.cfg.objective.likelihood), background_params=restored.params)
+                    likelihoods.of(restored.cfg.objective), background_params=restored.params)
   itself = anomaly.score_anomalies(ctx)["protocols"]["held_out"]["scores"]["likelihood_ratio"]
   assert itself["auroc"] == 0.5  # all scores tie at 0
   saved = np.load(tmp_path / "anomaly_scores.npz")

@@ -8,6 +8,7 @@ import pytest
 import scipy.stats
 from scipy import integrate
 
+from cvae_jax.config import ObjectiveConfig
 from cvae_jax import likelihoods, models, objectives
 
 jax.config.update("jax_enable_x64", False)
@@ -141,6 +142,11 @@ def test_gaussian_log_prob_against_scipy():
   expected = scipy.stats.norm.logpdf(x, mean, sigma).sum(axis=(1, 2))
   np.testing.assert_allclose(likelihoods.gaussian_log_prob(jnp.asarray(x), jnp.asarray(outputs)), expected, rtol=1e-5)
   np.testing.assert_allclose(likelihoods.get("gaussian").mean(jnp.asarray(outputs)), mean)
+  # objective.min_scale: the floor under the scale, here 0.5, so no dimension's density exceeds N(0 | 0, 0.5^2)
+  floored = likelihoods.of(ObjectiveConfig(likelihood="gaussian", min_scale=0.5))
+  expected = scipy.stats.norm.logpdf(x, mean, np.log1p(np.exp(raw)) + 0.5).sum(axis=(1, 2))
+  np.testing.assert_allclose(floored.log_prob(jnp.asarray(x), jnp.asarray(outputs)), expected, rtol=1e-5)
+  assert likelihoods.of(ObjectiveConfig(likelihood="gaussian")) is likelihoods.get("gaussian")
 
 
 def test_free_bits_by_hand():

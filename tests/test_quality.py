@@ -169,7 +169,7 @@ def trained(tmp_path_factory):
     train_and_evaluate(cfg, workdir, dataset=ds)
     model, state = DensityTask().restore(cfg, ds, workdir)
     cfg.evaluation = dataclasses.replace(cfg.evaluation, quality_samples=150)
-    runs[kind] = EvalContext(cfg, ds, model, state.params, workdir, likelihoods.get(cfg.objective.likelihood))
+    runs[kind] = EvalContext(cfg, ds, model, state.params, workdir, likelihoods.of(cfg.objective))
   classifier.load_or_train(runs["cvae"].workdir / "classifier", ds, runs["cvae"].cfg.seed)
   shutil.copytree(runs["cvae"].workdir / "classifier", runs["vae"].workdir / "classifier")
   return runs

@@ -55,7 +55,7 @@ def test_the_epoch_grids_hold_the_reconstructions_and_a_row_per_class():
   cfg = small_config(**{"model.kind": "cvae"})
   ds = synthetic_dataset()
   model, state = model_and_state(cfg, ds.spec)
-  lik = likelihoods.get(cfg.objective.likelihood)
+  lik = likelihoods.of(cfg.objective)
   key = stream_key(0, Stream.FIGURES)
   grids = figures.epoch_grids(model, state.params, ds.spec, lik, ds.test, key, per_row=3)
   h, w, c = ds.spec.shape

@@ -46,7 +46,7 @@ def make_loss(cfg: Config, model: VAE, spec: DatasetSpec, steps_per_epoch: int) 
   """The per-batch loss of the engine's train step: loss = rec + beta * kl (the KL weight following
   objective.kl_schedule, free bits replacing the KL in the loss), or -L_k for objective.estimator=iwae.
   Inputs are binarized and z drawn from the step's BINARIZE and REPARAM keys."""
-  objective, lik = cfg.objective, likelihoods.get(cfg.objective.likelihood)
+  objective, lik = cfg.objective, likelihoods.of(cfg.objective)
   free_bits = objective.free_bits
   iwae = Estimator(objective.estimator) == Estimator.iwae
   multi_sample = iwae or objective.samples > 1  # k draws per example; k = 1 keeps the one-pass step
@@ -98,7 +98,7 @@ class DensityTask(Task):
   # The parts a variant may change.
 
   def build_model(self, cfg: Config, spec: DatasetSpec) -> VAE:
-    return create_model(cfg.model, spec, likelihoods.get(cfg.objective.likelihood).outputs_per_channel)
+    return create_model(cfg.model, spec, likelihoods.of(cfg.objective).outputs_per_channel)
 
   def initial_state(self, cfg: Config, model: VAE, spec: DatasetSpec) -> train_state.TrainState:
     """The one place the train state is built: parameters from the PARAMS stream, the optimizer, step 0."""
@@ -140,7 +140,7 @@ class DensityTask(Task):
     """Called when a run directory is initialized or restored (the molecule task saves its vocabulary)."""
 
   def figures(self, cfg: Config, ds: Dataset, model: VAE, params, workdir: Path) -> list[Path]:
-    return figures.write_all(workdir / "figures", model, params, ds.spec, likelihoods.get(cfg.objective.likelihood),
+    return figures.write_all(workdir / "figures", model, params, ds.spec, likelihoods.of(cfg.objective),
                              ds.test, stream_key(cfg.seed, Stream.FIGURES))
 
   def extend_results(self, cfg: Config, ds: Dataset, model: VAE, params, workdir: Path, results: dict) -> None:
@@ -152,7 +152,7 @@ class DensityTask(Task):
     """Returns metrics(run index, params) -> the test/* and val/* part of an epoch's line: the ELBO and its
     terms per split, and the posterior-collapse diagnostics on the test split."""
     cfg, spec = cfgs[0], ds.spec
-    lik = likelihoods.get(cfg.objective.likelihood)
+    lik = likelihoods.of(cfg.objective)
     splits = {"test": ds.test} | ({"val": ds.validation} if ds.validation is not None else {})
     arrays = {name: (put(s.images), put(s.labels)) for name, s in splits.items()}
     evaluate_split = estimators.make_evaluate(model, spec, lik, cfg.training.eval_batch_size)
@@ -175,7 +175,7 @@ class DensityTask(Task):
     data with training.figures), with each run's fixed figure key; None otherwise."""
     if ds.spec.modality != data.Modality.image or not cfgs[0].training.figures:
       return None
-    lik = likelihoods.get(cfgs[0].objective.likelihood)
+    lik = likelihoods.of(cfgs[0].objective)
     keys = [stream_key(c.seed, Stream.FIGURES) for c in cfgs]
     return lambda i, params: figures.epoch_grids(model, params, ds.spec, lik, ds.test, keys[i])
 
@@ -321,7 +321,7 @@ class DensityTask(Task):
 
   def context(self, cfg: Config, ds: Dataset, model: VAE, params, workdir: Path) -> EvalContext:
     background = self.background_params(cfg, ds, Path(workdir)) if cfg.evaluation.background_rate else None
-    return EvalContext(cfg, ds, model, params, Path(workdir), likelihoods.get(cfg.objective.likelihood), background)
+    return EvalContext(cfg, ds, model, params, Path(workdir), likelihoods.of(cfg.objective), background)
 
   def background_params(self, cfg: Config, ds: Dataset, workdir: Path):
     """The parameters of the run's background model (Ren et al. 2019): the same model and schedule trained on the
