@@ -2,9 +2,8 @@
 
   python scripts/anomaly_table.py multirun/anomaly_mnist [--metric auroc|auprc]
 
-Rows: the held-out class (and the mean over classes), then the cross-dataset protocol (from the run that
-holds no class out); columns: each model
-kind's scores. Runs that differ in seed are averaged (the count is shown). Reads anomaly.json of every
+Rows: the held-out class, or for a one-class sweep the class trained on (and the mean over classes), then
+the cross-dataset protocol (from the run that holds no class out); columns: each model kind's scores. Runs that differ in seed are averaged (the count is shown). Reads anomaly.json of every
 finished run; a run without one is listed as missing.
 """
 from __future__ import annotations
@@ -17,8 +16,9 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-COLUMNS = [("ae", "reconstruction"), ("vae", "neg_elbo"), ("vae", "nll"), ("cvae", "marginal_nll"),
-           ("cvae", "best_label_nll"), ("cvae", "marginal_neg_elbo"), ("cvae", "best_label_neg_elbo")]
+KINDS = ("ae", "vae", "cvae")
+SCORES = ("reconstruction", "neg_elbo", "nll", "marginal_nll", "best_label_nll", "marginal_neg_elbo",
+          "best_label_neg_elbo", "input_complexity", "likelihood_ratio", "typicality")  # column order within a kind
 
 
 def collect(sweep: Path, metric: str):
@@ -31,7 +31,10 @@ def collect(sweep: Path, metric: str):
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     result = json.loads((run / "anomaly.json").read_text())
     arch = cfg["model"]["arch"]
-    held = ",".join(map(str, cfg["data"]["exclude_classes"]))
+    excluded = cfg["data"]["exclude_classes"]
+    held = ",".join(map(str, excluded))
+    if len(excluded) == 9:  # one-class: trained on the one class left
+      held = "only " + ",".join(str(k) for k in range(10) if k not in excluded)
     for protocol, block in result["protocols"].items():
       if protocol == "cross_dataset" and held:
         continue  # the cross-dataset number comes from the run trained on every class
@@ -41,7 +44,9 @@ def collect(sweep: Path, metric: str):
 
 
 def markdown(table, metric: str) -> str:
-  columns = [c for c in COLUMNS if any(c in row for row in table.values())]
+  present = {c for row in table.values() for c in row}
+  columns = sorted(present, key=lambda c: (KINDS.index(c[0]) if c[0] in KINDS else len(KINDS),
+                                           SCORES.index(c[1]) if c[1] in SCORES else len(SCORES), c))
   head = ["protocol", "held out", "arch"] + [f"{k}: {s}" for k, s in columns]
   lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
   by_protocol = defaultdict(list)

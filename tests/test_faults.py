@@ -12,7 +12,7 @@ import pytest
 from cvae_jax.engine import epoch, rundir
 from cvae_jax.engine.checkpoints import CheckpointMismatchError
 from cvae_jax.engine.epoch import NonFiniteLossError
-from cvae_jax.experiment import train_and_evaluate
+from cvae_jax.experiment import restore_run, train_and_evaluate
 from cvae_jax.tasks import density
 from conftest import killed_at_epoch, small_config, synthetic_dataset
 from test_training import final_state, read_metrics
@@ -290,3 +290,21 @@ def test_a_checkpoint_whose_files_changed_is_set_aside_before_any_read(tmp_path,
   write_manifest(tmp_path / "checkpoints" / "1")
   check_manifest(tmp_path / "checkpoints" / "1")  # the leftover is neither listed nor kept
   assert not (tmp_path / "checkpoints" / "1" / (MANIFEST + ".tmp")).exists()
+
+
+def test_a_run_directory_named_with_brackets_writes_readable_checkpoints(tmp_path, caplog):
+  # A sweep over a list names its jobs data.exclude_classes=[1,2]: Orbax's merge of its per-process files globs
+  # the directory's name, brackets included, and left such checkpoints without their OCDBT manifest.
+  workdir = tmp_path / "data.exclude_classes=[1,2]"
+  ds = synthetic_dataset()
+  train_and_evaluate(small_config(**{"training.epochs": 1}), workdir, dataset=ds)
+  assert (workdir / "checkpoints" / "8" / "default" / "manifest.ocdbt").is_file()
+  assert int(restore_run(workdir, dataset=ds).state.step) == 8
+  # One written that way before is merged when it is read.
+  for path in (workdir / "checkpoints" / "8" / "default").iterdir():
+    if path.name in ("manifest.ocdbt", "d"):
+      shutil.rmtree(path) if path.is_dir() else path.unlink()
+  (workdir / "checkpoints" / "8" / "cvae_jax_manifest.json").unlink()
+  with caplog.at_level("WARNING"):
+    assert int(restore_run(workdir, dataset=ds).state.step) == 8
+  assert "merged it now" in caplog.text

@@ -108,6 +108,36 @@ def check_manifest(step_dir: Path) -> None:
       raise ValueError(f"{name} changed after it was saved")
 
 
+class _GlobSafe:
+  """A path for Orbax's merge of per-process OCDBT files whose glob treats the directory's own name literally.
+  Orbax globs `str(directory) + "/ocdbt.process_*"`, so a run directory named with brackets (a Hydra sweep's
+  `data.exclude_classes=[1,2]`) matches nothing and the checkpoint is left without its merged manifest."""
+
+  def __init__(self, path: Path):
+    self.path = Path(path)
+
+  def glob(self, pattern: str):
+    from etils import epath
+    return [epath.Path(p) for p in sorted(self.path.glob(pattern))]  # pathlib globs below the directory only
+
+  def as_posix(self) -> str:
+    return self.path.as_posix()
+
+
+def merge_process_files(step_dir: Path) -> bool:
+  """Completes a checkpoint whose per-process OCDBT files were never merged (see _GlobSafe); True if it did."""
+  import asyncio
+  from orbax.checkpoint._src.serialization import ocdbt_utils, tensorstore_utils
+  merged = False
+  for item in (p for p in Path(step_dir).iterdir() if p.is_dir()):
+    if (item / "manifest.ocdbt").exists() or not any(item.glob("ocdbt.process_*")):
+      continue
+    asyncio.run(ocdbt_utils.merge_ocdbt_per_process_files(
+        _GlobSafe(item), ts_context=tensorstore_utils.get_ts_context(use_ocdbt=True), use_zarr3=False))
+    merged = True
+  return merged
+
+
 class Checkpointer:
   def __init__(self, directory: Path, max_to_keep: int):
     self.directory = Path(directory).absolute()
@@ -195,6 +225,9 @@ class Checkpointer:
     for step in sorted(self._manager.all_steps(), reverse=True):
       try:
         check_manifest(self.directory / str(step))
+        if jax.process_index() == 0 and merge_process_files(self.directory / str(step)):
+          log.warning("Checkpoint %s was saved without its merged OCDBT manifest (an Orbax save under a directory "
+                      "named with brackets); merged it now.", self.directory / str(step))
         self._check_architecture(step, like)
         with _quiet_background_failures():
           return self._restore_any(like, step, legacy)
@@ -223,6 +256,7 @@ class Checkpointer:
     # the manifest.
     if step is not None and jax.process_index() == 0 and step_dir.is_dir() and not (step_dir / MANIFEST).exists():
       with self._disk_full_says():
+        merge_process_files(step_dir)
         write_manifest(step_dir)
 
   def close(self) -> None:
