@@ -22,11 +22,11 @@ LAYERS = [
     ["cvae_jax.tasks"],
     ["cvae_jax.experiment", "cvae_jax.batched"],
     ["cvae_jax.api"],
-    ["cvae_jax.train", "cvae_jax.evaluate", "cvae_jax.generate", "cvae_jax.report", "cvae_jax.molecules"],
+    ["cvae_jax.train", "cvae_jax.evaluate", "cvae_jax.generate", "cvae_jax.detect", "cvae_jax.report", "cvae_jax.molecules"],
 ]
 # The engine, the trainer and the generic evaluation modules know no task.
 GENERIC = ["engine/*.py", "train.py", "estimators.py", "evaluators/*.py", "experiment.py", "batched.py", "report.py",
-           "evaluate.py", "generate.py", "tasks/base.py", "figures.py", "generation.py"]
+           "evaluate.py", "generate.py", "detect.py", "tasks/base.py", "figures.py", "generation.py"]
 TASK_WORDS = ("moses", "tokens", "vocab", "quadrant", "cvae_neg_elbo", "molecule")
 
 
