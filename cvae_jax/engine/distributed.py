@@ -10,6 +10,7 @@ written by process 0 alone (`is_primary`).
 from __future__ import annotations
 
 import logging
+
 import jax
 import numpy as np
 from jax.experimental import multihost_utils

@@ -137,11 +137,13 @@ def fit(phases: Sequence[Phase], state, train_epoch: Callable, images, labels, *
     for i, phase in enumerate(phases):
       phase.checkpointer.save(step, member(state, i))
 
-  def stop_if_asked(step: int) -> None:  # every process decides together: the save is collective
-    if preemption is not None and distributed.any_process(preemption.requested is not None):
-      for phase in phases:
-        phase.checkpointer.wait()
-      raise preemption_lib.Preempted(step, preemption.requested or "a signal to another process")
+  def asked() -> bool:  # every process decides together: the save that follows is collective
+    return preemption is not None and distributed.any_process(preemption.requested is not None)
+
+  def stop(step: int) -> None:
+    for phase in phases:
+      phase.checkpointer.wait()
+    raise preemption_lib.Preempted(step, preemption.requested or "a signal to another process")
 
   for epoch in bar:
     if early_stopping is not None and early_stopping.done(state):
@@ -162,7 +164,8 @@ def fit(phases: Sequence[Phase], state, train_epoch: Callable, images, labels, *
         for i in range(len(phases)):
           check_finite(member(parts[-1], i), first_step + lo)
         save(first_step + hi)
-        stop_if_asked(first_step + hi)
+        if asked():
+          stop(first_step + hi)
       lo = hi
     step_metrics = jax.tree.map(lambda *m: np.concatenate(m, axis=1 if batched else 0), *parts)
     elapsed = time.perf_counter() - t0  # batched: one program for all runs, each gets the batch's time
@@ -188,11 +191,11 @@ def fit(phases: Sequence[Phase], state, train_epoch: Callable, images, labels, *
       if "test/elbo" in row:
         bar.set_postfix({"test/elbo": f"{row['test/elbo']:.2f}"})
     stopping = early_stopping is not None and early_stopping.done(state)
-    asked = preemption is not None and distributed.any_process(preemption.requested is not None)
-    if (epoch + 1) % checkpoint_every == 0 or epoch + 1 == epochs or stopping or asked:
+    stop_now = asked()
+    if (epoch + 1) % checkpoint_every == 0 or epoch + 1 == epochs or stopping or stop_now:
       save(first_step + steps)
-    if asked and epoch + 1 < epochs:
-      stop_if_asked(first_step + steps)
+    if stop_now and epoch + 1 < epochs:
+      stop(first_step + steps)
   for phase in phases:
     phase.checkpointer.wait()
   return state
