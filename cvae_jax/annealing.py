@@ -1,4 +1,5 @@
-"""The KL weight over training: constant beta, a linear warm-up, or cyclical annealing.
+"""The KL weight over training: constant beta, a linear warm-up, or cyclical annealing; the KL's target
+capacity of the capacity objective.
 
 Remedies for posterior collapse that start with a small KL weight so the encoder learns to use z before
 the KL pulls q(z|x) to the prior. Free bits, the third remedy, changes the KL term itself
@@ -32,3 +33,9 @@ def kl_weight_schedule(cfg: ObjectiveConfig, steps_per_epoch: int, total_steps: 
     period = total_steps / cfg.kl_cycles
     fraction = lambda step: jnp.minimum(1.0, jnp.mod(step, period) / period / cfg.kl_cycle_ratio)
   return lambda step, beta=cfg.beta: beta * fraction(step)
+
+
+def capacity_at(step, capacity: float, capacity_steps: int):
+  """C(step) = capacity * min(1, step / capacity_steps): the KL the capacity objective asks for at `step`
+  (Burgess et al. 2018, Sec. 4; disentanglement_lib's annealed VAE)."""
+  return capacity * jnp.minimum(1.0, step / capacity_steps)

@@ -54,6 +54,14 @@ class KLSchedule(str, enum.Enum):
   cyclical = "cyclical"  # objective.kl_cycles ramps 0 -> beta, each rising over kl_cycle_ratio of its cycle (Fu et al. 2019)
 
 
+class Regularizer(str, enum.Enum):
+  kl = "kl"              # beta * KL(q(z|x) || p(z)): the ELBO (beta = 1) and the beta-VAE (Higgins et al. 2017)
+  tcvae = "tcvae"        # KL + (beta - 1) * TC(z): beta-TCVAE (Chen et al. 2018), the total correlation of the
+                         # aggregate posterior weighted by beta
+  capacity = "capacity"  # beta * |KL - C|, C rising linearly from 0 to objective.capacity nats over
+                         # objective.capacity_steps steps (Burgess et al. 2018; beta is their gamma)
+
+
 class Estimator(str, enum.Enum):
   elbo = "elbo"  # the ELBO, its reconstruction term averaged over objective.samples draws of z ("VAE, k")
   iwae = "iwae"  # the k-sample importance-weighted bound L_k (Burda et al. 2016, "IWAE, k")
@@ -104,6 +112,9 @@ class ModelConfig:
 class ObjectiveConfig:
   likelihood: str = "bernoulli"  # the decoder's likelihood, by registry name (cvae_jax/likelihoods.py)
   beta: float = 1.0  # weight of the KL in the optimized loss only; the reported ELBO is unweighted
+  regularizer: Regularizer = Regularizer.kl  # what beta weighs: the KL, the total correlation, |KL - capacity|
+  capacity: float = 25.0         # regularizer=capacity: the KL's target C at the end of its rise, nats
+  capacity_steps: int = 100000   # regularizer=capacity: steps over which C rises from 0 (disentanglement_lib's defaults)
   kl_schedule: KLSchedule = KLSchedule.constant  # how the KL weight reaches beta (posterior-collapse remedies)
   kl_warmup_epochs: float = 0.0  # linear: epochs over which the weight rises from 0 to beta
   kl_cycles: int = 4             # cyclical: number of cycles over the whole run
@@ -176,6 +187,9 @@ class EvaluationConfig:
   anomaly_samples: int = 100     # k of the importance-weighted anomaly score
   anomaly_dataset: Optional[str] = None  # also score this dataset's test split as anomalies (cross-dataset)
   compressor: Compressor = Compressor.zlib  # the input_complexity score's generic compressor
+  disentanglement: bool = False  # data with ground-truth factors (data=dsprites): the beta-VAE, FactorVAE, MIG, DCI
+                                 # and SAP scores of the encoder's mean, and latent traversals
+                                 # (evaluators/disentanglement.py)
   background_rate: float = 0.0   # > 0: also train a background model on training images whose pixels are replaced
                                  # at this rate by random values (Ren et al. 2019 use 0.1-0.2), in <run>/background/,
                                  # for the likelihood_ratio score; 0: none
@@ -235,6 +249,13 @@ def validate_common(cfg: Config) -> Config:
         o.kl_warmup_epochs, "a linear KL schedule needs a warm-up of more than 0 epochs")
   check(o.kl_cycles >= 1, "objective.kl_cycles", o.kl_cycles, "must be at least 1")
   check(0 < o.kl_cycle_ratio <= 1, "objective.kl_cycle_ratio", o.kl_cycle_ratio, "must be in (0, 1]")
+  if o.regularizer != Regularizer.kl:
+    check(o.kl_schedule == KLSchedule.constant and o.free_bits == 0 and o.estimator == Estimator.elbo
+          and o.samples == 1 and m.kind == Kind.vae, "objective.regularizer", o.regularizer,
+          "beta-TCVAE and the capacity objective are one-sample objectives of a VAE: use objective.kl_schedule=constant, "
+          "objective.free_bits=0 (remedy=none), objective.estimator=elbo, objective.samples=1 and model.kind=vae")
+  check(o.capacity >= 0, "objective.capacity", o.capacity, "the KL's target must be >= 0 nats")
+  check(o.capacity_steps >= 1, "objective.capacity_steps", o.capacity_steps, "must be at least 1")
   check(o.free_bits >= 0, "objective.free_bits", o.free_bits, "must be >= 0 nats per dimension (0: off)")
   check(o.min_scale > 0, "objective.min_scale", o.min_scale, "the Gaussian scale's floor must be > 0")
   check(o.samples >= 1, "objective.samples", o.samples, "the number of z draws per example must be at least 1")

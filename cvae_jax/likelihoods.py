@@ -104,8 +104,8 @@ class Likelihood:
     return Encoding(encoding) in self.normalized_on
 
 
-IMAGES = frozenset({Encoding.grayscale, Encoding.static_binary, Encoding.dynamic_binary})
-BINARY = frozenset({Encoding.static_binary, Encoding.dynamic_binary})
+IMAGES = frozenset({Encoding.grayscale, Encoding.static_binary, Encoding.dynamic_binary, Encoding.packed_binary})
+BINARY = frozenset({Encoding.static_binary, Encoding.dynamic_binary, Encoding.packed_binary})
 LIKELIHOODS: Registry[Likelihood] = Registry("objective.likelihood", "a likelihood")
 register, get = LIKELIHOODS.register, LIKELIHOODS.lookup
 

@@ -8,6 +8,7 @@ from typing import Callable, Optional
 
 from cvae_jax.config import Config, DataConfig
 from cvae_jax.registry import Registry
+from cvae_jax.data.factors import FactorTable
 from cvae_jax.data.spec import Dataset, DataError, DatasetSpec, Encoding, Split, exclude, static_binarize
 
 
@@ -18,6 +19,7 @@ class DatasetEntry:
   read: Callable[[DataConfig], tuple[Split, Split, DatasetSpec]]  # the raw train and test splits and the spec
   encoding: Callable[[DataConfig], Encoding]  # how its values reach the model, known from the config alone
   check: Callable[[Config], None] = lambda cfg: None  # what it requires of the model, likelihood and task
+  factors: Optional[Callable[[DataConfig], FactorTable]] = None  # its ground-truth factors, if it has them
 
 
 DATASETS: Registry[DatasetEntry] = Registry("data.name", "a dataset")

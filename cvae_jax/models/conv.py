@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -21,8 +21,13 @@ class ConvConfig(ModelConfig):
   encoder_channels: list[int] = field(default_factory=lambda: [32])  # channels of the encoder's conv layers
   decoder_channels: list[int] = field(default_factory=list)  # upsampling (sub-pixel conv) layers (empty: dense to the data)
   kernel_size: int = 3     # square (cubic) kernel size
+  decoder_kernel_size: Optional[int] = None  # the decoder's kernel size (null: kernel_size). A sub-pixel conv of
+                           # kernel 3 covers what a stride-2 transposed conv of kernel 4 reaches, at far fewer flops
   conv_stride: int = 1     # stride of every conv, and upsampling factor of every decoder layer
   dense: int = 64          # width of the dense layer on each side
+  upsample_to_output: bool = False  # true: one more upsampling layer gives the outputs itself (disentanglement_lib's
+                           # decoder, whose last transposed conv has the data's channels); false: a stride-1 conv
+                           # after the last upsampling layer does
 
 
 class ConvEncoder(nn.Module):
@@ -76,6 +81,7 @@ class ConvDecoder(nn.Module):
   dense: int
   data_shape: tuple[int, ...]
   activation: Callable
+  upsample_to_output: bool = False
 
   @nn.compact
   def __call__(self, z, c=None):
@@ -83,19 +89,25 @@ class ConvDecoder(nn.Module):
     if not self.channels:
       return nn.Dense(math.prod(self.data_shape))(h).reshape(z.shape[0], *self.data_shape)
     *spatial, out_channels = self.data_shape
-    factor = self.stride ** len(self.channels)
-    start = [s // factor for s in spatial]
+    start = [s // upsampling(self.stride, self.channels, self.upsample_to_output) for s in spatial]
     h = self.activation(nn.Dense(math.prod(start) * self.channels[0])(h))
     h = h.reshape(z.shape[0], *start, self.channels[0])
     kernel = (self.kernel_size,) * len(spatial)
     for ch in self.channels:
       h = nn.Conv(ch * self.stride ** len(spatial), kernel, padding="SAME")(h)
       h = self.activation(depth_to_space(h, self.stride))
+    if self.upsample_to_output:
+      return depth_to_space(nn.Conv(out_channels * self.stride ** len(spatial), kernel, padding="SAME")(h), self.stride)
     return nn.Conv(out_channels, kernel, padding="SAME")(h)
 
 
+def upsampling(stride: int, channels: Sequence[int], upsample_to_output: bool) -> int:
+  """How much the decoder's convs enlarge the map the dense layer makes."""
+  return stride ** (len(channels) + bool(channels and upsample_to_output))
+
+
 def build(cfg: ConvConfig, spec, output_shape: tuple[int, ...]):
-  factor = cfg.conv_stride ** len(cfg.decoder_channels)
+  factor = upsampling(cfg.conv_stride, cfg.decoder_channels, cfg.upsample_to_output)
   spatial = output_shape[:-1]
   if cfg.decoder_channels and any(s % factor for s in spatial):
     raise ConfigError(
@@ -105,8 +117,8 @@ def build(cfg: ConvConfig, spec, output_shape: tuple[int, ...]):
   activation = getattr(nn, cfg.activation)
   encoder = ConvEncoder(tuple(cfg.encoder_channels), cfg.kernel_size, cfg.conv_stride, cfg.dense,
                         cfg.latent_size, activation)
-  decoder = ConvDecoder(tuple(cfg.decoder_channels), cfg.kernel_size, cfg.conv_stride, cfg.dense,
-                        output_shape, activation)
+  decoder = ConvDecoder(tuple(cfg.decoder_channels), cfg.decoder_kernel_size or cfg.kernel_size, cfg.conv_stride,
+                        cfg.dense, output_shape, activation, cfg.upsample_to_output)
   return encoder, decoder
 
 
@@ -115,6 +127,8 @@ def check_config(cfg: Config) -> None:
   check(all(ch >= 1 for ch in m.encoder_channels + m.decoder_channels), "model.encoder_channels",
         (m.encoder_channels, m.decoder_channels), "channel counts must be at least 1")
   check(m.kernel_size >= 1, "model.kernel_size", m.kernel_size, "must be at least 1")
+  check(m.decoder_kernel_size is None or m.decoder_kernel_size >= 1, "model.decoder_kernel_size",
+        m.decoder_kernel_size, "must be at least 1, or null for model.kernel_size")
   check(m.conv_stride >= 1, "model.conv_stride", m.conv_stride, "must be at least 1")
   check(m.dense >= 1, "model.dense", m.dense, "must be at least 1")
 

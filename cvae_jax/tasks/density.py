@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from flax.training import train_state
 
 from cvae_jax import annealing, data, estimators, figures, likelihoods
-from cvae_jax.config import Config, ConfigError, Estimator, flatten, to_dict
+from cvae_jax.config import Config, ConfigError, Estimator, Regularizer, flatten, to_dict
 from cvae_jax.data import Dataset, DatasetSpec, model_input
 from cvae_jax.engine import distributed, epoch, loop, memory, optim, preemption, rundir
 from cvae_jax.estimators import condition
@@ -29,7 +29,7 @@ from cvae_jax.evaluators import EvalContext, Evaluator, anomaly, evaluate, likel
 from cvae_jax.keys import Stream, fold, stream_key
 from cvae_jax.models import VAE, create_model, family_of
 from cvae_jax.objectives import (decoder_log_likelihood, elbo_terms, free_bits_kl, gaussian_kl_per_dim,
-                                 k_sample_terms, loss_and_metrics)
+                                 k_sample_terms, loss_and_metrics, total_correlation)
 from cvae_jax.tasks.base import Restored, RestoreError, Task, register
 
 log = logging.getLogger(__name__)
@@ -44,11 +44,13 @@ class InitPart(enum.IntEnum):
 
 def make_loss(cfg: Config, model: VAE, spec: DatasetSpec, steps_per_epoch: int) -> epoch.LossFn:
   """The per-batch loss of the engine's train step: loss = rec + beta * kl (the KL weight following
-  objective.kl_schedule, free bits replacing the KL in the loss), or -L_k for objective.estimator=iwae.
+  objective.kl_schedule, free bits replacing the KL in the loss), rec + kl + (beta - 1) * tc (beta-TCVAE),
+  rec + beta * |kl - C| (the capacity objective), or -L_k for objective.estimator=iwae.
   Inputs are binarized and z drawn from the step's BINARIZE and REPARAM keys."""
   objective, lik = cfg.objective, likelihoods.of(cfg.objective)
   free_bits = objective.free_bits
   iwae = Estimator(objective.estimator) == Estimator.iwae
+  regularizer = Regularizer(objective.regularizer)
   multi_sample = iwae or objective.samples > 1  # k draws per example; k = 1 keeps the one-pass step
   kl_weight = annealing.kl_weight_schedule(objective, steps_per_epoch, steps_per_epoch * cfg.training.epochs)
 
@@ -73,6 +75,13 @@ def make_loss(cfg: Config, model: VAE, spec: DatasetSpec, steps_per_epoch: int) 
     if free_bits > 0 and logvar is not None:
       penalty = free_bits_kl(gaussian_kl_per_dim(mean, logvar), free_bits)
     value, metrics = loss_and_metrics(terms, beta, spec.num_dims, penalty)
+    if regularizer == Regularizer.tcvae:  # Chen et al. 2018 with alpha = gamma = 1, as disentanglement_lib
+      metrics["tc"] = total_correlation(out.z, mean, logvar)
+      value = metrics["rec"] + metrics["kl"] + (beta - 1.0) * metrics["tc"]
+    elif regularizer == Regularizer.capacity:
+      metrics["capacity"] = annealing.capacity_at(keys.step, objective.capacity, objective.capacity_steps)
+      value = metrics["rec"] + beta * jnp.abs(metrics["kl"] - metrics["capacity"])
+    metrics["loss"] = value
     metrics["kl_weight"] = jnp.asarray(beta, jnp.float32)
     return value, metrics
 
