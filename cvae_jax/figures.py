@@ -188,6 +188,21 @@ def traversal_figure(path, model, params, spec, likelihood, split: Split, key, v
               row_labels=[f"z[{d}]" for d in range(len(images))], col_labels=[f"{v:+.1f}" for v in values])
 
 
+def factor_traversals(path, model, params, spec, likelihood, x, unit_labels, values=np.linspace(-2, 2, 9)):
+  """Row d: latent unit d set to each value around the code of each input x [E, *shape] (the other units at the
+  posterior mean), decoded to the likelihood's mean; one block of columns per input, the input first. Rows are
+  named by unit_labels (the factor each unit captures: evaluators/disentanglement.py)."""
+  blocks = []
+  for xi in np.asarray(x):
+    # label 0: the model is a VAE, which ignores it  [Z, V, ...]
+    swept = np.asarray(generation.traverse(model, params, spec, jnp.asarray(xi), 0, values, likelihood))
+    blocks += [np.broadcast_to(xi, (len(swept), 1, *xi.shape)), swept]
+  grid_figure(path, np.concatenate(blocks, axis=1),
+              f"latent traversals: each unit from {values[0]:+.0f} to {values[-1]:+.0f}, the others at the posterior "
+              f"mean of the input (left of each block)",
+              row_labels=unit_labels, col_labels=(["input"] + [f"{v:+.1f}" for v in values]) * len(x))
+
+
 USE_FIGURES = {
     "translation": translation_figure,
     "style_transfer": style_transfer_figure,

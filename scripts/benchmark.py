@@ -7,6 +7,7 @@
   python scripts/benchmark.py --iwae-images 200     # also the k=5000 bound's speed at a few chunk sizes
   python scripts/benchmark.py --streamed            # also streamed data (data.in_memory=false) against resident
   python scripts/benchmark.py --unroll 1 8 --flat-optimizer   # variants of the MLP's compiled epoch
+  python scripts/benchmark.py --dsprites 6400       # also disentanglement_lib's 64x64 conv VAE on dSprites
 
 For each architecture, kind and batch size it measures, on statically binarized MNIST:
   - cvae_jax: whole epochs as one compiled lax.scan over on-device data (conv models on CPU: a host loop
@@ -27,6 +28,9 @@ For each architecture, kind and batch size it measures, on statically binarized 
     shapes and layouts, from its jaxpr) run alone, as images/s, and the fraction of it reached. For the
     conv models this is the honest bound: their dense layer's shapes and their convolutions run at a
     fraction of the rate the MLP's shapes reach.
+With --dsprites N, also disentanglement_lib's conv VAE (model=conv_dlib, 64x64x1 inputs, batch 64) on N
+dSprites training images, trained as a run trains it, with its upsampling convs of kernel 3 (ours) and
+of kernel 4 (the transposed convs' kernel), as images/s and FLOPs per image beside the MNIST models.
 The loops of a row (and the batched sweep against the same runs one after another) run round-robin, one
 epoch of each in turn, so that drift in the machine's speed slows all of them alike.
 Prints markdown tables and writes JSON (--out). Machines without TensorFlow Datasets (a bare GPU box) can
@@ -84,6 +88,23 @@ MODELS = {  # conf/model/*.yaml
     "conv_deep": {"arch": "conv", "encoder_channels": [32, 64], "decoder_channels": [64, 32], "conv_stride": 2,
                   "kernel_size": 4, "dense": 256, "latent_size": 10},
 }
+CONV_DLIB = {"arch": "conv", "kind": "vae", "encoder_channels": [32, 32, 64, 64], "decoder_channels": [64, 32, 32],
+             "upsample_to_output": True, "conv_stride": 2, "kernel_size": 4, "decoder_kernel_size": 3, "dense": 256,
+             "latent_size": 10}  # conf/model/conv_dlib.yaml
+
+
+def dsprites_rows(images: int, epochs: int) -> list[dict]:
+  """conv_dlib on the first `images` dSprites training images (a mix of every factor), decoder kernels 3 and 4."""
+  cfgs = {k: schema.structured({"model": CONV_DLIB | {"decoder_kernel_size": k},
+                                "data": {"name": "dsprites", "train_limit": images, "test_limit": 64},
+                                "training": {"batch_size": 64}}) for k in (3, 4)}
+  ds = data.load(cfgs[3].data)
+  loops, infos = {}, {}
+  for k, cfg in cfgs.items():
+    loops[k], infos[k] = project_loop(cfg, ds)
+  timed = interleaved(loops, epochs)
+  return [{"arch": "conv_dlib", "decoder_kernel_size": k, "batch_size": 64, "image_shape": list(ds.spec.shape)}
+          | timed[k] | infos[k] for k in cfgs]
 
 
 def config(arch: str, kind: str, batch_size: int, unroll: int = 1, flat_optimizer: bool = False) -> Config:
@@ -409,6 +430,13 @@ def print_tables(result: dict) -> None:
           + (f"{loop['images_per_s']:,.0f} ({loop['feeder']}) | {r['vs_step_loop']:.2f} | " if loop else "n/a | | ")
           + (f"{torch_row['images_per_s']:,.0f} ({torch_row['device']}) | {r['vs_pytorch_loop']:.2f} |"
              if torch_row else "n/a | |"))
+  if result.get("dsprites"):
+    print("\n64x64 dSprites, disentanglement_lib's conv VAE (model=conv_dlib), VAE, batch 64:")
+    print("| decoder kernel | MFLOP/image | cvae_jax img/s | compile s |")
+    print("| --- | --- | --- | --- |")
+    for r in result["dsprites"]:
+      print(f"| {r['decoder_kernel_size']} | {r['flops_per_image'] / 1e6:.2f} | {r['images_per_s']:,.0f} | "
+            f"{r['compile_s']:.2f} |")
   if result.get("variants"):
     print("\nvariants of the compiled epoch (MLP VAE):")
     print("| batch | scan unroll | flat optimizer | img/s | compile s | batched sweep img/s | vs separate |")
@@ -465,6 +493,8 @@ def main(argv=None) -> None:
                       help="also time the k=5000 importance-weighted bound on this many test images (0: skip)")
   parser.add_argument("--iwae-chunks", nargs="+", default=["100x500", "100x100", "20x250", "10x100"],
                       help="(images per chunk)x(samples per chunk) settings of the bound to time")
+  parser.add_argument("--dsprites", type=int, default=0,
+                      help="also time disentanglement_lib's 64x64 conv VAE on this many dSprites images (0: skip)")
   parser.add_argument("--data", help="read the data from this file (written by --save-data) instead of TFDS")
   parser.add_argument("--save-data", help="write the benchmark's data to this .npz file and stop")
   parser.add_argument("--hlo-dir", help="write the MLP epoch's optimized HLO here, one file per batch size")
@@ -544,6 +574,10 @@ def main(argv=None) -> None:
           variant["separate_runs"] = timed["separate_runs"]
         result["variants"].append(variant)
         print(json.dumps(variant), flush=True)
+  if args.dsprites:
+    result["dsprites"] = dsprites_rows(args.dsprites, args.epochs)
+    for row in result["dsprites"]:
+      print(json.dumps(row), flush=True)
   if args.iwae_images:
     chunks = [tuple(int(v) for v in c.split("x")) for c in args.iwae_chunks]
     result["iwae_images"] = args.iwae_images

@@ -25,7 +25,8 @@ from cvae_jax.config import Config, ConfigError, Estimator, Regularizer, flatten
 from cvae_jax.data import Dataset, DatasetSpec, model_input
 from cvae_jax.engine import distributed, epoch, loop, memory, optim, preemption, rundir
 from cvae_jax.estimators import condition
-from cvae_jax.evaluators import EvalContext, Evaluator, anomaly, evaluate, likelihood, quality, samples
+from cvae_jax.evaluators import (EvalContext, Evaluator, anomaly, disentanglement, evaluate, likelihood, quality,
+                                 samples)
 from cvae_jax.keys import Stream, fold, stream_key
 from cvae_jax.models import VAE, create_model, family_of
 from cvae_jax.objectives import (decoder_log_likelihood, elbo_terms, free_bits_kl, gaussian_kl_per_dim,
@@ -132,12 +133,15 @@ class DensityTask(Task):
     chosen += [anomaly.evaluator] if ev.anomaly else []
     chosen += [samples.sample_accuracy] if ev.sample_accuracy else []
     chosen += [quality.sample_quality] if ev.quality_samples else []
+    chosen += [disentanglement.evaluator] if ev.disentanglement else []
     return chosen
 
   def check_data(self, cfg: Config, ds: Dataset) -> None:
     """Before any training: what the evaluators will need (a wrong anomaly dataset stops the run now)."""
     if cfg.evaluation.anomaly_dataset:
       anomaly.load_anomaly_dataset(cfg, ds.spec)
+    if cfg.evaluation.disentanglement:
+      disentanglement.check(cfg)
     if cfg.evaluation.background_rate and ds.spec.modality != data.Modality.image:
       raise ConfigError(f"evaluation.background_rate={cfg.evaluation.background_rate}: random pixel replacement "
                         f"perturbs images; {ds.spec.name} holds {ds.spec.modality.value}s. Set it to 0.")
