@@ -1,6 +1,6 @@
 """The disentanglement sweep's table and figure (+experiment=disentanglement).
 
-  python scripts/disentanglement_table.py multirun/disentanglement [--out experiments/disentanglement]
+  python scripts/disentanglement_table.py multirun/disentanglement [more sweep directories] [--out DIR]
 
 Rows: objective (beta-VAE, beta-TCVAE) x beta; columns: each score's mean +- standard deviation over the
 seeds (the count in brackets), then the reconstruction term and the KL of the test split. The figure shows
@@ -34,10 +34,10 @@ def score_value(value):
   return float(value["eval"] if isinstance(value, dict) else value)
 
 
-def collect(sweep: Path):
+def collect(sweeps: list[Path]):
   """{(objective, beta): {column: [values over seeds]}}, and the runs without eval.json."""
   table, missing = defaultdict(lambda: defaultdict(list)), []
-  for run in sorted(p for p in sweep.iterdir() if p.is_dir()):
+  for run in sorted(p for sweep in sweeps for p in sweep.iterdir() if p.is_dir()):
     if not (run / "eval.json").exists() or "disentanglement" not in json.loads((run / "eval.json").read_text()):
       missing.append(run.name)
       continue
@@ -90,17 +90,18 @@ def figure(table, out: Path) -> Path:
 
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("sweep", type=Path, help="the sweep's directory, e.g. multirun/disentanglement")
-  parser.add_argument("--out", type=Path, default=None, help="where the figure goes (default: the sweep's directory)")
+  parser.add_argument("sweeps", type=Path, nargs="+", help="sweep directories, e.g. multirun/disentanglement")
+  parser.add_argument("--out", type=Path, default=None, help="where the figure goes (default: the first sweep's)")
   args = parser.parse_args(argv)
-  table, missing = collect(args.sweep)
+  table, missing = collect(args.sweeps)
   if not table:
-    raise SystemExit(f"No finished run with disentanglement scores under {args.sweep}.")
+    raise SystemExit(f"No finished run with disentanglement scores under {', '.join(map(str, args.sweeps))}.")
   print(markdown(table))
   if missing:
     print(f"\nNot finished (no scores): {', '.join(missing)}")
-  (args.out or args.sweep).mkdir(parents=True, exist_ok=True)
-  print(f"\nfigure: {figure(table, args.out or args.sweep)}")
+  out = args.out or args.sweeps[0]
+  out.mkdir(parents=True, exist_ok=True)
+  print(f"\nfigure: {figure(table, out)}")
 
 
 if __name__ == "__main__":

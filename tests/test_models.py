@@ -72,6 +72,28 @@ def test_seed_article_conv_cvae_layers():
   assert dec["Dense_1"]["kernel"] == (64, 784)             # dense to the image
 
 
+def test_disentanglement_lib_conv_vae_layers():
+  """model=conv_dlib: disentanglement_lib's conv_encoder layer for layer (382,932 parameters, counted by hand:
+  convs 544 + 16,416 + 32,832 + 65,600, dense 262,400, mean and log-variance 2 x 2,570) and a decoder of its
+  shapes: dense 256, dense 4x4x64, upsamplings to 8x8x64, 16x16x32, 32x32x32 and the 64x64 image."""
+  cfg = ConvConfig(kind=Kind.vae, latent_size=10, encoder_channels=[32, 32, 64, 64], decoder_channels=[64, 32, 32],
+                   kernel_size=4, decoder_kernel_size=3, conv_stride=2, dense=256, upsample_to_output=True)
+  spec = DatasetSpec("dsprites", (64, 64, 1), 3)
+  model = create_model(cfg, spec)
+  params = model.init({"params": jax.random.key(0)}, jnp.ones((1, 64, 64, 1)), None, jax.random.key(1))["params"]
+  shapes = jax.tree.map(lambda a: a.shape, params)
+  enc, dec = shapes["encoder"], shapes["decoder"]
+  assert [enc[f"Conv_{i}"]["kernel"] for i in range(4)] == [(4, 4, 1, 32), (4, 4, 32, 32), (4, 4, 32, 64),
+                                                            (4, 4, 64, 64)]
+  assert enc["Dense_0"]["kernel"] == (4 * 4 * 64, 256)
+  assert sum(a.size for a in jax.tree.leaves(params["encoder"])) == 382_932
+  assert dec["Dense_0"]["kernel"] == (10, 256) and dec["Dense_1"]["kernel"] == (256, 4 * 4 * 64)
+  # Sub-pixel upsampling: a stride-1 conv to 4x the channels, then depth_to_space doubles the side.
+  assert [dec[f"Conv_{i}"]["kernel"] for i in range(4)] == [(3, 3, 64, 4 * 64), (3, 3, 64, 4 * 32),
+                                                            (3, 3, 32, 4 * 32), (3, 3, 32, 4 * 1)]
+  assert model.apply({"params": params}, jnp.zeros((2, 10)), None, method=VAE.decode).shape == (2, 64, 64, 1)
+
+
 def test_decoder_upsampling_must_divide_the_image():
   cfg = ConvConfig(encoder_channels=[8], decoder_channels=[8, 8, 8], conv_stride=2)
   with pytest.raises(ValueError, match="does not divide"):

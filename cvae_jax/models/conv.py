@@ -22,7 +22,7 @@ class ConvConfig(ModelConfig):
   decoder_channels: list[int] = field(default_factory=list)  # upsampling (sub-pixel conv) layers (empty: dense to the data)
   kernel_size: int = 3     # square (cubic) kernel size
   decoder_kernel_size: Optional[int] = None  # the decoder's kernel size (null: kernel_size). A sub-pixel conv of
-                           # kernel 3 covers what a stride-2 transposed conv of kernel 4 reaches, at far fewer flops
+                           # kernel 3 covers every input a stride-2 transposed conv of kernel 4 reaches
   conv_stride: int = 1     # stride of every conv, and upsampling factor of every decoder layer
   dense: int = 64          # width of the dense layer on each side
   upsample_to_output: bool = False  # true: one more upsampling layer gives the outputs itself (disentanglement_lib's
