@@ -291,3 +291,14 @@ def test_too_few_points_give_null_numbers_not_an_error():
   real, fake = rng.normal(size=(5, 3)), rng.normal(size=(40, 3))  # 5 points: no 5th neighbour of one's own
   assert measured(real, fake) == dict.fromkeys(NAMES)
   assert measured(rng.normal(size=(6, 3)), fake)["fd"] > 0
+
+
+def test_the_classifier_reads_every_stored_encoding_as_the_pixels_it_holds():
+  """The judge's input: intensities / 255, binary pixels as 0/1, packed binary pixels unpacked (dSprites)."""
+  rng = np.random.default_rng(0)
+  bits = (rng.random((3, 16, 16, 1)) < 0.3).astype(np.uint8)
+  np.testing.assert_array_equal(classifier.intensities(np.packbits(bits, axis=2), Encoding.packed_binary), bits)
+  np.testing.assert_array_equal(classifier.intensities(bits, Encoding.static_binary), bits)
+  grey = rng.integers(0, 256, (3, 16, 16, 1)).astype(np.uint8)
+  for encoding in (Encoding.grayscale, Encoding.dynamic_binary):
+    np.testing.assert_allclose(classifier.intensities(grey, encoding), grey / 255.0, rtol=1e-6)

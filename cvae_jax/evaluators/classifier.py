@@ -45,9 +45,10 @@ class Classifier(nn.Module):
 
 def intensities(images, encoding: Encoding) -> jax.Array:
   """A split's stored images as the classifier reads them, float32 in [0, 1]: uint8 intensities / 255, and
-  static-binary images (stored as 0/1) as they are. Dynamic binarization's input is its intensity, the
-  value a binary draw has as its mean."""
-  stored = Encoding.static_binary if encoding == Encoding.static_binary else Encoding.grayscale
+  binary images (stored as 0/1, or packed 8 to a byte) as 0/1. Dynamic binarization's input is its
+  intensity, the value a binary draw has as its mean."""
+  binary = (Encoding.static_binary, Encoding.packed_binary)
+  stored = encoding if encoding in binary else Encoding.grayscale
   return model_input(jnp.asarray(images), stored)
 
 
