@@ -81,7 +81,7 @@ class Model:
     if not (np.issubdtype(x.dtype, np.integer) or x.dtype == np.bool_):
       raise ValueError(f"{name} has dtype {x.dtype}; images go in as uint8 intensities 0..255 (convert floats in "
                        "[0, 1] with (x * 255).round().astype(np.uint8))")
-    top = 1 if self.spec.encoding == Encoding.static_binary else 255
+    top = 1 if self.spec.encoding in (Encoding.static_binary, Encoding.packed_binary) else 255
     if x.size and (x.min() < 0 or x.max() > top):
       if top == 1:
         raise ValueError(f"{name} holds values up to {x.max()}: this run was trained on statically binarized "
@@ -267,6 +267,9 @@ class Model:
   # ---- internals ------------------------------------------------------------------------------------
   def _encoding(self) -> Encoding:
     # Dynamic binarization draws pixels at random; the figures and these uses read intensities as they are.
+    # Packed binary data (dSprites) is stored 8 pixels to a byte; callers give its pixels as 0/1 images.
+    if self.spec.encoding == Encoding.packed_binary:
+      return Encoding.static_binary
     return Encoding.grayscale if self.spec.encoding == Encoding.dynamic_binary else self.spec.encoding
 
   def _eval_key(self, seed: Optional[int]) -> jax.Array:

@@ -204,3 +204,29 @@ def test_an_interrupted_write_leaves_no_cache_and_an_unwritable_folder_keeps_the
   with caplog.at_level(logging.WARNING, logger="cvae_jax.data.dsprites"):
     images = dsprites.cached_images(str(tmp_path / "a_file"))
   assert images is small and "Cannot write the dSprites cache" in caplog.text
+
+
+def test_a_run_on_dsprites_trains_evaluates_and_reads_unpacked_pixels_from_python(data_dir, tmp_path):
+  """The command line's path on the packed data: a conv VAE trains and is scored (eval.json holds the
+  disentanglement block); `cvae_jax.load` takes the images as 0/1 pixels [N, 64, 64, 1], as a user has them,
+  and encodes them as the run's own (packed) test split."""
+  import jax
+  import cvae_jax
+  from cvae_jax.experiment import train_and_evaluate
+  from cvae_jax.models import VAE
+  from conftest import small_config
+  cfg = small_config(**{"data.name": "dsprites", "data.data_dir": str(data_dir), "data.train_limit": 256,
+                        "data.test_limit": 64, "model.arch": "conv", "model.encoder_channels": [8, 8],
+                        "model.conv_stride": 4, "model.dense": 16, "training.epochs": 1,
+                        "evaluation.iwae_samples": 0, "evaluation.disentanglement": True})
+  train_and_evaluate(cfg, tmp_path / "run")
+  assert {"mig", "factor_vae", "dci_disentanglement"} <= set(json.loads((tmp_path / "run" / "eval.json").read_text())
+                                                            ["disentanglement"])
+  run = cvae_jax.load(tmp_path / "run")
+  stored = run.dataset.test.images[:8]
+  codes = run.encode(unpack(stored))
+  expected = run.network.apply({"params": run.params}, data.model_input(stored, Encoding.packed_binary), None,
+                               method=VAE.encode)[0]
+  np.testing.assert_allclose(codes, np.asarray(expected), rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="0 or 1"):
+    run.encode(unpack(stored) * 255)
