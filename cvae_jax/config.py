@@ -62,6 +62,11 @@ class Regularizer(str, enum.Enum):
                          # objective.capacity_steps steps (Burgess et al. 2018; beta is their gamma)
 
 
+class ScoreProtocol(str, enum.Enum):
+  fast = "fast"  # the disentanglement scores at reduced sample counts: about a minute per model on 2 CPU cores
+  dlib = "dlib"  # disentanglement_lib's sample counts: about 16 minutes (evaluators/disentanglement.py, Protocol)
+
+
 class Estimator(str, enum.Enum):
   elbo = "elbo"  # the ELBO, its reconstruction term averaged over objective.samples draws of z ("VAE, k")
   iwae = "iwae"  # the k-sample importance-weighted bound L_k (Burda et al. 2016, "IWAE, k")
@@ -190,6 +195,7 @@ class EvaluationConfig:
   disentanglement: bool = False  # data with ground-truth factors (data=dsprites): the beta-VAE, FactorVAE, MIG, DCI
                                  # and SAP scores of the encoder's mean, and latent traversals
                                  # (evaluators/disentanglement.py)
+  disentanglement_protocol: ScoreProtocol = ScoreProtocol.fast  # their sample counts: fast or dlib's
   background_rate: float = 0.0   # > 0: also train a background model on training images whose pixels are replaced
                                  # at this rate by random values (Ren et al. 2019 use 0.1-0.2), in <run>/background/,
                                  # for the likelihood_ratio score; 0: none

@@ -11,11 +11,15 @@ and the sample judge. For the density tasks:
   anomaly_auroc          with evaluation.anomaly: AUROC per protocol and score (details in anomaly.json)
   sample_accuracy        CVAE only: a classifier's accuracy on class-conditional samples, per class and
                          overall, beside the classifier's own test accuracy
+  disentanglement        with evaluation.disentanglement (data with ground-truth factors): the beta-VAE,
+                         FactorVAE, MIG, DCI and SAP scores; --disentanglement-protocol dlib for
+                         disentanglement_lib's sample counts
   sample_quality         images: Fréchet distance, precision, recall, density and coverage of prior samples
                          against the test set in the classifier's features, overall and per class, beside
                          the same numbers for as many training images (docs/sample_quality.md)
-The options set the run's evaluation.iwae_samples, evaluation.sample_accuracy, evaluation.samples_per_class
-and evaluation.quality_samples for this evaluation only (config.yaml is not changed).
+The options set the run's evaluation.iwae_samples, evaluation.sample_accuracy, evaluation.samples_per_class,
+evaluation.quality_samples and evaluation.disentanglement_protocol for this evaluation only (config.yaml is
+not changed).
 """
 from __future__ import annotations
 
@@ -32,11 +36,14 @@ from cvae_jax.tasks import RestoreError
 
 
 def evaluate_run(workdir: Path, iwae_samples: int = 5000, sample_accuracy: bool = True,
-                 samples_per_class: int = 1000, quality_samples: int = 5000) -> dict:
+                 samples_per_class: int = 1000, quality_samples: int = 5000,
+                 disentanglement_protocol: str | None = None) -> dict:
   restored = api.load(workdir).restored
-  restored.cfg.evaluation = dataclasses.replace(restored.cfg.evaluation, iwae_samples=iwae_samples,
-                                                sample_accuracy=sample_accuracy, samples_per_class=samples_per_class,
-                                                quality_samples=quality_samples)
+  evaluation = restored.cfg.evaluation
+  restored.cfg.evaluation = dataclasses.replace(
+      evaluation, iwae_samples=iwae_samples, sample_accuracy=sample_accuracy, samples_per_class=samples_per_class,
+      quality_samples=quality_samples,
+      disentanglement_protocol=disentanglement_protocol or evaluation.disentanglement_protocol)
   return restored.task.evaluate(restored, Path(workdir))
 
 
@@ -48,6 +55,8 @@ def main(argv=None) -> None:
   parser.add_argument("--samples-per-class", type=int, default=1000)
   parser.add_argument("--quality-samples", type=int, default=5000,
                       help="samples of the Fréchet distance, precision/recall, density/coverage (0: skip)")
+  parser.add_argument("--disentanglement-protocol", choices=["fast", "dlib"], default=None,
+                      help="sample counts of the disentanglement scores (default: the run's)")
   args = parser.parse_args(argv)
   if args.iwae_samples < 0 or args.samples_per_class < 1:
     parser.error("--iwae-samples must be >= 0 and --samples-per-class >= 1")
@@ -58,7 +67,7 @@ def main(argv=None) -> None:
   experiment.load_plugins()
   try:
     result = evaluate_run(args.workdir, args.iwae_samples, not args.no_sample_accuracy, args.samples_per_class,
-                          args.quality_samples)
+                          args.quality_samples, args.disentanglement_protocol)
   except (RestoreError, DataError, ConfigError, OutOfMemoryError) as e:
     sys.exit(f"error: {e}")
   summary = {k: result[k] for k in ("elbo", "rec", "kl", "active_units", "wall_time") if k in result}

@@ -261,3 +261,16 @@ def test_the_evaluator_refuses_data_without_factors_and_a_cvae(tmp_path, squares
     disentanglement.check(context(tmp_path, name="mnist").cfg)
   with pytest.raises(ConfigError, match="model.kind=cvae"):
     disentanglement.check(small_config(**{"model.kind": Kind.cvae, "data.name": "squares"}))
+
+
+@pytest.mark.parametrize("name, expected", [("fast", disentanglement.FAST), ("dlib", disentanglement.DLIB)])
+def test_evaluation_disentanglement_protocol_chooses_the_sample_counts(tmp_path, squares_dataset, monkeypatch,
+                                                                       name, expected):
+  used = []
+  monkeypatch.setattr(disentanglement, "score_all", lambda table, represent, seed, protocol: used.append(protocol)
+                      or {"unit_factor": [None] * 3, "normalized_mutual_info": np.zeros((3, 3))})
+  ctx = context(tmp_path)
+  ctx.cfg.evaluation.disentanglement_protocol = name
+  disentanglement.evaluator(ctx)
+  assert used == [expected]
+  assert expected.dci_trees == (100 if name == "dlib" else 20)

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 
 from cvae_jax import data, figures
-from cvae_jax.config import Config, ConfigError, Kind
+from cvae_jax.config import Config, ConfigError, Kind, ScoreProtocol
 from cvae_jax.data import Modality, model_input
 from cvae_jax.data.factors import FactorTable
 from cvae_jax.evaluators import EvalContext
@@ -35,12 +35,13 @@ class Part(enum.IntEnum):
 @dataclasses.dataclass(frozen=True)
 class Protocol:
   """The scores' sample counts and classifier sizes. DLIB: disentanglement_lib's (its unsupervised study's metric
-  configs). SWEEP: what every run computes, about a minute per model on 2 CPU cores instead of about 16.
+  configs). FAST (evaluation.disentanglement_protocol=fast, the default): about a minute per model on 2 CPU cores
+  instead of about 16.
 
   Measured with disentanglement_lib's conv encoder (convs 32, 32, 64, 64 of kernel 4 and stride 2, dense 256,
   Z = 10) on 64x64 packed-binary images with dSprites' factor sizes (3, 6, 40, 32, 32): it encodes 4,100 examples a
   second. DLIB encodes 2.9 million examples (1.92 million for the beta-VAE score, 0.97 million for FactorVAE: 470 s
-  and 237 s) and fits 11,300 trees for DCI (243 s). SWEEP: beta-VAE 23 s, FactorVAE 14 s, MIG 2.5 s, DCI 10 s,
+  and 237 s) and fits 11,300 trees for DCI (243 s). FAST: beta-VAE 23 s, FactorVAE 14 s, MIG 2.5 s, DCI 10 s,
   SAP 4 s. Kept: every batch size, threshold, bin count and classifier setting, and the counts of MIG and SAP.
   Reduced, with the effect measured on a synthetic code of dSprites' factor sizes (10 units: one per factor, each
   with 0.4 of the next factor leaked in, one mixing x and y, four of pure noise, plus Gaussian noise of sd 2 for
@@ -70,7 +71,7 @@ class Protocol:
 
 
 DLIB = Protocol()
-SWEEP = Protocol(beta_vae_train=500, beta_vae_eval=250, factor_vae_train=500, factor_vae_eval=250,
+FAST = Protocol(beta_vae_train=500, beta_vae_eval=250, factor_vae_train=500, factor_vae_eval=250,
                  dci_train=2_000, dci_trees=20)
 
 CHUNK = 1024  # examples per jitted encoder call (one compiled shape: the last chunk is padded)
@@ -126,7 +127,7 @@ def unit_factors(normalized_mutual_info: np.ndarray, names) -> list:
 
 
 def score_all(table: FactorTable, represent: scores.Represent, seed: np.random.SeedSequence,
-              protocol: Protocol = SWEEP) -> dict:
+              protocol: Protocol = FAST) -> dict:
   """Every score of one representation, each with its own random stream (spawned from seed, in a fixed order, so
   one score's counts never change another's draws); the eval.json block less the wall time."""
   rngs = [np.random.default_rng(s) for s in seed.spawn(5)]
@@ -166,11 +167,13 @@ def traversal_labels(result: dict) -> list[str]:
           for d, name in enumerate(result["unit_factor"])]
 
 
-def evaluator(ctx: EvalContext, protocol: Protocol = SWEEP) -> dict:
+def evaluator(ctx: EvalContext, protocol: Protocol | None = None) -> dict:
   """The scores of the encoder's posterior mean, and figures/traversals.png for image data; eval.json's
   "disentanglement" block. Reproducible: every draw comes from the run's Stream.EVAL and Stream.FIGURES keys."""
   t0 = time.perf_counter()
   table = check(ctx.cfg)
+  if protocol is None:  # evaluation.disentanglement_protocol
+    protocol = DLIB if ScoreProtocol(ctx.cfg.evaluation.disentanglement_protocol) == ScoreProtocol.dlib else FAST
   key = stream_key(ctx.cfg.seed, Stream.EVAL)
   seed = np.random.SeedSequence(np.asarray(jax.random.key_data(fold(key, Part.SCORES))).tolist())
   result = score_all(table, make_represent(ctx, key), seed, protocol)
