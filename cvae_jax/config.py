@@ -124,12 +124,13 @@ class ObjectiveConfig:
   kl_warmup_epochs: float = 0.0  # linear: epochs over which the weight rises from 0 to beta
   kl_cycles: int = 4             # cyclical: number of cycles over the whole run
   kl_cycle_ratio: float = 0.5    # cyclical: fraction of each cycle spent rising (the rest at beta)
-  free_bits: float = 0.0         # nats per latent dimension below which the KL is not penalized (Kingma
-                                 # et al. 2016): loss KL = sum_j max(free_bits, batch mean KL_j); 0: off
+  free_bits: float = 0.0         # nats per latent dimension (per group for model=hvae) below which the KL is not
+                                 # penalized (Kingma et al. 2016): loss KL = sum_j max(free_bits, batch mean KL_j); 0: off
   samples: int = 1               # k: draws of z per example in each training step
   estimator: Estimator = Estimator.elbo  # what the k draws estimate: the ELBO, or the IWAE bound L_k
   min_scale: float = 1e-3        # gaussian: the decoder's scale is softplus(output) + this floor (in the data's
                                  # units); a larger floor stops the scale fitting training inputs too closely
+  mixtures: int = 10             # discretized_logistic_mixture: logistic components per pixel channel
 
 
 @dataclass
@@ -155,6 +156,8 @@ class TrainingConfig:
   max_checkpoints: int = 3            # keep the newest N checkpoints
   skip_nonfinite: bool = False        # skip updates with a NaN/inf loss or gradient (counted in train/skipped)
                                       # instead of stopping the run at the first one
+  skip_grad_norm: Optional[float] = None  # skip updates whose gradient's global norm exceeds this (counted in
+                                      # train/skipped; VDVAE's outlier skipping, Child 2021); null: never
   epoch_loop: EpochLoop = EpochLoop.auto  # how an epoch runs: one lax.scan, or a host loop of jitted steps
   scan_unroll: int = 1                # steps per iteration of the epoch's lax.scan (fewer loop trips; longer compile)
   data_parallel: bool = False         # split each minibatch over all devices (a 1-D mesh, axis "data");
@@ -250,6 +253,9 @@ def validate_common(cfg: Config) -> Config:
   m, d, o, t, opt, ev = cfg.model, cfg.data, cfg.objective, cfg.training, cfg.optimizer, cfg.evaluation
   check(-2**31 <= cfg.seed < 2**31, "seed", cfg.seed, "must fit in 32 bits (-2^31 <= seed < 2^31)")
   check(m.latent_size >= 1, "model.latent_size", m.latent_size, "the latent size must be at least 1")
+  check(t.skip_grad_norm is None or t.skip_grad_norm > 0, "training.skip_grad_norm", t.skip_grad_norm,
+        "must be > 0 (the largest gradient norm applied), or null to apply every update")
+  check(o.mixtures >= 1, "objective.mixtures", o.mixtures, "the logistic mixture needs at least one component")
   check(o.beta >= 0, "objective.beta", o.beta, "beta weights the KL term and must be >= 0")
   check(o.kl_schedule != KLSchedule.linear or o.kl_warmup_epochs > 0, "objective.kl_warmup_epochs",
         o.kl_warmup_epochs, "a linear KL schedule needs a warm-up of more than 0 epochs")

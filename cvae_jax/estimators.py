@@ -18,7 +18,8 @@ from cvae_jax.data import DatasetSpec, model_input
 from cvae_jax.keys import fold
 from cvae_jax.likelihoods import Likelihood
 from cvae_jax.models import VAE
-from cvae_jax.objectives import decoder_log_likelihood, elbo_terms, gaussian_kl_per_dim, log_importance_weights
+from cvae_jax.objectives import (decoder_log_likelihood, elbo_terms, joint_log_weights, kl_per_dim, kl_per_group,
+                                 log_importance_weights)
 
 ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. 2016: unit u is active when Cov_x(E_q[z_u]) > 0.01
 
@@ -71,7 +72,7 @@ def make_evaluate(model: VAE, spec: DatasetSpec, likelihood: Likelihood, batch_s
   def per_batch(params, images, labels, key):
     x = inputs(spec, images, key)
     out = model.apply({"params": params}, x, condition(model, spec, labels), fold(key, Draw.REPARAM))
-    return elbo_terms(x, out.logits, out.mean, out.logvar, likelihood)  # each [b]
+    return elbo_terms(x, out.logits, out.mean, out.logvar, likelihood, out.prior)  # each [b]
 
   per_example = map_over_split(per_batch, batch_size)
 
@@ -86,12 +87,20 @@ def make_evaluate(model: VAE, spec: DatasetSpec, likelihood: Likelihood, batch_s
 
 def make_posterior_stats(model: VAE, spec: DatasetSpec, batch_size: int, with_logvar: bool = False) -> Callable:
   """Returns stats(params, images, labels, key) -> {mean [N, Z], kl_per_dim [N, Z] (, logvar [N, Z])}
-  of q(z | x[, c])."""
+  of q(z | x[, c]). For a hierarchy (model.group_sizes set) the mean and logvar are those of the
+  posterior-mean path (encode), and the KL is that of one joint draw against the prior along it."""
+  hierarchical = model.group_sizes is not None
 
   def per_batch(params, images, labels, key):
     x = inputs(spec, images, key)
-    mean, logvar = model.apply({"params": params}, x, condition(model, spec, labels), method=VAE.encode)
-    return {"mean": mean, "kl_per_dim": gaussian_kl_per_dim(mean, logvar)} | ({"logvar": logvar} if with_logvar else {})
+    c = condition(model, spec, labels)
+    mean, logvar = model.apply({"params": params}, x, c, method="encode")
+    if hierarchical:
+      out = model.apply({"params": params}, x, c, fold(key, Draw.REPARAM))
+      kl = kl_per_dim(out.mean, out.logvar, out.prior)
+    else:
+      kl = kl_per_dim(mean, logvar)
+    return {"mean": mean, "kl_per_dim": kl} | ({"logvar": logvar} if with_logvar else {})
 
   return map_over_split(per_batch, batch_size)
 
@@ -111,14 +120,20 @@ def mutual_information(mean: jax.Array, logvar: jax.Array, key: jax.Array) -> ja
 
 
 def make_diagnostics(model: VAE, spec: DatasetSpec, batch_size: int, mi_examples: int) -> Callable:
-  """Returns diagnose(params, images, labels, key) -> {kl_per_dim: list, active_units, mutual_information}:
-  the posterior-collapse diagnostics over a whole split (I(x; z) on its first mi_examples examples)."""
+  """Returns diagnose(params, images, labels, key) -> the posterior-collapse diagnostics over a whole split:
+  {kl_per_dim: list, active_units, mutual_information} (I(x; z) on its first mi_examples examples), or for
+  a hierarchy {kl_per_group: list, active_units, active_units_per_group: list} (I(x; z) needs a Gaussian
+  q(z | x), which a hierarchy's joint posterior is not)."""
   stats = make_posterior_stats(model, spec, batch_size, with_logvar=True)
   estimate_mi = jax.jit(mutual_information)
+  groups = model.group_sizes
 
   def diagnose(params, images, labels, key) -> dict:
     posterior = stats(params, images, labels, key)
-    num_active, _ = active_units(np.asarray(posterior["mean"]))
+    num_active, covariance = active_units(np.asarray(posterior["mean"]))
+    if groups is not None:
+      return {"kl_per_group": np.asarray(kl_per_group(posterior["kl_per_dim"], groups)).mean(axis=0).round(4).tolist(),
+              "active_units": num_active, "active_units_per_group": active_per_group(covariance, groups)}
     m = min(mi_examples, images.shape[0])
     mi = estimate_mi(posterior["mean"][:m], posterior["logvar"][:m], fold(key, Draw.MUTUAL_INFORMATION))
     return {"kl_per_dim": np.asarray(posterior["kl_per_dim"]).mean(axis=0).round(5).tolist(),
@@ -127,48 +142,82 @@ def make_diagnostics(model: VAE, spec: DatasetSpec, batch_size: int, mi_examples
   return diagnose
 
 
+def active_per_group(covariance: np.ndarray, group_sizes, threshold: float = ACTIVE_UNIT_THRESHOLD) -> list[int]:
+  """Active units within each group of consecutive dimensions.  [Z] -> [G]"""
+  ends = np.cumsum(group_sizes)
+  return [int(np.sum(covariance[e - n:e] > threshold)) for n, e in zip(group_sizes, ends)]
+
+
 def active_units(posterior_means: np.ndarray, threshold: float = ACTIVE_UNIT_THRESHOLD) -> tuple[int, np.ndarray]:
   """Number of units u with Cov_x(E_q[z_u | x]) > threshold, and that covariance per unit.  [N, Z] -> int, [Z]"""
   variance = np.var(np.asarray(posterior_means, np.float64), axis=0)
   return int(np.sum(variance > threshold)), variance
 
 
-def importance_weighted_bound(log_likelihood: Callable, mean: jax.Array, logvar: jax.Array, key: jax.Array,
-                              num_samples: int, chunk: int, with_elbo: bool = False, prior=None):
-  """L_k = log (1/k) sum_s w_s, w_s = p(x | z_s) p(z_s) / q(z_s | x), z_s ~ q = N(mean, exp(logvar))
-  (Burda et al. 2016, eq. 8), for a standard normal prior, or the diagonal Gaussian `prior` = (mean,
-  logvar) [B, Z] each (a conditional prior p(z | x)).  [B]
-
-  `log_likelihood(z [S, B, Z]) -> log p(x | z) [S, B]`. Samples are drawn `chunk` at a time and
-  folded into a running log-sum-exp, so memory stays at one chunk for k in the thousands; samples past
-  k in the last chunk are masked to weight zero. with_elbo: also returns (1/k) sum_s log w_s, the
-  k-sample estimate of the ELBO from the same samples: (L_k [B], elbo [B]).
-  """
+def running_bound(log_weights: Callable, batch: int, num_samples: int, chunk: int, with_elbo: bool = False):
+  """L_k = log (1/k) sum_s w_s from `log_weights(i) -> log w [chunk, B]`, the i-th chunk of draws, folded
+  into a running log-sum-exp so memory stays at one chunk for k in the thousands; draws past k in the last
+  chunk are masked to weight zero. with_elbo: also (1/k) sum_s log w_s, the k-sample ELBO estimate from the
+  same draws: (L_k [B], elbo [B]).  [B]"""
   chunk = min(chunk, num_samples)
   num_chunks = math.ceil(num_samples / chunk)
-  std = jnp.exp(0.5 * logvar)
 
   def body(carry, i):
     running, log_w_sum = carry
-    eps = jax.random.normal(jax.random.fold_in(key, i), (chunk, *mean.shape))  # [S, B, Z]
-    z = mean + std * eps
-    log_w = log_importance_weights(log_likelihood(z), z, eps, logvar, prior)  # [S, B]
+    log_w = log_weights(i)
     valid = (i * chunk + jnp.arange(chunk)) < num_samples
     log_w_sum = log_w_sum + jnp.sum(jnp.where(valid[:, None], log_w, 0.0), axis=0)
     log_w = jnp.where(valid[:, None], log_w, -jnp.inf)
     return (jnp.logaddexp(running, jax.scipy.special.logsumexp(log_w, axis=0)), log_w_sum), None
 
-  init = (jnp.full(mean.shape[0], -jnp.inf), jnp.zeros(mean.shape[0]))
+  init = (jnp.full(batch, -jnp.inf), jnp.zeros(batch))
   (total, log_w_sum), _ = jax.lax.scan(body, init, jnp.arange(num_chunks))
   bound = total - math.log(num_samples)
   return (bound, log_w_sum / num_samples) if with_elbo else bound
 
 
+def importance_weighted_bound(log_likelihood: Callable, mean: jax.Array, logvar: jax.Array, key: jax.Array,
+                              num_samples: int, chunk: int, with_elbo: bool = False, prior=None):
+  """L_k = log (1/k) sum_s w_s, w_s = p(x | z_s) p(z_s) / q(z_s | x), z_s ~ q = N(mean, exp(logvar))
+  (Burda et al. 2016, eq. 8), for a standard normal prior, or the diagonal Gaussian `prior` = (mean,
+  logvar) [B, Z] each (a conditional prior p(z | x)).  [B] (see running_bound for chunk and with_elbo)
+
+  `log_likelihood(z [S, B, Z]) -> log p(x | z) [S, B]`.
+  """
+  chunk = min(chunk, num_samples)
+  std = jnp.exp(0.5 * logvar)
+
+  def log_weights(i):
+    eps = jax.random.normal(jax.random.fold_in(key, i), (chunk, *mean.shape))  # [S, B, Z]
+    z = mean + std * eps
+    return log_importance_weights(log_likelihood(z), z, eps, logvar, prior)  # [S, B]
+
+  return running_bound(log_weights, mean.shape[0], num_samples, chunk, with_elbo)
+
+
+def joint_bound(model: VAE, params, x, c, key, num_samples: int, chunk: int, likelihood: Likelihood,
+                with_elbo: bool = False):
+  """L_k with joint draws of every group of a hierarchy, z_s ~ q(z_1 | x) q(z_2 | x, z_1) ..., each a full
+  pass of the model (the batch tiled `chunk` times per pass).  [B]"""
+  chunk = min(chunk, num_samples)
+  b = x.shape[0]
+  x_rep = jnp.broadcast_to(x, (chunk, *x.shape)).reshape(chunk * b, *x.shape[1:])
+  c_rep = None if c is None else jnp.tile(c, (chunk, 1))
+
+  def log_weights(i):
+    out = model.apply({"params": params}, x_rep, c_rep, jax.random.fold_in(key, i))
+    return joint_log_weights(x_rep, out, likelihood).reshape(chunk, b)
+
+  return running_bound(log_weights, b, num_samples, chunk, with_elbo)
+
+
 def iwae_bound(model: VAE, params, x, c, key, num_samples: int, chunk: int, likelihood: Likelihood,
                with_elbo: bool = False):
-  """L_k of the model's log p(x) (log p(x | c) for a CVAE), with its encoder as the proposal.  [B]
-  (with_elbo: also the k-sample ELBO estimate, see importance_weighted_bound)"""
-  mean, logvar = model.apply({"params": params}, x, c, method=VAE.encode)
+  """L_k of the model's log p(x) (log p(x | c) for a CVAE), with its encoder as the proposal (for a
+  hierarchy, its joint posterior).  [B] (with_elbo: also the k-sample ELBO estimate, see running_bound)"""
+  if model.group_sizes is not None:
+    return joint_bound(model, params, x, c, key, num_samples, chunk, likelihood, with_elbo)
+  mean, logvar = model.apply({"params": params}, x, c, method="encode")
   log_likelihood = decoder_log_likelihood(model, params, x, c, likelihood)
   return importance_weighted_bound(log_likelihood, mean, logvar, key, num_samples, chunk, with_elbo)
 

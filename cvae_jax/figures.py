@@ -46,13 +46,13 @@ def reconstructions(model, params, spec, likelihood, split: Split, key, n: int) 
   return np.concatenate([np.asarray(x), np.asarray(recon)])
 
 
-def prior_samples(model, params, spec, likelihood, key, per_row: int) -> np.ndarray:
+def prior_samples(model, params, spec, likelihood, key, per_row: int, temperature: float = 1.0) -> np.ndarray:
   """[rows, per_row, *shape]: a CVAE of classes, per_row samples of each class; otherwise per_row x per_row
-  samples of the prior."""
+  samples of the prior (its scale times the temperature)."""
   if model.condition_size and spec.num_classes:
     return np.asarray(generation.class_conditional(model, params, spec, key, np.arange(spec.num_classes), per_row,
-                                                   likelihood))
-  logits = model.apply({"params": params}, key, None, per_row * per_row, method=VAE.generate)
+                                                   likelihood, temperature))
+  logits = model.apply({"params": params}, key, None, per_row * per_row, temperature, method="generate")
   return np.asarray(likelihood.mean(logits)).reshape(per_row, per_row, *spec.shape)
 
 
@@ -93,11 +93,23 @@ def sample_grid(path, model, params, spec, likelihood, key, per_row: int = 10):
     grid_figure(path, images, "samples from the prior")
 
 
+SAMPLE_TEMPERATURES = (1.0, 0.8, 0.6)  # VDVAE shows its samples at t < 1 (Child 2021, Fig. 1)
+
+
+def temperature_grid(path, model, params, spec, likelihood, key, per_row: int = 10):
+  """Prior samples at each of SAMPLE_TEMPERATURES, one block of rows per temperature, from the same key."""
+  rows = per_row if not (model.condition_size and spec.num_classes) else spec.num_classes
+  images = np.concatenate([prior_samples(model, params, spec, likelihood, key, per_row, t)[:min(rows, 4)]
+                           for t in SAMPLE_TEMPERATURES])
+  grid_figure(path, images, "samples at temperature " + ", ".join(f"{t}" for t in SAMPLE_TEMPERATURES) +
+              " (4 rows each)", row_labels=[f"t={t}" for t in SAMPLE_TEMPERATURES for _ in range(min(rows, 4))])
+
+
 def latent_scatter(path, model, params, spec, split: Split, key, n: int = 5000):
   """Encoder means of n test images in the 2-D latent space, coloured by class."""
   x = model_input(jnp.asarray(split.images[:n]), spec.encoding, key)
   labels = split.labels[:n]
-  mean, _ = jax.jit(lambda p, x, c: model.apply({"params": p}, x, c, method=VAE.encode))(
+  mean, _ = jax.jit(lambda p, x, c: model.apply({"params": p}, x, c, method="encode"))(
       params, x, condition(model, spec, jnp.asarray(labels)))
   mean = np.asarray(mean)
   fig, ax = plt.subplots(figsize=(7, 6))
@@ -124,7 +136,7 @@ def manifold(path, model, params, spec, likelihood, n: int = 15):
     ax.set_visible(False)
   for ax, k in zip(axes.flat, classes):
     c = None if k is None else spec.condition_input(jnp.full((len(z),), k))
-    images = likelihood.mean(model.apply({"params": params}, jnp.asarray(z), c, method=VAE.decode))
+    images = likelihood.mean(model.apply({"params": params}, jnp.asarray(z), c, method="decode"))
     ax.set_visible(True)
     _show(ax, tile(np.asarray(images), n, n))
     if k is not None:
@@ -261,8 +273,11 @@ def write_all(directory: Path, model: VAE, params, spec: DatasetSpec, likelihood
     return paths  # a plain autoencoder has no prior to sample from
   paths.append(directory / "samples.png")
   sample_grid(paths[1], model, params, spec, likelihood, k_sample)
+  if model.group_sizes is not None:  # a hierarchy: its samples at temperatures below 1
+    paths.append(directory / "samples_temperature.png")
+    temperature_grid(paths[-1], model, params, spec, likelihood, k_sample)
   if model.latent_size == 2:
     paths += [directory / "latent_scatter.png", directory / "manifold.png"]
-    latent_scatter(paths[2], model, params, spec, split, k_scatter)
-    manifold(paths[3], model, params, spec, likelihood)
+    latent_scatter(paths[-2], model, params, spec, split, k_scatter)
+    manifold(paths[-1], model, params, spec, likelihood)
   return paths

@@ -1,6 +1,6 @@
 """The uses people come for, as functions of (model, params, inputs) that return decoder means.
 
-  class_conditional  z ~ N(0, I) decoded under each requested class
+  class_conditional  z ~ p(z) decoded under each requested class (at a temperature)
   translate          encode x under its own label, decode the same z under every class
                      (the same handwriting as another digit)
   style_transfer     the latent style of one image rendered with the class of another
@@ -23,22 +23,25 @@ from cvae_jax.models import VAE
 
 def encode_mean(model: VAE, params, spec: DatasetSpec, x, labels) -> jax.Array:
   """E_q[z | x, c]: the code a figure uses for an image (no sampling noise).  [B, Z]"""
-  mean, _ = model.apply({"params": params}, x, condition(model, spec, jnp.asarray(labels)), method=VAE.encode)
+  mean, _ = model.apply({"params": params}, x, condition(model, spec, jnp.asarray(labels)), method="encode")
   return mean
 
 
 def decode_mean(model: VAE, params, spec: DatasetSpec, z, labels, likelihood: Likelihood) -> jax.Array:
   """The likelihood's mean image for each z under each label.  [B, *shape]"""
   c = condition(model, spec, jnp.asarray(labels))
-  return likelihood.mean(model.apply({"params": params}, z, c, method=VAE.decode))
+  return likelihood.mean(model.apply({"params": params}, z, c, method="decode"))
 
 
 def class_conditional(model: VAE, params, spec: DatasetSpec, key, classes, per_class: int,
-                      likelihood: Likelihood) -> jax.Array:
-  """[len(classes), per_class, *shape]: per_class prior samples decoded under each class."""
+                      likelihood: Likelihood, temperature: float = 1.0) -> jax.Array:
+  """[len(classes), per_class, *shape]: per_class prior samples decoded under each class (the prior's scale
+  times the temperature; a hierarchy draws group by group)."""
   classes = np.asarray(classes)
-  z = jax.random.normal(key, (len(classes) * per_class, model.latent_size))
-  images = decode_mean(model, params, spec, z, np.repeat(classes, per_class), likelihood)
+  labels = jnp.asarray(np.repeat(classes, per_class))
+  logits = model.apply({"params": params}, key, condition(model, spec, labels), len(labels), temperature,
+                       method="generate")
+  images = likelihood.mean(logits)
   return images.reshape(len(classes), per_class, *images.shape[1:])
 
 
@@ -72,7 +75,7 @@ def interpolate(model: VAE, params, spec: DatasetSpec, x_a, label_a, x_b, label_
   if model.condition_size:
     ends = spec.condition_input(jnp.array([label_a, label_b]))
     c = (1 - t) * ends[0] + t * ends[1]
-  return likelihood.mean(model.apply({"params": params}, z_t, c, method=VAE.decode))
+  return likelihood.mean(model.apply({"params": params}, z_t, c, method="decode"))
 
 
 def traverse(model: VAE, params, spec: DatasetSpec, x, label, values, likelihood: Likelihood) -> jax.Array:

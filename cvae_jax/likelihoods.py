@@ -15,6 +15,7 @@ from typing import Callable, Optional
 import jax
 import jax.numpy as jnp
 
+from cvae_jax.config import check
 from cvae_jax.data import Encoding
 from cvae_jax.registry import Registry
 
@@ -89,6 +90,76 @@ def categorical_log_prob(x: jax.Array, logits: jax.Array) -> jax.Array:
   return jnp.sum(jnp.where(x != 0, log_probs, 0.0), axis=-1)
 
 
+LOGISTIC_MIXTURES = 10  # components per pixel channel unless objective.mixtures says otherwise
+LOGISTIC_MIN_LOG_SCALE = -7.0  # PixelCNN++'s floor on log s: s = 9e-4 already puts 97% of a component in the
+                               # bin of width 2 / 255 = 7.8e-3 around its mean
+
+
+def logistic_mixture_params(outputs: jax.Array, mixtures: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Decoder outputs [..., 3 K C] -> (logits, means, log_scales), each [..., C, K].
+
+  The outputs' layout is [..., 3, K, C], parameters outermost as in the Gaussian's [..., 2C]: the first K C
+  outputs are the mixture logits (component k of channel c at k C + c), then the K C means, then the K C
+  log-scales. Means are in [-1, 1] units; log-scales are clamped below at LOGISTIC_MIN_LOG_SCALE.
+  """
+  channels, rest = divmod(outputs.shape[-1], 3 * mixtures)
+  if rest:
+    raise ValueError(f"decoder outputs of width {outputs.shape[-1]} do not hold 3 x {mixtures} mixture parameters "
+                     "per channel: build the model with this likelihood's outputs_per_channel")
+  params = outputs.reshape(*outputs.shape[:-1], 3, mixtures, channels).swapaxes(-1, -2)  # [..., 3, C, K]
+  logits, means, log_scales = jnp.moveaxis(params, -3, 0)
+  return logits, means, jnp.maximum(log_scales, LOGISTIC_MIN_LOG_SCALE)
+
+
+def discretized_logistic_mixture_log_prob(x: jax.Array, outputs: jax.Array,
+                                          mixtures: int = LOGISTIC_MIXTURES) -> jax.Array:
+  """log p(x | outputs) for 8-bit data, summed over dimensions (Salimans et al. 2017, eq. 2; VDVAE).  [B]
+
+  x [B, *spatial, C] holds intensities v / 255 in [0, 1] (read as the 8-bit value v = round(255 x)), rescaled to
+  [-1, 1] as in PixelCNN++: x' = 2 x - 1. Each value is a bin of width 2 / 255 of a mixture of K logistics,
+  P(x) = sum_k pi_k [sigmoid((x' + 1/255 - mu_k) / s_k) - sigmoid((x' - 1/255 - mu_k) / s_k)], the edge bins
+  reaching to -inf (v = 0) and +inf (v = 255): a normalized pmf over the 256 values. Log-probabilities follow
+  openai/pixel-cnn's discretized_mix_logistic_loss (log sigmoid at 0, -softplus at 255, the density at the
+  bin's centre where the difference underflows), with the middle bins computed more accurately (below).
+
+  Each channel is modelled independently given z, without PixelCNN++'s coupling of a pixel's channels
+  (the means of G and B linear in R and G): a deliberate simplification that keeps the decoder's outputs
+  a fixed count per data channel (outputs_per_channel = 3 K) for any number of channels.
+  """
+  b = x.shape[0]
+  logits, means, log_scales = (a.reshape(b, -1, mixtures) for a in logistic_mixture_params(outputs, mixtures))
+  k = jnp.round(255 * x.reshape(b, -1, 1))  # [B, D, 1] the 8-bit values
+  # The bin's edges (2k - 255 +- 1) / 255 in [-1, 1], from integers: neighbours share an edge bit for bit, so
+  # the 256 probabilities telescope to 1 in float32 even for the narrowest component.
+  inv_scale = jnp.exp(-log_scales)
+  plus_in, min_in = inv_scale * ((2 * k - 254) / 255 - means), inv_scale * ((2 * k - 256) / 255 - means)
+  mid_in = inv_scale * ((2 * k - 255) / 255 - means)
+  log_cdf_plus = plus_in - jax.nn.softplus(plus_in)  # log sigmoid(plus_in): the bin of 0 reaches to -inf
+  log_one_minus_cdf_min = -jax.nn.softplus(min_in)   # log (1 - sigmoid(min_in)): the bin of 255 reaches to +inf
+  # Right of the mean both sigmoids near 1 cancel; there sigmoid(-min) - sigmoid(-plus) gives the same number
+  # from two small ones, so a tail bin stays exact down to ~1e-30 (PixelCNN++ falls back below 1e-5).
+  right = mid_in > 0
+  cdf_delta = jax.nn.sigmoid(jnp.where(right, -min_in, plus_in)) - jax.nn.sigmoid(jnp.where(right, -plus_in, min_in))
+  log_pdf_mid = mid_in - log_scales - 2 * jax.nn.softplus(mid_in)  # log density at the bin's centre
+  # where the difference underflows, the density at the bin's centre times its width 2 / 255; the floor keeps
+  # the branch jnp.where discards (and its gradient) finite
+  log_mid = jnp.where(cdf_delta > 1e-30, jnp.log(jnp.maximum(cdf_delta, 1e-30)), log_pdf_mid - math.log(127.5))
+  log_bin = jnp.where(k == 0, log_cdf_plus, jnp.where(k == 255, log_one_minus_cdf_min, log_mid))
+  log_p = jax.nn.logsumexp(log_bin + jax.nn.log_softmax(logits), axis=-1)  # [B, D]
+  return jnp.sum(log_p, axis=-1)
+
+
+def discretized_logistic_mixture_mean(outputs: jax.Array, mixtures: int = LOGISTIC_MIXTURES) -> jax.Array:
+  """sum_k pi_k clip(mu_k, -1, 1), mapped back to [0, 1]: the image for reconstructions and samples.
+  [..., 3 K C] -> [..., C]
+
+  Close to E[x], not equal to it: the edge bins gather the mass beyond [-1, 1] (most for a wide component near
+  an edge) and the bins round each component. The exact E[x] would need all 256 bins of every component.
+  """
+  logits, means, _ = logistic_mixture_params(outputs, mixtures)
+  return (jnp.sum(jax.nn.softmax(logits) * jnp.clip(means, -1.0, 1.0), axis=-1) + 1) / 2
+
+
 @dataclasses.dataclass(frozen=True)
 class Likelihood:
   name: str
@@ -115,6 +186,8 @@ register(Likelihood("continuous_bernoulli", continuous_bernoulli_log_prob, conti
                     IMAGES))
 register(Likelihood("gaussian", gaussian_log_prob, lambda outputs: gaussian_mean_scale(outputs)[0], 2,
                     IMAGES | {Encoding.real}, frozenset({Encoding.real, Encoding.grayscale})))
+register(Likelihood("discretized_logistic_mixture", discretized_logistic_mixture_log_prob,
+                    discretized_logistic_mixture_mean, 3 * LOGISTIC_MIXTURES, IMAGES, frozenset({Encoding.grayscale})))
 register(Likelihood("categorical", categorical_log_prob, None, 1, frozenset({Encoding.tokens}),
                     frozenset({Encoding.tokens})))
 
@@ -124,8 +197,20 @@ def _gaussian_with_floor(min_scale: float) -> Likelihood:
   return dataclasses.replace(get("gaussian"), log_prob=functools.partial(gaussian_log_prob, min_scale=min_scale))
 
 
+@functools.lru_cache(maxsize=None)
+def _logistic_mixture(mixtures: int) -> Likelihood:
+  return dataclasses.replace(
+      get("discretized_logistic_mixture"), outputs_per_channel=3 * mixtures,
+      log_prob=functools.partial(discretized_logistic_mixture_log_prob, mixtures=mixtures),
+      mean=functools.partial(discretized_logistic_mixture_mean, mixtures=mixtures))
+
+
 def of(objective) -> Likelihood:
-  """The objective's likelihood, with its settings (the Gaussian's objective.min_scale)."""
+  """The objective's likelihood, with its settings (the Gaussian's objective.min_scale, the discretized
+  logistic mixture's objective.mixtures)."""
   if objective.likelihood == "gaussian" and objective.min_scale != GAUSSIAN_MIN_SCALE:
     return _gaussian_with_floor(float(objective.min_scale))
+  if objective.likelihood == "discretized_logistic_mixture" and objective.mixtures != LOGISTIC_MIXTURES:
+    check(objective.mixtures >= 1, "objective.mixtures", objective.mixtures, "a mixture needs at least 1 component")
+    return _logistic_mixture(int(objective.mixtures))
   return get(objective.likelihood)

@@ -8,6 +8,7 @@
   python scripts/benchmark.py --streamed            # also streamed data (data.in_memory=false) against resident
   python scripts/benchmark.py --unroll 1 8 --flat-optimizer   # variants of the MLP's compiled epoch
   python scripts/benchmark.py --dsprites 6400       # also disentanglement_lib's 64x64 conv VAE on dSprites
+  python scripts/benchmark.py --resolutions 32 64 128 256 --arch   # only the hierarchical VAE at these sizes
 
 For each architecture, kind and batch size it measures, on statically binarized MNIST:
   - cvae_jax: whole epochs as one compiled lax.scan over on-device data (conv models on CPU: a host loop
@@ -31,6 +32,11 @@ For each architecture, kind and batch size it measures, on statically binarized 
 With --dsprites N, also disentanglement_lib's conv VAE (model=conv_dlib, 64x64x1 inputs, batch 64) on N
 dSprites training images, trained as a run trains it, with its upsampling convs of kernel 3 (ours) and
 of kernel 4 (the transposed convs' kernel), as images/s and FLOPs per image beside the MNIST models.
+With --resolutions, also the hierarchical VAE (model=hvae, RESOLUTION_MODEL: stages halving down to 8 pixels,
+one block and one latent group each) on synthetic RGB images (data=synthetic) at each size, batch 16, with and
+without remat (and in bfloat16 on a GPU): images/s, its own-ops bound and the fraction reached, and the peak
+memory of the train step's temporaries (activations and workspace) from XLA's buffer assignment, exact per
+variant on any device.
 The loops of a row (and the batched sweep against the same runs one after another) run round-robin, one
 epoch of each in turn, so that drift in the machine's speed slows all of them alike.
 Prints markdown tables and writes JSON (--out). Machines without TensorFlow Datasets (a bare GPU box) can
@@ -105,6 +111,55 @@ def dsprites_rows(images: int, epochs: int) -> list[dict]:
   timed = interleaved(loops, epochs)
   return [{"arch": "conv_dlib", "decoder_kernel_size": k, "batch_size": 64, "image_shape": list(ds.spec.shape)}
           | timed[k] | infos[k] for k in cfgs]
+
+
+RESOLUTION_MODEL = {"arch": "hvae", "kind": "vae", "width": 32, "bottleneck": 16, "latent_channels": 8,
+                    "activation": "gelu"}  # + one stage per halving down to 8 pixels
+RESOLUTION_BATCH = 16
+
+
+def resolution_config(size: int, remat: bool, dtype: str, train: int) -> Config:
+  stages = int(np.log2(size // 8)) + 1
+  model = RESOLUTION_MODEL | {"encoder_blocks": [1] * stages, "decoder_groups": [1] * stages, "remat": remat,
+                              "compute_dtype": dtype}
+  return schema.structured({"model": model, "objective": {"likelihood": "discretized_logistic_mixture"},
+                            "data": {"name": "synthetic", "size": size, "num_train": train, "num_test": 16},
+                            "training": {"batch_size": RESOLUTION_BATCH}})
+
+
+def step_memory(cfg, ds) -> dict:
+  """The compiled train step's memory from XLA's buffer assignment: temporaries (activations kept for the
+  backward pass and workspace) and arguments, bytes."""
+  model = create_model(cfg, ds.spec)
+  state = create_train_state(cfg, model, ds.spec)
+  b = cfg.training.batch_size
+  step = jax.jit(make_train_step(cfg, model, ds.spec, len(ds.train)))
+  analysis = step.lower(state, jnp.asarray(ds.train.images[:b]), jnp.asarray(ds.train.labels[:b])).compile().memory_analysis()
+  return {"temp_bytes": int(analysis.temp_size_in_bytes), "argument_bytes": int(analysis.argument_size_in_bytes)}
+
+
+def resolution_rows(sizes: list[int], epochs: int) -> list[dict]:
+  """The hierarchical VAE at each size, remat off and on (and bfloat16 on an accelerator), timed round-robin."""
+  dtypes = ["float32"] + (["bfloat16"] if jax.default_backend() != "cpu" else [])
+  rows = []
+  for size in sizes:
+    train = RESOLUTION_BATCH * max(1, 4096 // size)  # shorter epochs as the images grow
+    variants = {(remat, dtype): resolution_config(size, remat, dtype, train) for dtype in dtypes for remat in (False, True)}
+    ds = data.load(next(iter(variants.values())).data)
+    loops, infos = {}, {}
+    for key, cfg in variants.items():
+      loops[key], infos[key] = project_loop(cfg, ds)
+      loops[("own_ops",) + key] = step_ops_loop(cfg, ds, copies=2, steps=4)
+      infos[key] |= step_memory(cfg, ds)
+    timed = interleaved(loops, epochs)
+    for (remat, dtype), cfg in variants.items():
+      own = timed[("own_ops", remat, dtype)]["images_per_s"]
+      rows.append({"size": size, "remat": remat, "compute_dtype": dtype, "batch_size": RESOLUTION_BATCH,
+                   "params": int(sum(x.size for x in jax.tree.leaves(create_train_state(cfg, create_model(cfg, ds.spec), ds.spec).params)))}
+                  | timed[(remat, dtype)] | infos[(remat, dtype)]
+                  | {"own_ops_images_per_s": own, "fraction_of_own_ops": timed[(remat, dtype)]["images_per_s"] / own})
+      print(json.dumps(rows[-1]), flush=True)
+  return rows
 
 
 def config(arch: str, kind: str, batch_size: int, unroll: int = 1, flat_optimizer: bool = False) -> Config:
@@ -417,6 +472,8 @@ def torch_loop(ds, batch_size: int):
 def print_tables(result: dict) -> None:
   print(f"device: {result['device']} ({result['backend']}), jax {result['jax']}; large matmuls "
         f"{result['matmul_gflops_large']:.1f} GFLOP/s\n")
+  if not result["rows"]:
+    return print_other_tables(result)
   print("| arch | kind | batch | MFLOP/image | cvae_jax img/s | compile s | matmul GFLOP/s at the MLP's shapes | "
         "bound img/s | fraction | own-ops bound img/s | fraction | per-step loop img/s | ratio | "
         "PyTorch loop img/s | ratio |")
@@ -430,6 +487,10 @@ def print_tables(result: dict) -> None:
           + (f"{loop['images_per_s']:,.0f} ({loop['feeder']}) | {r['vs_step_loop']:.2f} | " if loop else "n/a | | ")
           + (f"{torch_row['images_per_s']:,.0f} ({torch_row['device']}) | {r['vs_pytorch_loop']:.2f} |"
              if torch_row else "n/a | |"))
+  print_other_tables(result)
+
+
+def print_other_tables(result: dict) -> None:
   if result.get("dsprites"):
     print("\n64x64 dSprites, disentanglement_lib's conv VAE (model=conv_dlib), VAE, batch 64:")
     print("| decoder kernel | MFLOP/image | cvae_jax img/s | compile s |")
@@ -437,6 +498,16 @@ def print_tables(result: dict) -> None:
     for r in result["dsprites"]:
       print(f"| {r['decoder_kernel_size']} | {r['flops_per_image'] / 1e6:.2f} | {r['images_per_s']:,.0f} | "
             f"{r['compile_s']:.2f} |")
+  if result.get("resolutions"):
+    print(f"\nhierarchical VAE (model=hvae) on synthetic RGB images, batch {RESOLUTION_BATCH}:")
+    print("| pixels | remat | dtype | MFLOP/image | img/s | own-ops bound img/s | fraction | step temporaries MiB | "
+          "vs no remat |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    base = {(r["size"], r["compute_dtype"]): r["temp_bytes"] for r in result["resolutions"] if not r["remat"]}
+    for r in result["resolutions"]:
+      print(f"| {r['size']} | {r['remat']} | {r['compute_dtype']} | {r['flops_per_image'] / 1e6:,.0f} | "
+            f"{r['images_per_s']:,.1f} | {r['own_ops_images_per_s']:,.1f} | {r['fraction_of_own_ops']:.2f} | "
+            f"{r['temp_bytes'] / 2**20:,.1f} | {base[(r['size'], r['compute_dtype'])] / r['temp_bytes']:.2f}x |")
   if result.get("variants"):
     print("\nvariants of the compiled epoch (MLP VAE):")
     print("| batch | scan unroll | flat optimizer | img/s | compile s | batched sweep img/s | vs separate |")
@@ -474,7 +545,8 @@ def print_tables(result: dict) -> None:
 
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--arch", nargs="+", default=["mlp"], choices=list(MODELS))
+  parser.add_argument("--arch", nargs="*", default=["mlp"], choices=list(MODELS),
+                      help="the MNIST models to time (none: --arch with no names)")
   parser.add_argument("--kind", nargs="+", default=["vae"], choices=["vae", "cvae"])
   parser.add_argument("--batch-size", nargs="+", type=int, default=[128])
   parser.add_argument("--epochs", type=int, default=3, help="timed epochs per loop (after one warm-up)")
@@ -495,6 +567,8 @@ def main(argv=None) -> None:
                       help="(images per chunk)x(samples per chunk) settings of the bound to time")
   parser.add_argument("--dsprites", type=int, default=0,
                       help="also time disentanglement_lib's 64x64 conv VAE on this many dSprites images (0: skip)")
+  parser.add_argument("--resolutions", nargs="+", type=int, default=[],
+                      help="also time the hierarchical VAE on synthetic RGB images of these sizes (powers of 2, >= 8)")
   parser.add_argument("--data", help="read the data from this file (written by --save-data) instead of TFDS")
   parser.add_argument("--save-data", help="write the benchmark's data to this .npz file and stop")
   parser.add_argument("--hlo-dir", help="write the MLP epoch's optimized HLO here, one file per batch size")
@@ -574,6 +648,8 @@ def main(argv=None) -> None:
           variant["separate_runs"] = timed["separate_runs"]
         result["variants"].append(variant)
         print(json.dumps(variant), flush=True)
+  if args.resolutions:
+    result["resolutions"] = resolution_rows(args.resolutions, args.epochs)
   if args.dsprites:
     result["dsprites"] = dsprites_rows(args.dsprites, args.epochs)
     for row in result["dsprites"]:

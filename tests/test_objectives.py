@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import scipy.special
 import scipy.stats
 from scipy import integrate
 
@@ -147,6 +148,104 @@ def test_gaussian_log_prob_against_scipy():
   expected = scipy.stats.norm.logpdf(x, mean, np.log1p(np.exp(raw)) + 0.5).sum(axis=(1, 2))
   np.testing.assert_allclose(floored.log_prob(jnp.asarray(x), jnp.asarray(outputs)), expected, rtol=1e-5)
   assert likelihoods.of(ObjectiveConfig(likelihood="gaussian")) is likelihoods.get("gaussian")
+
+
+def mixture_outputs(logits, means, log_scales):
+  """Per-channel parameters [..., C, K] each -> decoder outputs [..., 3 K C] in the likelihood's layout
+  [..., 3, K, C]: all logits, then all means, then all log-scales."""
+  params = np.stack([logits, means, log_scales], axis=-3).swapaxes(-1, -2)  # [..., 3, K, C]
+  return jnp.asarray(params.reshape(*params.shape[:-3], -1), jnp.float32)
+
+
+def every_value_of_one_pixel(logits, means, log_scales):
+  """The probability of each of the 256 values of each pixel.  params [P, K] -> [256, P]"""
+  p, k = logits.shape
+  values = np.repeat(np.arange(256) / 255, p).reshape(256 * p, 1, 1).astype(np.float32)  # [256 P, 1, 1]
+  outputs = np.tile(mixture_outputs(logits[:, None], means[:, None], log_scales[:, None]), (256, 1))[:, None]
+  log_prob = likelihoods.discretized_logistic_mixture_log_prob(jnp.asarray(values), jnp.asarray(outputs), k)
+  return np.exp(np.asarray(log_prob, np.float64)).reshape(256, p)
+
+
+def test_the_discretized_logistic_mixture_sums_to_one_over_the_256_values():
+  rng = np.random.default_rng(0)
+  k = 4
+  logits = rng.normal(scale=3.0, size=(8, k))
+  means = rng.uniform(-1.2, 1.2, size=(8, k))
+  log_scales = rng.uniform(-8.0, 3.0, size=(8, k))
+  means[:4] = [[-1.0, 1.0, -0.999, 1.0 - 1 / 255]] * 4  # on and near the edges, and the middle of an edge bin
+  log_scales[0], log_scales[1] = -7.0, -20.0  # at and below the clamp: narrower than a bin
+  log_scales[2], log_scales[3] = 6.0, [-7.0, 6.0, -3.0, 0.0]  # wider than the data range; mixed
+  means[4:6], log_scales[4:6] = 0.0, -7.0  # on the boundary of two bins: each holds half the mass
+  np.testing.assert_allclose(every_value_of_one_pixel(logits, means, log_scales).sum(axis=0), np.ones(8), atol=1e-5)
+
+
+def test_the_discretized_logistic_by_hand():
+  # K = 1, mean 0, scale 1 in [-1, 1] units: 127 is the bin [-2/255, 0]; 0 reaches to -inf; 255 to +inf.
+  sigmoid = scipy.special.expit
+  probabilities = every_value_of_one_pixel(np.zeros((1, 1)), np.zeros((1, 1)), np.zeros((1, 1)))[:, 0]
+  assert probabilities[127] == pytest.approx(sigmoid(0.0) - sigmoid(-2 / 255), rel=1e-5)
+  assert probabilities[0] == pytest.approx(sigmoid(-1 + 1 / 255), rel=1e-5)
+  assert probabilities[255] == pytest.approx(1 - sigmoid(1 - 1 / 255), rel=1e-5)
+  # A far tail bin (1.8e-6, below PixelCNN++'s 1e-5 fallback) against float64: scale e^-3, value 200.
+  x, s = 145 / 255, math.exp(-3.0)
+  tail = every_value_of_one_pixel(np.zeros((1, 1)), np.zeros((1, 1)), np.full((1, 1), -3.0))[200, 0]
+  assert tail == pytest.approx(sigmoid(-(x - 1 / 255) / s) - sigmoid(-(x + 1 / 255) / s), rel=1e-4)
+
+
+def test_a_mixture_of_identical_logistics_is_that_logistic():
+  rng = np.random.default_rng(1)
+  means, log_scales = rng.uniform(-1, 1, size=(6, 1)), rng.uniform(-6, 1, size=(6, 1))
+  one = every_value_of_one_pixel(np.zeros((6, 1)), means, log_scales)
+  five = every_value_of_one_pixel(rng.normal(size=(6, 5)), np.repeat(means, 5, 1), np.repeat(log_scales, 5, 1))
+  np.testing.assert_allclose(five, one, rtol=1e-5, atol=1e-9)
+
+
+def test_the_discretized_logistic_mixture_sums_each_example_s_pixels_and_channels():
+  # [B, H, W, C] = [2, 2, 3, 3] with K = 2: the image's log-prob is the sum of each channel's alone, which also
+  # pins the layout of the outputs (mixture_outputs) and the mean's.
+  rng = np.random.default_rng(2)
+  shape, k = (2, 2, 3, 3), 2
+  x = rng.integers(0, 256, size=shape) / 255
+  x.reshape(-1)[:2] = [0.0, 1.0]
+  logits, log_scales = rng.normal(size=(2, *shape, k))
+  means = rng.uniform(-1.2, 1.2, (*shape, k))
+  got = likelihoods.discretized_logistic_mixture_log_prob(jnp.asarray(x, jnp.float32),
+                                                          mixture_outputs(logits, means, log_scales), k)
+  alone = likelihoods.discretized_logistic_mixture_log_prob(
+      jnp.asarray(x.reshape(-1, 1, 1), jnp.float32),
+      mixture_outputs(*(a.reshape(-1, 1, 1, k) for a in (logits, means, log_scales)))[:, 0], k)  # [B H W C]
+  np.testing.assert_allclose(got, np.asarray(alone).reshape(2, -1).sum(axis=1), rtol=1e-5)
+  pi = scipy.special.softmax(logits, axis=-1)
+  mean = likelihoods.discretized_logistic_mixture_mean(mixture_outputs(logits, means, log_scales), k)
+  np.testing.assert_allclose(mean, (np.sum(pi * np.clip(means, -1, 1), axis=-1) + 1) / 2, rtol=1e-5)
+
+
+def test_objective_mixtures_sizes_the_discretized_logistic_mixture():
+  from cvae_jax.config import ConfigError
+  three = likelihoods.of(ObjectiveConfig(likelihood="discretized_logistic_mixture", mixtures=3))
+  assert three.outputs_per_channel == 9
+  assert three.log_prob(jnp.zeros((1, 2, 2, 1)), jnp.zeros((1, 2, 2, 9))).shape == (1,)
+  assert three.mean(jnp.zeros((1, 2, 2, 9))).shape == (1, 2, 2, 1)
+  assert likelihoods.of(ObjectiveConfig(likelihood="discretized_logistic_mixture", mixtures=3)) is three
+  default = likelihoods.of(ObjectiveConfig(likelihood="discretized_logistic_mixture"))
+  assert default is likelihoods.get("discretized_logistic_mixture") and default.outputs_per_channel == 30
+  assert default.normalized("grayscale") and not default.normalized("static_binary")
+  with pytest.raises(ConfigError, match="objective.mixtures=0"):
+    likelihoods.of(ObjectiveConfig(likelihood="discretized_logistic_mixture", mixtures=0))
+  with pytest.raises(ValueError, match="outputs_per_channel"):
+    three.log_prob(jnp.zeros((1, 2, 2, 1)), jnp.zeros((1, 2, 2, 30)))
+
+
+def test_discretized_logistic_gradients_are_finite_at_the_edges_and_the_clamp():
+  # Values 0 and 255 (the edge bins), a middle bin whose sigmoid difference underflows (mean 1, scale e^-7:
+  # the density fallback), log-scales at and below the clamp and very large.
+  x = jnp.array([[0.0, 1.0, 128 / 255, 0.0, 1.0]]).reshape(1, 5, 1)
+  means = np.array([-1.0, 1.0, 1.0, 1.0, -1.0]).reshape(5, 1, 1)  # [pixel, C, K]
+  log_scales = np.array([-7.0, -20.0, -7.0, 8.0, -7.0]).reshape(5, 1, 1)
+  outputs = mixture_outputs(np.zeros((5, 1, 1)), means, log_scales)[None]  # [1, 5, 3]
+  value, grad = jax.value_and_grad(lambda o: likelihoods.discretized_logistic_mixture_log_prob(x, o, 1)[0])(outputs)
+  assert np.isfinite(float(value)) and np.all(np.isfinite(np.asarray(grad)))
+  assert np.all(np.asarray(grad)[0, 1, 2] == 0.0)  # below the clamp the log-scale gets no gradient
 
 
 def test_free_bits_by_hand():

@@ -84,6 +84,7 @@ def make_train_step(plan: Plan) -> Callable:
   hyper.learning_rate (times the schedule), so runs of a batched sweep may differ in their rate."""
   lr_factor = learning_rate_factor(plan.optimizer, plan.steps_per_epoch)
   skip_nonfinite = plan.training.skip_nonfinite
+  skip_grad_norm = plan.training.skip_grad_norm
 
   def train_step(state, images, labels, hyper: Optional[RunHyper] = None):
     hyper = plan.hyper if hyper is None else hyper
@@ -95,12 +96,20 @@ def make_train_step(plan: Plan) -> Callable:
     updates = jax.tree.map(lambda d: d * rate, direction)
     new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                               opt_state=opt_state)
-    if skip_nonfinite:  # keep the old parameters and optimizer state when this step's numbers are not finite
-      finite = jnp.isfinite(loss) & jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
-      keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+    if skip_nonfinite or skip_grad_norm is not None:
+      # Keep the old parameters and optimizer state when this step's numbers are not finite, or (VDVAE's
+      # outlier skipping) its gradient's global norm is above training.skip_grad_norm; the step still counts.
+      ok = jnp.asarray(True)
+      if skip_nonfinite:
+        ok = jnp.isfinite(loss) & jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+      if skip_grad_norm is not None:
+        grad_norm = optax.tree.norm(grads)
+        metrics["grad_norm"] = grad_norm
+        ok = ok & (grad_norm <= skip_grad_norm)  # a NaN norm fails too
+      keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
       new_state = new_state.replace(params=keep(new_state.params, state.params),
                                     opt_state=keep(new_state.opt_state, state.opt_state))
-      metrics["skipped"] = 1.0 - finite.astype(jnp.float32)
+      metrics["skipped"] = 1.0 - ok.astype(jnp.float32)
     return new_state, metrics
 
   return train_step

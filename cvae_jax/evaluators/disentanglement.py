@@ -105,7 +105,7 @@ def make_represent(ctx: EvalContext, key: jax.Array) -> scores.Represent:
   @jax.jit
   def encode(params, stored, key):
     x = model_input(stored, encoding, key)
-    return ctx.model.apply({"params": params}, x, None, method=VAE.encode)[0]
+    return ctx.model.apply({"params": params}, x, None, method="encode")[0]
 
   def represent(stored: np.ndarray) -> np.ndarray:
     codes = []

@@ -55,7 +55,7 @@ def iwae(num_samples: int) -> Callable[[EvalContext], dict]:
                                     ev.sample_chunk)
     key = fold(stream_key(ctx.cfg.seed, Stream.EVAL), Draw.IWAE)
     bound = np.asarray(bound_fn(ctx.params, *_test_split(ctx), key), np.float64)
-    return {"iwae": {"k": num_samples, "bound": float(bound.mean()), "nll": float(-bound.mean()),
+    return {"iwae": {"k": num_samples, "num_examples": len(bound), "bound": float(bound.mean()), "nll": float(-bound.mean()),
                      "standard_error": float(bound.std() / math.sqrt(len(bound))),
                      "conditional_on_label": bool(ctx.model.condition_size), "wall_time": time.perf_counter() - t0}}
 

@@ -3,7 +3,7 @@ pair for a dataset and states which input encodings it reads; `create_model` wra
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import Callable, Optional
 
 import flax.linen as nn
 
@@ -17,12 +17,14 @@ from cvae_jax.registry import Registry
 class ModelFamily:
   name: str
   config: type  # its config node: a ModelConfig subclass with the family's own keys
-  build: Callable  # (model config, DatasetSpec, decoder output shape) -> (encoder, decoder) modules
+  build: Optional[Callable]  # (model config, DatasetSpec, decoder output shape) -> (encoder, decoder) modules
   encodings: frozenset  # the input encodings (data.Encoding) it reads
   autoregressive: bool = False  # the decoder reads x shifted right (teacher forcing) and samples token by token
   host_loop_on_cpu: bool = False  # training.epoch_loop=auto: a host loop of steps on CPU (XLA:CPU runs
                                   # convolutions in a loop body about 10x slower than at top level)
   check: Callable[[Config], None] = lambda cfg: None  # value checks of its own keys
+  model: Optional[Callable] = None  # instead of build, the whole model: (model config, DatasetSpec, decoder output
+                                    # shape, condition size, stochastic) -> a module with the VAE interface
 
 
 FAMILIES: Registry[ModelFamily] = Registry("model.arch", "a model family (choose one with model=NAME)")
@@ -38,9 +40,12 @@ def create_model(cfg: ModelConfig, spec: DatasetSpec, outputs_per_channel: int =
   family = family_of(cfg)
   kind = Kind(cfg.kind)
   output_shape = (*spec.shape[:-1], spec.shape[-1] * outputs_per_channel)
+  condition_size = spec.condition_size if kind == Kind.cvae else 0
+  if family.model is not None:
+    return family.model(cfg, spec, output_shape, condition_size, kind != Kind.ae)
   encoder, decoder = family.build(cfg, spec, output_shape)
   return VAE(encoder=encoder, decoder=decoder, latent_size=cfg.latent_size,
-             condition_size=spec.condition_size if kind == Kind.cvae else 0, stochastic=kind != Kind.ae,
+             condition_size=condition_size, stochastic=kind != Kind.ae,
              autoregressive=family.autoregressive)
 
 

@@ -5,7 +5,8 @@ Interface (every variant):
   decode(z, c, x=None) -> logits      p(x | z[, c]), logits of the likelihood (see objectives); an
                                       autoregressive decoder (token sequences) reads x shifted right
   __call__(x, c, rng) -> VAEOutput     mean, logvar, a reparameterized z, logits
-  generate(rng, c, num_samples)        z ~ p(z) = N(0, I), decoded under c
+  generate(rng, c, num_samples, temperature)  z ~ N(0, t^2 I), decoded under c
+  group_sizes                          latent units per KL group (None: every dimension its own group)
 For a VAE the condition c is ignored (pass None). The condition is the dataset's (DatasetSpec.condition_input):
 a one-hot label, or a vector such as z-scored molecular properties. Token sequences are sampled with
 models.gru.sample_tokens. Shapes come from the DatasetSpec, never constants.
@@ -28,6 +29,13 @@ class VAEOutput:
   logvar: jax.Array | None  # [B, Z]; None for a plain autoencoder
   z: jax.Array       # [B, Z]
   logits: jax.Array  # [B, *data_shape[:-1], channels * outputs per channel]
+  prior_mean: jax.Array | None = None    # [B, Z]: the prior a hierarchy gave z along this draw; None: N(0, I)
+  prior_logvar: jax.Array | None = None  # [B, Z]
+
+  @property
+  def prior(self) -> tuple[jax.Array, jax.Array] | None:
+    """(mean, logvar) of p(z) along this draw, or None for the standard normal."""
+    return None if self.prior_mean is None else (self.prior_mean, self.prior_logvar)
 
 
 def concat(h: jax.Array, c: Optional[jax.Array]) -> jax.Array:
@@ -48,6 +56,7 @@ class VAE(nn.Module):
   condition_size: int = 0
   stochastic: bool = True  # False: a plain autoencoder (z = encoder mean, no KL)
   autoregressive: bool = False  # the decoder reads x (teacher forcing): GRUDecoder
+  group_sizes = None  # one KL group per latent dimension (a hierarchy has groups of many)
 
   def _condition(self, c):
     if not self.condition_size:
@@ -77,10 +86,11 @@ class VAE(nn.Module):
   def decoder_step(self, carry, token, z, c=None):
     return self.decoder.step(carry, token, z, self._condition(c))
 
-  def generate(self, rng, c=None, num_samples: Optional[int] = None):
-    """Samples z from the prior N(0, I) and decodes it (under c for a CVAE): logits."""
+  def generate(self, rng, c=None, num_samples: Optional[int] = None, temperature: float = 1.0):
+    """Samples z from the prior N(0, I) (its scale times the temperature) and decodes it (under c for a
+    CVAE): logits."""
     n = c.shape[0] if c is not None else num_samples
-    z = jax.random.normal(rng, (n, self.latent_size))
+    z = temperature * jax.random.normal(rng, (n, self.latent_size))
     return self.decode(z, c)
 
 

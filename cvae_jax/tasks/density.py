@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import enum
 import logging
 import math
@@ -29,8 +30,8 @@ from cvae_jax.evaluators import (EvalContext, Evaluator, anomaly, disentanglemen
                                  samples)
 from cvae_jax.keys import Stream, fold, stream_key
 from cvae_jax.models import VAE, create_model, family_of
-from cvae_jax.objectives import (decoder_log_likelihood, elbo_terms, free_bits_kl, gaussian_kl_per_dim,
-                                 k_sample_terms, loss_and_metrics, total_correlation)
+from cvae_jax.objectives import (decoder_log_likelihood, elbo_terms, free_bits_kl, joint_k_sample_terms, k_sample_terms,
+                                 kl_per_dim, kl_per_group, loss_and_metrics, total_correlation)
 from cvae_jax.tasks.base import Restored, RestoreError, Task, register
 
 log = logging.getLogger(__name__)
@@ -49,20 +50,27 @@ def make_loss(cfg: Config, model: VAE, spec: DatasetSpec, steps_per_epoch: int) 
   rec + beta * |kl - C| (the capacity objective), or -L_k for objective.estimator=iwae.
   Inputs are binarized and z drawn from the step's BINARIZE and REPARAM keys."""
   objective, lik = cfg.objective, likelihoods.of(cfg.objective)
+  if getattr(cfg.model, "remat", False):  # the per-pixel terms of the likelihood are recomputed too: at high
+    lik = dataclasses.replace(lik, log_prob=jax.checkpoint(lik.log_prob))  # resolution they outweigh the model's
   free_bits = objective.free_bits
   iwae = Estimator(objective.estimator) == Estimator.iwae
   regularizer = Regularizer(objective.regularizer)
   multi_sample = iwae or objective.samples > 1  # k draws per example; k = 1 keeps the one-pass step
   kl_weight = annealing.kl_weight_schedule(objective, steps_per_epoch, steps_per_epoch * cfg.training.epochs)
+  hierarchical = model.group_sizes is not None
 
   def loss(params, images, labels, keys: epoch.StepKeys, hyper: epoch.RunHyper):
     x = model_input(images, spec.encoding, keys(Stream.BINARIZE))  # [B, *shape]
     c = condition(model, spec, labels)  # [B, K] or None
     rng = keys(Stream.REPARAM)
     beta = kl_weight(keys.step, hyper.beta)
+    prior = None
     if multi_sample:
-      mean, logvar = model.apply({"params": params}, x, c, method=VAE.encode)
-      terms = k_sample_terms(decoder_log_likelihood(model, params, x, c, lik), mean, logvar, rng, objective.samples)
+      if hierarchical:  # k joint draws of every group, each a full pass
+        terms = joint_k_sample_terms(model, params, x, c, rng, objective.samples, lik)
+      else:
+        mean, logvar = model.apply({"params": params}, x, c, method="encode")
+        terms = k_sample_terms(decoder_log_likelihood(model, params, x, c, lik), mean, logvar, rng, objective.samples)
       if iwae:  # the loss is -L_k; rec, kl and elbo are still reported
         _, metrics = loss_and_metrics(terms, beta, spec.num_dims)
         metrics["loss"] = -metrics["iwae"]
@@ -70,11 +78,11 @@ def make_loss(cfg: Config, model: VAE, spec: DatasetSpec, steps_per_epoch: int) 
         return metrics["loss"], metrics
     else:
       out = model.apply({"params": params}, x, c, rng)
-      terms = elbo_terms(x, out.logits, out.mean, out.logvar, lik)
-      mean, logvar = out.mean, out.logvar
+      terms = elbo_terms(x, out.logits, out.mean, out.logvar, lik, out.prior)
+      mean, logvar, prior = out.mean, out.logvar, out.prior
     penalty = None
-    if free_bits > 0 and logvar is not None:
-      penalty = free_bits_kl(gaussian_kl_per_dim(mean, logvar), free_bits)
+    if free_bits > 0 and logvar is not None:  # per latent dimension, or per group of a hierarchy
+      penalty = free_bits_kl(kl_per_group(kl_per_dim(mean, logvar, prior), model.group_sizes), free_bits)
     value, metrics = loss_and_metrics(terms, beta, spec.num_dims, penalty)
     if regularizer == Regularizer.tcvae:  # Chen et al. 2018 with alpha = gamma = 1, as disentanglement_lib
       metrics["tc"] = total_correlation(out.z, mean, logvar)
