@@ -83,9 +83,10 @@ def grid_figure(path, images, title: str, row_labels=None, col_labels=None, cell
   plt.close(fig)
 
 
-def sample_grid(path, model, params, spec, likelihood, key, per_row: int = 10):
-  """CVAE: one labelled row per class, z ~ N(0, I). VAE: a square of prior samples."""
-  images = prior_samples(model, params, spec, likelihood, key, per_row)
+def sample_grid(path, model, params, spec, likelihood, key, per_row: int = 10, temperature: float = 1.0):
+  """CVAE: one labelled row per class, z ~ p(z). VAE: a square of prior samples. The prior's scale times the
+  temperature."""
+  images = prior_samples(model, params, spec, likelihood, key, per_row, temperature)
   if model.condition_size:
     grid_figure(path, images, "samples, one row per class",
                 row_labels=[_class_name(spec, k) for k in range(spec.num_classes)])

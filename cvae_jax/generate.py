@@ -1,10 +1,10 @@
-"""`python -m cvae_jax.generate RUN_DIR [--figures NAME ...]`: the generation uses as labelled PNGs.
+"""`python -m cvae_jax.generate RUN_DIR [--figures NAME ...] [--temperature T]`: the generation uses as labelled PNGs.
 
-  samples          class-conditional samples, one row per class (a VAE: prior samples)
+  samples          class-conditional samples, one row per class (a VAE: prior samples), at --temperature
   translation      each test image's code decoded under every class (CVAE)
   style_transfer   style images' codes rendered as the classes of content images (CVAE)
   interpolation    between the codes (and labels) of pairs of test images
-  traversal        one latent dimension at a time around a test image's code
+  traversal        one latent dimension at a time around a test image's code (not for a hierarchy's thousands)
   manifold         the decoded 2-D latent grid (latent size 2 only)
 For image data. Figures go to RUN_DIR/figures/ (or --out) with fixed keys, so reruns draw the same images.
 """
@@ -45,10 +45,11 @@ def applicable(restored: Restored) -> list[str]:
     return []
   names = [n for n in ALL if (model.condition_size and spec.num_classes) or n not in CONDITIONAL_ONLY]
   names = [n for n in names if model.stochastic or n not in ("samples", "manifold")]
+  names = [n for n in names if model.group_sizes is None or n != "traversal"]
   return [n for n in names if n != "manifold" or model.latent_size == 2]
 
 
-def write_figures(restored: Restored, names, out: Path) -> list[Path]:
+def write_figures(restored: Restored, names, out: Path, temperature: float = 1.0) -> list[Path]:
   cfg, ds, model, params = restored.cfg, restored.dataset, restored.model, restored.params
   likelihood = likelihoods.of(cfg.objective)
   out.mkdir(parents=True, exist_ok=True)
@@ -57,7 +58,7 @@ def write_figures(restored: Restored, names, out: Path) -> list[Path]:
     path = out / f"{name}.png"
     key = stream_key(cfg.seed, Stream.FIGURES, Figure[name.upper()])
     if name == "samples":
-      figures.sample_grid(path, model, params, ds.spec, likelihood, key)
+      figures.sample_grid(path, model, params, ds.spec, likelihood, key, temperature=temperature)
     elif name == "manifold":
       figures.manifold(path, model, params, ds.spec, likelihood)
     else:
@@ -71,7 +72,11 @@ def main(argv=None) -> None:
   parser.add_argument("workdir", type=Path, help="a run directory written by python -m cvae_jax.train")
   parser.add_argument("--figures", nargs="+", choices=ALL, help="which figures (default: all that apply)")
   parser.add_argument("--out", type=Path, help="output folder (default: RUN_DIR/figures)")
+  parser.add_argument("--temperature", type=float, default=1.0,
+                      help="samples: the prior's scale times this (VDVAE shows t < 1; default 1)")
   args = parser.parse_args(argv)
+  if args.temperature < 0:
+    parser.error(f"--temperature must be >= 0 (0: every group at its prior mean); got {args.temperature}")
   xla_cpu.use_fast_scheduler()
   experiment.load_plugins()
   try:
@@ -88,7 +93,7 @@ def main(argv=None) -> None:
   if wrong:
     sys.exit(f"error: {', '.join(wrong)} do not apply to this run (a {restored.cfg.model.kind.value} with "
              f"latent size {restored.cfg.model.latent_size}); these do: {', '.join(applicable(restored))}.")
-  for path in write_figures(restored, names, args.out or args.workdir / "figures"):
+  for path in write_figures(restored, names, args.out or args.workdir / "figures", args.temperature):
     print(f"wrote {path}")
 
 

@@ -239,3 +239,32 @@ def test_a_resolution_the_stages_do_not_divide_is_refused_with_what_to_do():
   with pytest.raises(ConfigError, match="data.resize"):
     model_and_state(hvae_config(**{"model.decoder_groups": [1, 1, 1, 1, 1], "model.encoder_blocks": [1] * 5}),
                     synthetic_dataset().spec)
+
+
+def test_bfloat16_compute_keeps_float32_parameters_statistics_and_outputs():
+  x, rng = images(), jax.random.key(3)
+  full, half = tiny(), tiny(compute_dtype="bfloat16")
+  params = perturbed(full.init({"params": jax.random.key(0)}, x, None, rng)["params"], jax.random.key(1), 0.1)
+  assert {p.dtype for p in jax.tree.leaves(half.init({"params": jax.random.key(0)}, x, None, rng))} == {np.dtype("float32")}
+  a, b = full.apply({"params": params}, x, None, rng), half.apply({"params": params}, x, None, rng)
+  assert b.logits.dtype == b.mean.dtype == b.prior_mean.dtype == jnp.float32
+  np.testing.assert_allclose(b.logits, a.logits, atol=0.1)  # bfloat16 keeps ~3 significant digits
+  assert float(jnp.max(jnp.abs(b.logits - a.logits))) > 0  # and it did compute in bfloat16
+
+
+def test_translation_and_class_conditional_samples_of_a_cvae_hierarchy():
+  """The CVAE's codes (every group's posterior mean) decoded under other classes: the image's own class gives
+  its reconstruction, as decode(encode(x, c), c) does, and another class gives another image."""
+  from cvae_jax import generation
+  spec = synthetic_dataset(shape=(8, 8, 1)).spec
+  model = tiny(condition_size=spec.condition_size)
+  x, labels = images(n=2), np.array([0, 2])
+  c = spec.condition_input(jnp.asarray(labels))
+  params = perturbed(model.init({"params": jax.random.key(0)}, x, c, jax.random.key(1))["params"], jax.random.key(2), 0.1)
+  translated = generation.translate(model, params, spec, x, labels, BERNOULLI)  # [2, 3, 8, 8, 1]
+  mean, _ = model.apply({"params": params}, x, c, method="encode")
+  own = BERNOULLI.mean(model.apply({"params": params}, mean, c, method="decode"))
+  np.testing.assert_allclose(translated[jnp.arange(2), jnp.asarray(labels)], own, atol=1e-6)
+  assert float(jnp.max(jnp.abs(translated[:, 0] - translated[:, 1]))) > 1e-3
+  samples = generation.class_conditional(model, params, spec, jax.random.key(4), [0, 1], 3, BERNOULLI, temperature=0.8)
+  assert samples.shape == (2, 3, 8, 8, 1)
