@@ -42,7 +42,7 @@ from cvae_jax.config import ModelConfig
 from cvae_jax.data import Encoding
 from cvae_jax.models.conv import depth_to_space
 from cvae_jax.models.registry import ModelFamily, register
-from cvae_jax.models.vae import VAEOutput
+from cvae_jax.models.vae import VAEOutput, required_condition
 
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -206,11 +206,7 @@ class HierarchicalVAE(nn.Module):
     self.activation = activation
 
   def _condition(self, c):
-    if not self.condition_size:
-      return None
-    if c is None:
-      raise ValueError("a CVAE needs the condition c")
-    return c
+    return required_condition(self.condition_size, c)
 
   def _broadcast(self, e, h):
     return e.reshape(e.shape[0], *([1] * (h.ndim - 2)), e.shape[-1])

@@ -43,6 +43,15 @@ def concat(h: jax.Array, c: Optional[jax.Array]) -> jax.Array:
   return h if c is None else jnp.concatenate([h, c.astype(h.dtype)], axis=-1)
 
 
+def required_condition(condition_size: int, c: Optional[jax.Array]) -> Optional[jax.Array]:
+  """The condition a model reads: None for a VAE (whatever is passed), c for a CVAE, which cannot go without."""
+  if not condition_size:
+    return None
+  if c is None:
+    raise ValueError("a CVAE needs the condition c")
+  return c
+
+
 def reparameterize(rng: jax.Array, mean: jax.Array, logvar: jax.Array) -> jax.Array:
   """z = mean + exp(logvar / 2) * eps, eps ~ N(0, I): differentiable in mean and logvar."""
   return mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape, mean.dtype)
@@ -59,11 +68,7 @@ class VAE(nn.Module):
   group_sizes = None  # one KL group per latent dimension (a hierarchy has groups of many)
 
   def _condition(self, c):
-    if not self.condition_size:
-      return None
-    if c is None:
-      raise ValueError("a CVAE needs the condition c")
-    return c
+    return required_condition(self.condition_size, c)
 
   def encode(self, x, c=None):
     return self.encoder(x, self._condition(c))
