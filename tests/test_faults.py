@@ -98,8 +98,8 @@ def test_skip_nonfinite_skips_and_counts_the_bad_updates(tmp_path, monkeypatch):
   ds.train.images[5] = 255
   original = density.elbo_terms
 
-  def poisoned_terms(x, logits, mean, logvar, likelihood):
-    terms = original(x, logits, mean, logvar, likelihood)
+  def poisoned_terms(x, logits, mean, logvar, likelihood, prior=None):
+    terms = original(x, logits, mean, logvar, likelihood, prior)
     bad = jnp.all(x.reshape(x.shape[0], -1) == 1.0, axis=-1)
     return dict(terms, rec=jnp.where(bad, jnp.nan, terms["rec"]))
 
