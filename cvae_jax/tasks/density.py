@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import enum
 import logging
 import math
@@ -50,8 +49,6 @@ def make_loss(cfg: Config, model: VAE, spec: DatasetSpec, steps_per_epoch: int) 
   rec + beta * |kl - C| (the capacity objective), or -L_k for objective.estimator=iwae.
   Inputs are binarized and z drawn from the step's BINARIZE and REPARAM keys."""
   objective, lik = cfg.objective, likelihoods.of(cfg.objective)
-  if getattr(cfg.model, "remat", False):  # the per-pixel terms of the likelihood are recomputed too: at high
-    lik = dataclasses.replace(lik, log_prob=jax.checkpoint(lik.log_prob))  # resolution they outweigh the model's
   free_bits = objective.free_bits
   iwae = Estimator(objective.estimator) == Estimator.iwae
   regularizer = Regularizer(objective.regularizer)
