@@ -37,8 +37,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cvae_jax.config import Config, ConfigError, Regularizer, check
-from cvae_jax.config import ModelConfig
+from cvae_jax.config import Config, ConfigError, ModelConfig, Regularizer, check
 from cvae_jax.data import Encoding
 from cvae_jax.models.conv import depth_to_space
 from cvae_jax.models.registry import ModelFamily, register
@@ -133,6 +132,11 @@ class Group(nn.Module):
     return h, (q_mean, q_logvar, p_mean, p_logvar, z)
 
 
+def _over_positions(e, h):
+  """A per-example vector [B, F] shaped to add at every position of h [B, *spatial, F]."""
+  return e.reshape(e.shape[0], *([1] * (h.ndim - 2)), e.shape[-1])
+
+
 def _upsample(h, factor: int):
   for axis in range(1, h.ndim - 1):
     h = jnp.repeat(h, factor, axis=axis)
@@ -208,14 +212,11 @@ class HierarchicalVAE(nn.Module):
   def _condition(self, c):
     return required_condition(self.condition_size, c)
 
-  def _broadcast(self, e, h):
-    return e.reshape(e.shape[0], *([1] * (h.ndim - 2)), e.shape[-1])
-
   def bottom_up(self, x, c):
     """The bottom-up activation at every stage.  [B, *spatial, C] -> list of [B, *stage_shape, width]"""
     h = self.stem(space_to_depth(2.0 * x - 1.0, self.cfg.patch).astype(self.dtype))
     if c is not None:
-      h = h + self._broadcast(self.embed_input(c.astype(self.dtype)), h)
+      h = h + _over_positions(self.embed_input(c.astype(self.dtype)), h)
     acts = []
     for s, blocks in enumerate(self.encoder_blocks):
       if s:
@@ -233,7 +234,7 @@ class HierarchicalVAE(nn.Module):
       bias = jnp.broadcast_to(self.stage_bias[s].astype(self.dtype), (batch, *self.stage_bias[s].shape))
       h = bias if h is None else _upsample(h, self.cfg.downsample) + bias
       if c is not None:
-        h = h + self._broadcast(self.embed_stages[s](c.astype(self.dtype)), h)
+        h = h + _over_positions(self.embed_stages[s](c.astype(self.dtype)), h)
       for _ in range(self.cfg.decoder_groups[s]):
         h, st = self.groups[g](h, None if acts is None else acts[s],
                                None if rng is None else jax.random.fold_in(rng, g),
