@@ -149,7 +149,7 @@ def resolution_rows(sizes: list[int], epochs: int) -> list[dict]:
     loops, infos = {}, {}
     for key, cfg in variants.items():
       loops[key], infos[key] = project_loop(cfg, ds)
-      loops[("own_ops",) + key] = step_ops_loop(cfg, ds, copies=2, steps=4)
+      loops[("own_ops",) + key] = step_ops_loop(cfg, ds, copies=1, steps=4)
       infos[key] |= step_memory(cfg, ds)
     timed = interleaved(loops, epochs)
     for (remat, dtype), cfg in variants.items():
@@ -258,11 +258,15 @@ def step_ops_loop(cfg, ds, copies: int = 8, steps: int = 48):
   """The step's own matmuls and convolutions alone (step_ops, at their shapes and layouts; one program that
   runs them for `copies` steps' worth of distinct operands, so dispatch is amortized): run_epoch(e) ->
   images whose matmul and conv work it did. Timed by `interleaved`, that is the model's own bound in
-  images/s: what the step would reach if everything but its matmuls and convolutions were free."""
+  images/s: what the step would reach if everything but its matmuls and convolutions were free. Within a
+  copy, the ops whose operands have the same shape share them (a deep model at 256 pixels would otherwise
+  hold every activation of the step, 7 to 10 GiB, per copy)."""
   ops = step_ops(cfg, ds)
   avals = [a for _, _, op_avals in ops for a in op_avals]
-  keys = jax.random.split(jax.random.key(0), (copies, len(avals)))
-  operands = [[jax.random.normal(k, a.shape, a.dtype) * 0.01 for k, a in zip(row, avals)] for row in keys]
+  shapes = sorted({(a.shape, jnp.dtype(a.dtype).name) for a in avals})
+  keys = jax.random.split(jax.random.key(0), (copies, len(shapes)))
+  shared = [{s: jax.random.normal(k, s[0], s[1]) * 0.01 for k, s in zip(row, shapes)} for row in keys]
+  operands = [[row[(a.shape, jnp.dtype(a.dtype).name)] for a in avals] for row in shared]
   arity = [len(op_avals) for _, _, op_avals in ops]
 
   @jax.jit

@@ -23,12 +23,14 @@ latent_channels (`group_sizes` gives each group's share):
 VDVAE's stabilizers: the last conv of every residual block and the z projection start scaled by
 sqrt(1 / number of blocks), and the prior's block starts at zero (p = N(0, I), no features), so the stack
 starts as the identity; updates with an outlying gradient norm are skipped by training.skip_grad_norm.
-Options for resolution: model.remat recomputes each block's activations in the backward pass
-(jax.checkpoint), model.compute_dtype=bfloat16 computes in bfloat16 with float32 parameters, statistics and
+Options for resolution: model.remat recomputes activations in the backward pass (models/remat.py: each
+encoder block, each block of every group, each group and the head keep only their inputs),
+model.compute_dtype=bfloat16 computes in bfloat16 with float32 parameters, statistics and
 loss. Works on images and on 1-D signals (the kernels have one dimension per spatial axis).
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -36,11 +38,13 @@ from typing import Callable, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from cvae_jax.config import Config, ConfigError, ModelConfig, Regularizer, check
 from cvae_jax.data import Encoding
 from cvae_jax.models.conv import depth_to_space
 from cvae_jax.models.registry import ModelFamily, register
+from cvae_jax.models.remat import checkpointed, conv_for
 from cvae_jax.models.vae import VAEOutput, required_condition
 
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -59,7 +63,7 @@ class HVAEConfig(ModelConfig):
   patch: int = 1              # stage 0 works on patch x patch blocks of pixels stacked as channels (space to depth
                               # in, depth to space out): patch^2 times fewer positions, a lossless reshaping
   kernel_size: int = 3        # the middle conv of each block
-  remat: bool = False         # recompute each block's activations in the backward pass: less memory, ~1/3 more compute
+  remat: bool = False         # recompute activations in the backward pass: less memory, ~1/3 more compute
   compute_dtype: str = "float32"  # float32 or bfloat16 (GPU/TPU); parameters, statistics and the loss stay float32
 
 
@@ -70,7 +74,8 @@ def _scaled_init(scale: float):
 
 class Block(nn.Module):
   """act -> 1x1 conv -> act -> kxk conv -> act -> 1x1 conv (VDVAE's bottleneck block, one middle conv fewer);
-  plus the input when residual. `last_scale` scales the last conv's initial variance (0: zeros)."""
+  plus the input when residual. `last_scale` scales the last conv's initial variance (0: zeros). `conv` is
+  the convolution nn.Conv calls (remat.conv_for)."""
   middle: int
   out: int
   kernel: int
@@ -78,16 +83,38 @@ class Block(nn.Module):
   residual: bool = True
   last_scale: float = 1.0
   dtype: jnp.dtype = jnp.float32
+  conv: Callable = lax.conv_general_dilated
 
   @nn.compact
-  def __call__(self, h):
+  def __call__(self, h, extra=None):
+    """extra: a second input, read as concatenate([h, extra], -1) (then not residual) without storing it."""
     d = h.ndim - 2
-    conv = lambda n, k, **kw: nn.Conv(n, (k,) * d, padding="SAME", dtype=self.dtype, **kw)
+    conv = lambda n, k, name, **kw: nn.Conv(n, (k,) * d, padding="SAME", dtype=self.dtype, name=name,
+                                            conv_general_dilated=self.conv, **kw)
     last_init = nn.initializers.zeros if self.last_scale == 0 else _scaled_init(self.last_scale)
-    y = conv(self.middle, 1)(self.activation(h))
-    y = conv(self.middle, self.kernel)(self.activation(y))
-    y = conv(self.out, 1, kernel_init=last_init)(self.activation(y))
+    if extra is None:
+      y = conv(self.middle, 1, "Conv_0")(self.activation(h))
+    else:
+      y = _ConcatConv1x1(self.middle, self.dtype, name="Conv_0")(self.activation(h), self.activation(extra))
+    y = conv(self.middle, self.kernel, "Conv_1")(self.activation(y))
+    y = conv(self.out, 1, "Conv_2", kernel_init=last_init)(self.activation(y))
     return h + y if self.residual else y
+
+
+class _ConcatConv1x1(nn.Module):
+  """nn.Conv(features, 1x1) of concatenate([a, b], -1), with nn.Conv's parameters (kernel [1.., Ca + Cb, F],
+  bias [F]), as two matmuls: the concatenation (twice the width at full resolution) is never stored."""
+  features: int
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, a, b):
+    d, na = a.ndim - 2, a.shape[-1]
+    cin = na + b.shape[-1]
+    kernel = self.param("kernel", nn.initializers.lecun_normal(), (1,) * d + (cin, self.features))
+    bias = self.param("bias", nn.initializers.zeros, (self.features,))
+    k = kernel.reshape(cin, self.features).astype(self.dtype)
+    return jnp.dot(a.astype(self.dtype), k[:na]) + jnp.dot(b.astype(self.dtype), k[na:]) + bias.astype(self.dtype)
 
 
 class Group(nn.Module):
@@ -102,6 +129,10 @@ class Group(nn.Module):
   num_blocks: int
   block: Callable
   dtype: jnp.dtype
+  remat: bool = False  # each block `checkpointed`
+
+  def _run(self, block, *args):
+    return checkpointed(block, *args) if self.remat else block(*args)
 
   def setup(self):
     zc, blocks = self.latent_channels, self.num_blocks
@@ -114,11 +145,11 @@ class Group(nn.Module):
 
   def __call__(self, h, act=None, rng=None, z=None, temperature: float = 1.0):
     zc = self.latent_channels
-    prior = self.prior(h)
+    prior = self._run(self.prior, h)
     p_mean, p_logvar = (prior[..., :zc].astype(jnp.float32), prior[..., zc:2 * zc].astype(jnp.float32))
     q_mean = q_logvar = None
     if act is not None:
-      q = self.posterior(jnp.concatenate([h, act.astype(h.dtype)], axis=-1)).astype(jnp.float32)
+      q = self._run(self.posterior, h, act.astype(h.dtype)).astype(jnp.float32)  # a block of [h, act]
       q_mean, q_logvar = q[..., :zc], q[..., zc:]
     h = h + prior[..., 2 * zc:]
     if z is None:
@@ -128,7 +159,7 @@ class Group(nn.Module):
         z = q_mean
       else:
         z = q_mean + jnp.exp(0.5 * q_logvar) * jax.random.normal(rng, q_mean.shape)
-    h = self.resnet(h + self.z_proj(z.astype(self.dtype)))
+    h = self._run(self.resnet, h + self.z_proj(z.astype(self.dtype)))
     return h, (q_mean, q_logvar, p_mean, p_logvar, z)
 
 
@@ -191,21 +222,21 @@ class HierarchicalVAE(nn.Module):
     cfg = self.cfg
     dtype = COMPUTE_DTYPES[cfg.compute_dtype]
     activation = getattr(nn, cfg.activation)
-    # remat: each encoder block and each whole group keeps only its input for the backward pass
-    block, group = (nn.remat(Block), nn.remat(Group)) if cfg.remat else (Block, Group)
+    block = functools.partial(Block, conv=conv_for(cfg.remat))
     num_blocks = sum(cfg.encoder_blocks) + sum(cfg.decoder_groups)
     d = len(self.data_shape) - 1
     self.stem = nn.Conv(cfg.width, (cfg.kernel_size,) * d, padding="SAME", dtype=dtype)
     self.encoder_blocks = [[block(cfg.bottleneck, cfg.width, cfg.kernel_size, activation, last_scale=1.0 / num_blocks,
                                   dtype=dtype) for _ in range(n)] for n in cfg.encoder_blocks]
-    self.groups = [group(cfg.width, cfg.bottleneck, cfg.latent_channels, cfg.kernel_size, activation, num_blocks,
-                         Block, dtype) for _ in self.group_stages]
+    self.groups = [Group(cfg.width, cfg.bottleneck, cfg.latent_channels, cfg.kernel_size, activation, num_blocks,
+                         block, dtype, remat=cfg.remat) for _ in self.group_stages]
     self.stage_bias = [self.param(f"stage_bias_{s}", nn.initializers.zeros, (*shape, cfg.width))
                        for s, shape in enumerate(self.stage_shapes)]
     if self.condition_size:
       self.embed_input = nn.Dense(cfg.width, dtype=dtype)
       self.embed_stages = [nn.Dense(cfg.width, dtype=dtype) for _ in self.stage_shapes]
-    self.head = nn.Conv(self.output_channels * cfg.patch**d, (1,) * d, dtype=dtype)
+    self.head = nn.Conv(self.output_channels * cfg.patch**d, (1,) * d, dtype=dtype,
+                        conv_general_dilated=conv_for(cfg.remat))
     self.dtype = dtype
     self.activation = activation
 
@@ -223,7 +254,7 @@ class HierarchicalVAE(nn.Module):
         window = (self.cfg.downsample,) * (h.ndim - 2)
         h = nn.avg_pool(h, window, strides=window)
       for b in blocks:
-        h = b(h)
+        h = checkpointed(b, h) if self.cfg.remat else b(h)
       acts.append(h)
     return acts
 
@@ -236,12 +267,14 @@ class HierarchicalVAE(nn.Module):
       if c is not None:
         h = h + _over_positions(self.embed_stages[s](c.astype(self.dtype)), h)
       for _ in range(self.cfg.decoder_groups[s]):
-        h, st = self.groups[g](h, None if acts is None else acts[s],
-                               None if rng is None else jax.random.fold_in(rng, g),
-                               None if zs is None else zs[g], temperature)
+        args = (h, None if acts is None else acts[s], None if rng is None else jax.random.fold_in(rng, g),
+                None if zs is None else zs[g], temperature)
+        h, st = checkpointed(self.groups[g], *args) if self.cfg.remat else self.groups[g](*args)
         stats.append(st)
         g += 1
-    return depth_to_space(self.head(self.activation(h)).astype(jnp.float32), self.cfg.patch), stats
+    head = lambda m, h, activation=self.activation: m(activation(h))
+    out = checkpointed(self.head, h, method=head) if self.cfg.remat else head(self.head, h)
+    return depth_to_space(out.astype(jnp.float32), self.cfg.patch), stats
 
   def _split(self, z):
     """[B, latent_size] -> each group's z [B, *stage_shape, latent_channels]."""
