@@ -1,8 +1,11 @@
 """Shared fixtures: a small synthetic dataset for fast training tests, real MNIST loaded once."""
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import jax
@@ -16,6 +19,15 @@ from cvae_jax.data.images import ImageDataConfig
 
 # The tests run as the command lines do: XLA:CPU's scheduler flag before JAX's first computation.
 xla_cpu.use_fast_scheduler()
+# Most of the suite's time is XLA compiling, and many tests compile the same programs again (the same tiny
+# models, and the command-line tests' subprocesses): one compilation cache for the session, which the
+# subprocesses inherit through the environment, compiles each program once.
+_XLA_CACHE = tempfile.mkdtemp(prefix="cvae_jax_test_xla_cache_")
+atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
+os.environ["JAX_COMPILATION_CACHE_DIR"] = _XLA_CACHE
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+jax.config.update("jax_compilation_cache_dir", _XLA_CACHE)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 # Closed forms are checked to float32 precision: GPUs would otherwise run float32 matmuls as TF32
 # (JAX's default there), about 1e-3 relative. No effect on CPU.
 jax.config.update("jax_default_matmul_precision", "highest")
