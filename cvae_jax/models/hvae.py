@@ -131,9 +131,6 @@ class Group(nn.Module):
   dtype: jnp.dtype
   remat: bool = False  # each block `checkpointed`
 
-  def _run(self, block, *args):
-    return checkpointed(block, *args) if self.remat else block(*args)
-
   def setup(self):
     zc, blocks = self.latent_channels, self.num_blocks
     self.posterior = self.block(self.middle, 2 * zc, self.kernel, self.activation, residual=False, dtype=self.dtype)
@@ -145,11 +142,12 @@ class Group(nn.Module):
 
   def __call__(self, h, act=None, rng=None, z=None, temperature: float = 1.0):
     zc = self.latent_channels
-    prior = self._run(self.prior, h)
+    prior = checkpointed(self.prior, h, enabled=self.remat)
     p_mean, p_logvar = (prior[..., :zc].astype(jnp.float32), prior[..., zc:2 * zc].astype(jnp.float32))
     q_mean = q_logvar = None
     if act is not None:
-      q = self._run(self.posterior, h, act.astype(h.dtype)).astype(jnp.float32)  # a block of [h, act]
+      q = checkpointed(self.posterior, h, act.astype(h.dtype), enabled=self.remat)  # a block of [h, act]
+      q = q.astype(jnp.float32)
       q_mean, q_logvar = q[..., :zc], q[..., zc:]
     h = h + prior[..., 2 * zc:]
     if z is None:
@@ -159,7 +157,7 @@ class Group(nn.Module):
         z = q_mean
       else:
         z = q_mean + jnp.exp(0.5 * q_logvar) * jax.random.normal(rng, q_mean.shape)
-    h = self._run(self.resnet, h + self.z_proj(z.astype(self.dtype)))
+    h = checkpointed(self.resnet, h + self.z_proj(z.astype(self.dtype)), enabled=self.remat)
     return h, (q_mean, q_logvar, p_mean, p_logvar, z)
 
 
@@ -254,7 +252,7 @@ class HierarchicalVAE(nn.Module):
         window = (self.cfg.downsample,) * (h.ndim - 2)
         h = nn.avg_pool(h, window, strides=window)
       for b in blocks:
-        h = checkpointed(b, h) if self.cfg.remat else b(h)
+        h = checkpointed(b, h, enabled=self.cfg.remat)
       acts.append(h)
     return acts
 
@@ -269,11 +267,11 @@ class HierarchicalVAE(nn.Module):
       for _ in range(self.cfg.decoder_groups[s]):
         args = (h, None if acts is None else acts[s], None if rng is None else jax.random.fold_in(rng, g),
                 None if zs is None else zs[g], temperature)
-        h, st = checkpointed(self.groups[g], *args) if self.cfg.remat else self.groups[g](*args)
+        h, st = checkpointed(self.groups[g], *args, enabled=self.cfg.remat)
         stats.append(st)
         g += 1
     head = lambda m, h, activation=self.activation: m(activation(h))
-    out = checkpointed(self.head, h, method=head) if self.cfg.remat else head(self.head, h)
+    out = checkpointed(self.head, h, method=head, enabled=self.cfg.remat)
     return depth_to_space(out.astype(jnp.float32), self.cfg.patch), stats
 
   def _split(self, z):

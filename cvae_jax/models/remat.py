@@ -34,10 +34,13 @@ def _is_float(x) -> bool:
   return isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jnp.inexact)
 
 
-def checkpointed(module: nn.Module, *args, method: Optional[Callable] = None):
-  """method(module, *args) (default module(*args)), its activations recomputed in the backward pass. Only the
-  float arguments are differentiated; the others (keys, None, Python numbers) are held as they are."""
+def checkpointed(module: nn.Module, *args, method: Optional[Callable] = None, enabled: bool = True):
+  """method(module, *args) (default module(*args)), its activations recomputed in the backward pass (a plain
+  call when not `enabled`). Only the float arguments are differentiated; the others (keys, None, Python
+  numbers) are held as they are."""
   call = method if method is not None else (lambda m, *a: m(*a))
+  if not enabled:
+    return call(module, *args)
   if not backward_in_conditional():
     return nn.checkpoint(call)(module, *args)
   proto = module.clone(parent=None)
