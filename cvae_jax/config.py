@@ -154,6 +154,9 @@ class TrainingConfig:
   eval_batch_size: int = 1000         # evaluation runs in chunks of this size
   checkpoint_every_epochs: int = 1    # save a checkpoint every N epochs (and always at the end)
   max_checkpoints: int = 3            # keep the newest N checkpoints
+  select_on_validation: bool = False  # keep the parameters of the epoch with the best validation ELBO (they travel in
+                                      # the checkpoint) and evaluate, save and restore those rather than the last
+                                      # epoch's: against overfitting (needs data.validation_size)
   skip_nonfinite: bool = False        # skip updates with a NaN/inf loss or gradient (counted in train/skipped)
                                       # instead of stopping the run at the first one
   skip_grad_norm: Optional[float] = None  # skip updates whose gradient's global norm exceeds this (counted in
@@ -195,6 +198,8 @@ class EvaluationConfig:
   anomaly_samples: int = 100     # k of the importance-weighted anomaly score
   anomaly_dataset: Optional[str] = None  # also score this dataset's test split as anomalies (cross-dataset)
   compressor: Compressor = Compressor.zlib  # the input_complexity score's generic compressor
+  llr_groups: int = 1            # hierarchies (model=hvae, kind vae): the llr score's k, its lowest groups taken at
+                                 # their prior's mean (Havtorn et al. 2021's LLR>k); 0: no llr score
   disentanglement: bool = False  # data with ground-truth factors (data=dsprites): the beta-VAE, FactorVAE, MIG, DCI
                                  # and SAP scores of the encoder's mean, and latent traversals
                                  # (evaluators/disentanglement.py)
@@ -296,11 +301,14 @@ def validate_common(cfg: Config) -> Config:
   check(t.num_processes is None or t.num_processes >= 1, "training.num_processes", t.num_processes,
         "must be at least 1")
   check(t.max_checkpoints >= 1, "training.max_checkpoints", t.max_checkpoints, "must be at least 1")
+  check(not t.select_on_validation or d.validation_size > 0, "training.select_on_validation", t.select_on_validation,
+        "selects on a validation split: set data.validation_size to the number of training examples to hold out")
   check(ev.iwae_samples >= 0, "evaluation.iwae_samples", ev.iwae_samples, "must be >= 0 (0 skips the bound)")
   check(ev.batch_size >= 1, "evaluation.batch_size", ev.batch_size, "must be at least 1")
   check(ev.sample_chunk >= 1, "evaluation.sample_chunk", ev.sample_chunk, "must be at least 1")
   check(ev.mi_examples >= 2, "evaluation.mi_examples", ev.mi_examples, "must be at least 2")
   check(ev.anomaly_samples >= 1, "evaluation.anomaly_samples", ev.anomaly_samples, "must be at least 1")
+  check(ev.llr_groups >= 0, "evaluation.llr_groups", ev.llr_groups, "must be >= 0 (0: no llr score)")
   check(ev.molecules >= 1, "evaluation.molecules", ev.molecules, "must be at least 1")
   check(ev.samples_per_class >= 1, "evaluation.samples_per_class", ev.samples_per_class, "must be at least 1")
   check(ev.quality_samples == 0 or ev.quality_samples >= 10, "evaluation.quality_samples", ev.quality_samples,

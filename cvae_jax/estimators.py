@@ -196,16 +196,22 @@ def importance_weighted_bound(log_likelihood: Callable, mean: jax.Array, logvar:
 
 
 def joint_bound(model: VAE, params, x, c, key, num_samples: int, chunk: int, likelihood: Likelihood,
-                with_elbo: bool = False):
+                with_elbo: bool = False, prior_groups: int = 0):
   """L_k with joint draws of every group of a hierarchy, z_s ~ q(z_1 | x) q(z_2 | x, z_1) ..., each a full
-  pass of the model (the batch tiled `chunk` times per pass).  [B]"""
+  pass of the model (the batch tiled `chunk` times per pass).  [B]
+
+  prior_groups = m > 0: the lowest m groups take their prior's mean in place of a posterior draw and leave
+  the weight, w = p(x | z) prod_{upper l} p(z_l | z_<l) / q(z_l | x, z_<l): Havtorn et al.'s (2021) L^{>m}
+  with the prior's mode as in their scripts/ood-llr.py (use_mode). It is not a bound on log p(x) but how well
+  the upper groups alone explain x."""
   chunk = min(chunk, num_samples)
   b = x.shape[0]
   x_rep = jnp.broadcast_to(x, (chunk, *x.shape)).reshape(chunk * b, *x.shape[1:])
   c_rep = None if c is None else jnp.tile(c, (chunk, 1))
 
   def log_weights(i):
-    out = model.apply({"params": params}, x_rep, c_rep, jax.random.fold_in(key, i))
+    extra = {"prior_groups": prior_groups} if prior_groups else {}
+    out = model.apply({"params": params}, x_rep, c_rep, jax.random.fold_in(key, i), **extra)
     return joint_log_weights(x_rep, out, likelihood).reshape(chunk, b)
 
   return running_bound(log_weights, b, num_samples, chunk, with_elbo)

@@ -189,6 +189,43 @@ def test_temperature_scales_the_prior_and_zero_gives_the_prior_mean_path():
   assert float(jnp.max(jnp.abs(warm[0] - warm[1]))) > 1e-3
 
 
+def test_the_llr_bound_keeps_the_upper_groups_on_the_posterior_and_the_lower_at_their_prior_mean():
+  model = tiny()  # three groups: one at 4x4, then two at 8x8
+  x = images(n=8)
+  params = perturbed(model.init({"params": jax.random.key(0)}, x, None, jax.random.key(1))["params"], jax.random.key(2), 0.1)
+  key, upper = jax.random.key(4), model.group_sizes[0]
+  full = model.apply({"params": params}, x, None, key)
+  out = model.apply({"params": params}, x, None, key, prior_groups=2)
+  np.testing.assert_array_equal(out.z[:, :upper], full.z[:, :upper])  # the top group: the same posterior draw
+  np.testing.assert_array_equal(out.z[:, upper:], out.prior_mean[:, upper:])  # the lower two: their prior's mean
+  np.testing.assert_array_equal(out.mean[:, upper:], out.prior_mean[:, upper:])  # ... and out of the weight
+  np.testing.assert_allclose(out.logits, model.apply({"params": params}, out.z, method="decode"), atol=1e-5)
+  log_normal = lambda z, m, lv: jnp.sum(-0.5 * (math.log(2 * math.pi) + lv + (z - m) ** 2 / jnp.exp(lv)), axis=-1)
+  top = lambda a: a[:, :upper]
+  by_hand = (BERNOULLI.log_prob(x, out.logits) + log_normal(top(out.z), top(out.prior_mean), top(out.prior_logvar))
+             - log_normal(top(out.z), top(out.mean), top(out.logvar)))
+  np.testing.assert_allclose(joint_log_weights(x, out, BERNOULLI), by_hand, rtol=1e-5)
+  # every group at its prior mean: whatever the draws, the bound is log p(x | the prior-mean path)
+  every = estimators.joint_bound(model, params, x, None, key, 8, 4, BERNOULLI, prior_groups=3)
+  cold = model.apply({"params": params}, jax.random.key(9), None, 8, 0.0, method="generate")
+  np.testing.assert_allclose(every, BERNOULLI.log_prob(x, cold), rtol=1e-5)
+
+
+def test_the_llr_score_is_the_bound_minus_the_upper_groups_bound():
+  from cvae_jax.data import DatasetSpec, Encoding
+  from cvae_jax.evaluators import anomaly
+  model = tiny()
+  x = images(n=6)
+  params = perturbed(model.init({"params": jax.random.key(0)}, x, None, jax.random.key(1))["params"], jax.random.key(2), 0.1)
+  spec = DatasetSpec("tiny", (8, 8, 1), 10, Encoding.static_binary)
+  labels, key, stored = jnp.zeros(6, jnp.int32), jax.random.key(3), x.astype(jnp.uint8)
+  scores = anomaly.make_scores(model, spec, BERNOULLI, 4, 6, 2, llr_groups=1)(params, stored, labels, key)
+  assert "llr" not in anomaly.make_scores(model, spec, BERNOULLI, 4, 6, 2)(params, stored, labels, key)
+  batch_key = estimators.fold(jax.random.fold_in(key, 0), estimators.Draw.REPARAM)  # map_over_split's first chunk
+  upper = estimators.joint_bound(model, params, x, None, batch_key, 4, 2, BERNOULLI, prior_groups=1)
+  np.testing.assert_allclose(scores["llr"], -scores["nll"] - upper, rtol=1e-5)
+
+
 def test_the_condition_enters_the_top_down_path():
   model = tiny(condition_size=3)
   c0, c1 = jnp.eye(3)[jnp.array([0, 0])], jnp.eye(3)[jnp.array([1, 1])]
@@ -249,6 +286,8 @@ def test_the_importance_weighted_objective_trains_a_hierarchy(tmp_path):
     ({"model.compute_dtype": "float16"}, "model.compute_dtype"),
     ({"objective.regularizer": "tcvae"}, "objective.regularizer"),
     ({"training.skip_grad_norm": 0.0}, "training.skip_grad_norm"),
+    ({"evaluation.llr_groups": 2}, "evaluation.llr_groups"),
+    ({"evaluation.llr_groups": -1}, "evaluation.llr_groups"),
 ])
 def test_bad_hvae_settings_are_refused_naming_the_key(overrides, key):
   with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

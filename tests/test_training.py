@@ -226,3 +226,40 @@ def test_the_command_lines_set_the_cpu_scheduler_flag_unless_the_user_did(user_f
   out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True,
                        cwd=REPO).stdout.splitlines()
   assert out == [user_flags, expected]  # test_cli.py checks that a training run's env.jsonl records it
+
+
+def test_select_on_validation_evaluates_and_restores_the_best_validation_epoch_and_survives_a_kill(tmp_path, monkeypatch):
+  from cvae_jax import estimators, likelihoods
+  from cvae_jax.data import Dataset
+  from cvae_jax.engine import loop
+  from cvae_jax.keys import Stream, stream_key
+  # The validation split comes from a shifted distribution (two bands of rows, not three), so its ELBO turns
+  # down while training on 32 examples at a high learning rate goes on.
+  base = synthetic_dataset(n_train=32, n_test=64)
+  ds = Dataset(base.spec, base.train, base.test, synthetic_dataset(n_train=64, num_classes=2, seed=1).train)
+  cfg = small_config(**{"training.select_on_validation": True, "data.validation_size": 64, "training.epochs": 8,
+                        "training.batch_size": 8, "model.hidden": [256], "optimizer.learning_rate": 5e-2,
+                        "evaluation.iwae_samples": 0})
+  results = train_and_evaluate(cfg, tmp_path / "straight", dataset=ds)
+  rows = read_metrics(tmp_path / "straight")
+  best = int(np.argmax([r["val/elbo"] for r in rows]))
+  assert best < len(rows) - 1  # the run overfits: the last epoch is not the best, so the selection matters
+  assert results["selected_epoch"] == rows[best]["epoch"]
+  assert results["elbo"] == rows[best]["test/elbo"] != rows[-1]["test/elbo"]
+  # The restored parameters are the selected ones: their validation ELBO is the best epoch's.
+  params = loop.selected_params(final_state(cfg, ds, tmp_path / "straight"))
+  evaluate = estimators.make_evaluate(model_and_state(cfg, ds.spec)[0], ds.spec, likelihoods.of(cfg.objective), 50)
+  val = evaluate(params, ds.validation.images, ds.validation.labels, stream_key(cfg.seed, Stream.EVAL))["elbo"]
+  np.testing.assert_allclose(float(val), rows[best]["val/elbo"], rtol=1e-5)
+  # Killed after the best epoch and resumed: the best parameters travel in the checkpoint.
+  with killed_at_epoch(monkeypatch, best + 2):
+    train_and_evaluate(cfg, tmp_path / "killed", dataset=ds)
+  resumed = train_and_evaluate(cfg, tmp_path / "killed", dataset=ds)
+  assert resumed["selected_epoch"] == results["selected_epoch"]
+  np.testing.assert_allclose(resumed["elbo"], results["elbo"], rtol=1e-5)
+
+
+def test_select_on_validation_without_a_validation_split_is_refused():
+  from cvae_jax.experiment import validate
+  with pytest.raises(ConfigError, match=r"training\.select_on_validation.*data\.validation_size"):
+    validate(small_config(**{"training.select_on_validation": True}))

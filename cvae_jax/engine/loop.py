@@ -64,6 +64,13 @@ class EarlyStoppingState(train_state.TrainState):
                       best_loss=jnp.asarray(jnp.inf, jnp.float32), bad_epochs=jnp.asarray(0), **kwargs)
 
 
+def selected_params(state):
+  """The parameters a run keeps: the best so far where the state records them (EarlyStoppingState), else the
+  latest."""
+  best = getattr(state, "best_params", None)
+  return state.params if best is None else best
+
+
 def _copy(tree):
   """Separate buffers: the epoch donates the state's, and one buffer may not be donated twice."""
   return jax.tree.map(jnp.copy, tree)

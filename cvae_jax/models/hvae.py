@@ -14,7 +14,9 @@ The model keeps the VAE interface (models/vae.py), with z the concatenation of e
 top-down order, flattened: [B, latent_size], latent_size = sum over groups of (pixels at its resolution) x
 latent_channels (`group_sizes` gives each group's share):
   __call__(x, c, rng) -> VAEOutput   one joint draw z ~ q(z | x); prior_mean / prior_logvar hold the
-                                     prior p(z_l | z_<l) each group had along that draw
+                                     prior p(z_l | z_<l) each group had along that draw; with prior_groups=m
+                                     the lowest m groups take their prior's mean instead (the anomaly
+                                     score llr, Havtorn et al. 2021)
   encode(x, c)        -> (mean, logvar) of q along the posterior-mean path (z_l = mu_q for every group):
                                      what the collapse diagnostics and the latent figures read
   decode(z, c)        -> logits of p(x | z) for a given z of every group
@@ -256,18 +258,24 @@ class HierarchicalVAE(nn.Module):
       acts.append(h)
     return acts
 
-  def top_down(self, batch: int, c, acts=None, rng=None, zs=None, temperature: float = 1.0):
-    """Visits the groups top-down; returns the output logits (float32) and each group's statistics."""
+  def top_down(self, batch: int, c, acts=None, rng=None, zs=None, temperature: float = 1.0, prior_groups: int = 0):
+    """Visits the groups top-down; returns the output logits (float32) and each group's statistics.
+    prior_groups: the last (lowest) that many groups take z from their prior at `temperature` even given acts;
+    their posterior statistics are reported as the prior's, so they add nothing to log p(z) - log q(z)."""
     h, stats, g = None, [], 0
+    first_prior = len(self.group_stages) - prior_groups
     for s in reversed(range(len(self.stage_shapes))):
       bias = jnp.broadcast_to(self.stage_bias[s].astype(self.dtype), (batch, *self.stage_bias[s].shape))
       h = bias if h is None else _upsample(h, self.cfg.downsample) + bias
       if c is not None:
         h = h + _over_positions(self.embed_stages[s](c.astype(self.dtype)), h)
       for _ in range(self.cfg.decoder_groups[s]):
-        args = (h, None if acts is None else acts[s], None if rng is None else jax.random.fold_in(rng, g),
-                None if zs is None else zs[g], temperature)
+        from_prior = acts is not None and g >= first_prior
+        args = (h, None if acts is None or from_prior else acts[s],
+                None if rng is None else jax.random.fold_in(rng, g), None if zs is None else zs[g], temperature)
         h, st = checkpointed(self.groups[g], *args, enabled=self.cfg.remat)
+        if from_prior:
+          st = (st[2], st[3], *st[2:])
         stats.append(st)
         g += 1
     head = lambda m, h, activation=self.activation: m(activation(h))
@@ -291,10 +299,13 @@ class HierarchicalVAE(nn.Module):
     logits, _ = self.top_down(z.shape[0], self._condition(c), zs=self._split(z))
     return logits
 
-  def __call__(self, x, c, rng) -> VAEOutput:
+  def __call__(self, x, c, rng, prior_groups: int = 0, prior_temperature: float = 0.0) -> VAEOutput:
+    """prior_groups > 0: the lowest that many groups decode from their prior at prior_temperature (0: its
+    mean) instead of the posterior, and leave log p(z) - log q(z) (the L^{>k} of Havtorn et al. 2021)."""
     c = self._condition(c)
     acts = self.bottom_up(x, c)
-    logits, stats = self.top_down(x.shape[0], c, acts=acts, rng=rng if self.stochastic else None)
+    logits, stats = self.top_down(x.shape[0], c, acts=acts, rng=rng if self.stochastic else None,
+                                  temperature=prior_temperature, prior_groups=prior_groups)
     q_mean, q_logvar, p_mean, p_logvar, z = (_flatten([s[i] for s in stats]) for i in range(5))
     if not self.stochastic:
       return VAEOutput(mean=q_mean, logvar=None, z=q_mean, logits=logits)
@@ -328,6 +339,9 @@ def check_config(cfg: Config) -> None:
   check(all(n >= 0 for n in m.decoder_groups) and sum(m.decoder_groups) >= 1, "model.decoder_groups",
         m.decoder_groups, "counts must be >= 0, with at least one group in all")
   check(m.compute_dtype in COMPUTE_DTYPES, "model.compute_dtype", m.compute_dtype, f"use one of {list(COMPUTE_DTYPES)}")
+  groups = sum(m.decoder_groups)
+  check(cfg.evaluation.llr_groups < groups, "evaluation.llr_groups", cfg.evaluation.llr_groups,
+        f"the llr score keeps at least one of the {groups} groups on the posterior: use 0 to {groups - 1}")
   check(Regularizer(cfg.objective.regularizer) != Regularizer.tcvae, "objective.regularizer",
         cfg.objective.regularizer, "the total-correlation estimate needs one Gaussian posterior; model=hvae has a "
         "hierarchy of them: use kl or capacity")

@@ -13,6 +13,7 @@ from typing import Any, Callable, ClassVar, Optional, Sequence
 
 from cvae_jax.config import Config, ConfigError
 from cvae_jax.data import Dataset
+from cvae_jax.engine import loop
 from cvae_jax.registry import Registry
 
 
@@ -31,7 +32,9 @@ class Restored:
 
   @property
   def params(self):
-    return self.state.params
+    """The parameters the run selected: the best on its stopping split where the state keeps them
+    (loop.EarlyStoppingState), else the latest."""
+    return loop.selected_params(self.state)
 
 
 class Task(abc.ABC):

@@ -121,8 +121,10 @@ class DensityTask(Task):
     c = jnp.zeros((1, spec.condition_size), jnp.float32) if model.condition_size else None
     key = stream_key(cfg.seed, Stream.PARAMS)
     params = model.init({"params": key}, x, c, fold(key, InitPart.SAMPLE))["params"]
-    return train_state.TrainState.create(apply_fn=model.apply, params=params,
-                                         tx=optim.create_optimizer(cfg.optimizer))
+    tx = optim.create_optimizer(cfg.optimizer)
+    if cfg.training.select_on_validation:  # the best parameters so far live in the state, so checkpoints keep them
+      return loop.EarlyStoppingState.start(params, tx)
+    return train_state.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
 
   def plan(self, cfg: Config, model: VAE, spec: DatasetSpec, num_train: int) -> epoch.Plan:
     steps = epoch.steps_per_epoch(cfg.training.batch_size, num_train)
@@ -188,6 +190,16 @@ class DensityTask(Task):
 
     return metrics
 
+  def selection(self, cfg: Config, model: VAE, ds: Dataset) -> Optional[loop.EarlyStopping]:
+    """With training.select_on_validation: the hook that keeps the parameters of the best validation ELBO (the
+    same number as the epoch's val/elbo) and never stops training early."""
+    if not cfg.training.select_on_validation:
+      return None
+    evaluate_split = estimators.make_evaluate(model, ds.spec, likelihoods.of(cfg.objective), cfg.training.eval_batch_size)
+    val = jax.device_put(ds.validation.images), jax.device_put(ds.validation.labels)
+    key = stream_key(cfg.seed, Stream.EVAL)
+    return loop.EarlyStopping(cfg.training.epochs + 1, lambda params: -float(evaluate_split(params, *val, key)["elbo"]))
+
   def epoch_images(self, cfgs: Sequence[Config], model: VAE, ds: Dataset) -> Optional[Callable[[int, object], dict]]:
     """Returns images(run index, params) -> the epoch's sample and reconstruction grids for TensorBoard (image
     data with training.figures), with each run's fixed figure key; None otherwise."""
@@ -221,6 +233,11 @@ class DensityTask(Task):
       return [results[r] for r in range(len(cfgs))]
     batched = len(todo) > 1
     cfg0 = cfgs[todo[0]]
+    if batched and cfg0.training.select_on_validation:  # the selection hook acts on one run's state
+      log.info("training.select_on_validation: training the %d runs one after another.", len(todo))
+      for r in todo:
+        results[r] = self.train([cfgs[r]], [workdirs[r]], dataset)[0]
+      return [results[r] for r in range(len(cfgs))]
     parallel = cfg0.training.data_parallel or jax.process_count() > 1
     if batched and parallel:
       raise ValueError("Batched runs train on one device: data-parallel runs (training.data_parallel=true, or "
@@ -286,6 +303,7 @@ class DensityTask(Task):
                          hypers=hypers,
                          epoch_metrics=metrics_fn and (lambda i, p: metrics_fn(i, evaluation_params(p))),
                          epoch_images=images_fn and (lambda i, p: images_fn(i, evaluation_params(p))),
+                         early_stopping=self.selection(cfg0, model, ds),
                          progress=cfg0.training.progress and primary, preemption=watch)
     finally:
       for phase in phases:
@@ -293,7 +311,7 @@ class DensityTask(Task):
     if not primary:
       return [{} for _ in cfgs]
     for i, r in enumerate(todo):
-      params = loop.index(state.params, i) if batched else state.params
+      params = loop.index(state.params, i) if batched else loop.selected_params(state)
       params = params if mesh is None else jax.device_get(params)  # figures and evaluation on one device
       results[r] = self.finish(cfgs[r], ds, model, params, workdirs[r], phases[i].metrics, cfg0.training.epochs * steps)
     return [results[r] for r in range(len(cfgs))]
@@ -301,15 +319,19 @@ class DensityTask(Task):
   def finish(self, cfg: Config, ds: Dataset, model: VAE, params, workdir: Path, metrics_log: rundir.MetricsLog,
              steps: int) -> dict:
     """After the last epoch: figures, the end-of-training evaluation (eval.json) and results.json."""
-    # The last epoch's line already holds the test (and validation) metrics of the final parameters.
-    final = {k: v for k, v in metrics_log.rows[-1].items() if k.startswith(("test/", "val/"))}
+    # The epoch's line of the parameters evaluated already holds their test (and validation) metrics: the last
+    # epoch's, or with training.select_on_validation the first with the best validation loss (stop/loss).
+    selected = metrics_log.rows[-1]
+    if cfg.training.select_on_validation:
+      selected = min(metrics_log.rows, key=lambda row: row["stop/loss"])
+    final = {k: v for k, v in selected.items() if k.startswith(("test/", "val/"))}
     figure_paths = self.figures(cfg, ds, model, params, workdir) if cfg.training.figures else []
     evaluated = evaluate(self.context(cfg, ds, model, params, workdir), self.evaluators(cfg))
     results = {
         "elbo": final["test/elbo"], "rec": final["test/rec"], "kl": final["test/kl"], "bpd": final["test/bpd"],
         "normalized_likelihood": evaluated["normalized_likelihood"],
         "active_units": evaluated.get("active_units"),
-        "metrics": final, "steps": steps, "epochs": cfg.training.epochs,
+        "metrics": final, "steps": steps, "epochs": cfg.training.epochs, "selected_epoch": selected["epoch"],
         "wall_time": metrics_log.wall_time, "figures": [p.name for p in figure_paths],
         "num_params": int(sum(math.prod(p.shape) for p in jax.tree.leaves(params))),
     }
