@@ -130,6 +130,8 @@ class ObjectiveConfig:
   estimator: Estimator = Estimator.elbo  # what the k draws estimate: the ELBO, or the IWAE bound L_k
   min_scale: float = 1e-3        # gaussian: the decoder's scale is softplus(output) + this floor (in the data's
                                  # units); a larger floor stops the scale fitting training inputs too closely
+  shared_scale: bool = False     # gaussian: one learned scale per position and channel, shared by every input, in
+                                 # place of the decoder's per-input scale (which can shrink onto training inputs)
   mixtures: int = 10             # discretized_logistic_mixture: logistic components per pixel channel
 
 
@@ -275,6 +277,8 @@ def validate_common(cfg: Config) -> Config:
   check(o.capacity_steps >= 1, "objective.capacity_steps", o.capacity_steps, "must be at least 1")
   check(o.free_bits >= 0, "objective.free_bits", o.free_bits, "must be >= 0 nats per dimension (0: off)")
   check(o.min_scale > 0, "objective.min_scale", o.min_scale, "the Gaussian scale's floor must be > 0")
+  check(not o.shared_scale or o.likelihood == "gaussian", "objective.shared_scale", o.shared_scale,
+        f"shares the Gaussian's scale; objective.likelihood={o.likelihood!r} has none: use objective=gaussian")
   check(o.samples >= 1, "objective.samples", o.samples, "the number of z draws per example must be at least 1")
   if o.estimator == Estimator.iwae:
     check(o.beta == 1 and o.kl_schedule == KLSchedule.constant and o.free_bits == 0,

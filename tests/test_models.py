@@ -109,3 +109,31 @@ def test_depth_to_space_matches_tensorflow():
   out = np.asarray(depth_to_space(jnp.asarray(signal), 3))
   assert out.shape == (2, 15, 2)
   np.testing.assert_array_equal(out[:, 3 * 4 + 1], signal[:, 4, 2:4])  # position t*s + i <- channels i*C:(i+1)*C
+
+
+def test_a_shared_gaussian_scale_is_one_learned_value_per_position_whatever_the_input():
+  import math
+  from cvae_jax import likelihoods
+  from cvae_jax.data import Encoding
+  signal = DatasetSpec("beats", (12, 1), 0, Encoding.real)
+  model = create_model(MLPConfig(hidden=[16], latent_size=2), signal, outputs_per_channel=2, shared_scale=True)
+  x = jax.random.normal(jax.random.key(0), (3, 12, 1))
+  params = model.init({"params": jax.random.key(1)}, x, None, jax.random.key(2))["params"]
+  assert params["shared_scale"]["raw_scale"].shape == (12, 1)
+  params = {**params, "shared_scale": {"raw_scale": jnp.linspace(-1.0, 1.0, 12).reshape(12, 1)}}
+  z = jax.random.normal(jax.random.key(3), (3, 2))
+  out = model.apply({"params": params}, z, method="decode")
+  mean, sigma = likelihoods.gaussian_mean_scale(out)
+  expected_sigma = jax.nn.softplus(jnp.linspace(-1.0, 1.0, 12)) + likelihoods.GAUSSIAN_MIN_SCALE
+  np.testing.assert_allclose(sigma, jnp.broadcast_to(expected_sigma.reshape(12, 1), (3, 12, 1)), rtol=1e-6)
+  assert float(jnp.max(jnp.abs(mean[0] - mean[1]))) > 1e-3  # the means still depend on z
+  by_hand = jnp.sum(-0.5 * ((x - mean) / sigma) ** 2 - jnp.log(sigma) - 0.5 * math.log(2 * math.pi), axis=(1, 2))
+  np.testing.assert_allclose(likelihoods.get("gaussian").log_prob(x, out), by_hand, rtol=1e-5)
+
+
+def test_a_shared_scale_is_refused_where_there_is_no_gaussian_scale_to_share():
+  from cvae_jax.config import ConfigError
+  from cvae_jax.experiment import validate
+  from conftest import small_config
+  with pytest.raises(ConfigError, match=r"objective\.shared_scale.*objective=gaussian"):
+    validate(small_config(**{"objective.shared_scale": True}))

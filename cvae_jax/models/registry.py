@@ -35,18 +35,22 @@ def family_of(cfg: ModelConfig) -> ModelFamily:
   return FAMILIES.lookup(cfg.arch)
 
 
-def create_model(cfg: ModelConfig, spec: DatasetSpec, outputs_per_channel: int = 1) -> VAE:
-  """The VAE / CVAE / AE of the config for this data; the likelihood's outputs per channel size the decoder."""
+def create_model(cfg: ModelConfig, spec: DatasetSpec, outputs_per_channel: int = 1, shared_scale: bool = False) -> VAE:
+  """The VAE / CVAE / AE of the config for this data; the likelihood's outputs per channel size the decoder.
+  shared_scale: a Gaussian's scale is one learned parameter per position and channel (objective.shared_scale)."""
   family = family_of(cfg)
   kind = Kind(cfg.kind)
   output_shape = (*spec.shape[:-1], spec.shape[-1] * outputs_per_channel)
   condition_size = spec.condition_size if kind == Kind.cvae else 0
   if family.model is not None:
+    if shared_scale:
+      raise ConfigError(f"objective.shared_scale: model.arch={cfg.arch!r} builds its own decoder outputs; "
+                        "use a per-input scale (objective.shared_scale=false) or another model.arch")
     return family.model(cfg, spec, output_shape, condition_size, kind != Kind.ae)
   encoder, decoder = family.build(cfg, spec, output_shape)
   return VAE(encoder=encoder, decoder=decoder, latent_size=cfg.latent_size,
              condition_size=condition_size, stochastic=kind != Kind.ae,
-             autoregressive=family.autoregressive)
+             autoregressive=family.autoregressive, shared_scale_channels=spec.shape[-1] if shared_scale else 0)
 
 
 def check_activation(cfg: Config) -> None:

@@ -57,6 +57,19 @@ def reparameterize(rng: jax.Array, mean: jax.Array, logvar: jax.Array) -> jax.Ar
   return mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape, mean.dtype)
 
 
+class SharedScale(nn.Module):
+  """Decoder outputs [B, *spatial, F] with their last `channels` (a Gaussian's raw scale) replaced by one learned
+  value per position and channel, shared by every input (zeros at init: softplus gives a scale of 0.69 plus
+  the floor)."""
+  channels: int
+
+  @nn.compact
+  def __call__(self, outputs):
+    n = self.channels
+    raw = self.param("raw_scale", nn.initializers.zeros, (*outputs.shape[1:-1], n))
+    return jnp.concatenate([outputs[..., :-n], jnp.broadcast_to(raw, (*outputs.shape[:-1], n))], axis=-1)
+
+
 class VAE(nn.Module):
   """VAE (condition_size = 0) or CVAE (c [B, condition_size], fed to encoder and decoder)."""
   encoder: nn.Module
@@ -65,10 +78,15 @@ class VAE(nn.Module):
   condition_size: int = 0
   stochastic: bool = True  # False: a plain autoencoder (z = encoder mean, no KL)
   autoregressive: bool = False  # the decoder reads x (teacher forcing): GRUDecoder
+  shared_scale_channels: int = 0  # > 0: the decoder's last that many outputs per position (a Gaussian's raw scale)
+                                  # are a learned parameter shared by every input instead
   group_sizes = None  # one KL group per latent dimension (a hierarchy has groups of many)
 
   def _condition(self, c):
     return required_condition(self.condition_size, c)
+
+  def setup(self):
+    self.shared_scale = SharedScale(self.shared_scale_channels) if self.shared_scale_channels else None
 
   def encode(self, x, c=None):
     return self.encoder(x, self._condition(c))
@@ -76,7 +94,8 @@ class VAE(nn.Module):
   def decode(self, z, c=None, x=None):
     if self.autoregressive:
       return self.decoder(z, self._condition(c), x)
-    return self.decoder(z, self._condition(c))
+    outputs = self.decoder(z, self._condition(c))
+    return outputs if self.shared_scale is None else self.shared_scale(outputs)
 
   def __call__(self, x, c, rng) -> VAEOutput:
     mean, logvar = self.encode(x, c)

@@ -113,7 +113,7 @@ class DensityTask(Task):
   # The parts a variant may change.
 
   def build_model(self, cfg: Config, spec: DatasetSpec) -> VAE:
-    return create_model(cfg.model, spec, likelihoods.of(cfg.objective).outputs_per_channel)
+    return create_model(cfg.model, spec, likelihoods.of(cfg.objective).outputs_per_channel, cfg.objective.shared_scale)
 
   def initial_state(self, cfg: Config, model: VAE, spec: DatasetSpec) -> train_state.TrainState:
     """The one place the train state is built: parameters from the PARAMS stream, the optimizer, step 0."""
