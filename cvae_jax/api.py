@@ -296,7 +296,7 @@ class Model:
     if what == "scores":
       prior = (anomaly.class_log_prior(self.dataset.train.labels, spec.num_classes) if network.condition_size
                else None)
-      return anomaly.make_scores(network, spec, likelihood, k, ev.batch_size, ev.sample_chunk, prior, ev.llr_groups)
+      return anomaly.make_scores(network, spec, likelihood, k, ev.batch_size, ev.sample_chunk, prior, tuple(ev.llr_groups))
     return estimators.make_iwae(network, spec, likelihood, k, ev.batch_size, ev.sample_chunk)
 
   def _vocabulary(self) -> Vocabulary:

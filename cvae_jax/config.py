@@ -200,8 +200,9 @@ class EvaluationConfig:
   anomaly_samples: int = 100     # k of the importance-weighted anomaly score
   anomaly_dataset: Optional[str] = None  # also score this dataset's test split as anomalies (cross-dataset)
   compressor: Compressor = Compressor.zlib  # the input_complexity score's generic compressor
-  llr_groups: int = 1            # hierarchies (model=hvae, kind vae): the llr score's k, its lowest groups taken at
-                                 # their prior's mean (Havtorn et al. 2021's LLR>k); 0: no llr score
+  llr_groups: list[int] = field(default_factory=lambda: [1])  # hierarchies (model=hvae, kind vae): one score
+                                 # llr>k per k, the lowest k groups taken at their prior's mean (Havtorn et al.
+                                 # 2021's LLR>k); []: none
   disentanglement: bool = False  # data with ground-truth factors (data=dsprites): the beta-VAE, FactorVAE, MIG, DCI
                                  # and SAP scores of the encoder's mean, and latent traversals
                                  # (evaluators/disentanglement.py)
@@ -312,7 +313,8 @@ def validate_common(cfg: Config) -> Config:
   check(ev.sample_chunk >= 1, "evaluation.sample_chunk", ev.sample_chunk, "must be at least 1")
   check(ev.mi_examples >= 2, "evaluation.mi_examples", ev.mi_examples, "must be at least 2")
   check(ev.anomaly_samples >= 1, "evaluation.anomaly_samples", ev.anomaly_samples, "must be at least 1")
-  check(ev.llr_groups >= 0, "evaluation.llr_groups", ev.llr_groups, "must be >= 0 (0: no llr score)")
+  check(all(k >= 1 for k in ev.llr_groups), "evaluation.llr_groups", list(ev.llr_groups),
+        "each k must be at least 1 (the lowest k groups at their prior's mean; [] for no llr score)")
   check(ev.molecules >= 1, "evaluation.molecules", ev.molecules, "must be at least 1")
   check(ev.samples_per_class >= 1, "evaluation.samples_per_class", ev.samples_per_class, "must be at least 1")
   check(ev.quality_samples == 0 or ev.quality_samples >= 10, "evaluation.quality_samples", ev.quality_samples,

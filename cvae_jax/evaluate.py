@@ -19,8 +19,8 @@ and the sample judge. For the density tasks:
                          the same numbers for as many training images (docs/sample_quality.md)
 --test-limit N evaluates on the first N test images (a hierarchy's k=5000 bound is a full pass per draw).
 The options set the run's evaluation.iwae_samples, evaluation.sample_accuracy, evaluation.samples_per_class,
-evaluation.quality_samples and evaluation.disentanglement_protocol for this evaluation only (config.yaml is
-not changed).
+evaluation.quality_samples, evaluation.disentanglement_protocol and evaluation.llr_groups (--llr-groups 1 3:
+a hierarchy's anomaly scores llr>1 and llr>3) for this evaluation only (config.yaml is not changed).
 """
 from __future__ import annotations
 
@@ -38,7 +38,8 @@ from cvae_jax.tasks import RestoreError
 
 def evaluate_run(workdir: Path, iwae_samples: int = 5000, sample_accuracy: bool = True,
                  samples_per_class: int = 1000, quality_samples: int = 5000,
-                 disentanglement_protocol: str | None = None, test_limit: int | None = None) -> dict:
+                 disentanglement_protocol: str | None = None, test_limit: int | None = None,
+                 llr_groups: list[int] | None = None) -> dict:
   restored = api.load(workdir).restored
   if test_limit:  # the first test_limit test images only (a bound too slow for the whole split; eval.json says how many)
     ds = restored.dataset
@@ -47,7 +48,9 @@ def evaluate_run(workdir: Path, iwae_samples: int = 5000, sample_accuracy: bool 
   restored.cfg.evaluation = dataclasses.replace(
       evaluation, iwae_samples=iwae_samples, sample_accuracy=sample_accuracy, samples_per_class=samples_per_class,
       quality_samples=quality_samples,
-      disentanglement_protocol=disentanglement_protocol or evaluation.disentanglement_protocol)
+      disentanglement_protocol=disentanglement_protocol or evaluation.disentanglement_protocol,
+      llr_groups=evaluation.llr_groups if llr_groups is None else list(llr_groups))
+  experiment.validate(restored.cfg)  # the changed settings are checked as a run's are
   return restored.task.evaluate(restored, Path(workdir))
 
 
@@ -63,6 +66,8 @@ def main(argv=None) -> None:
                       help="evaluate on the first N test images only (eval.json records N; default: all)")
   parser.add_argument("--disentanglement-protocol", choices=["fast", "dlib"], default=None,
                       help="sample counts of the disentanglement scores (default: the run's)")
+  parser.add_argument("--llr-groups", type=int, nargs="*", default=None,
+                      help="a hierarchy's llr>k anomaly scores, one per k (default: the run's evaluation.llr_groups)")
   args = parser.parse_args(argv)
   if args.iwae_samples < 0 or args.samples_per_class < 1:
     parser.error("--iwae-samples must be >= 0 and --samples-per-class >= 1")
@@ -75,7 +80,7 @@ def main(argv=None) -> None:
   experiment.load_plugins()
   try:
     result = evaluate_run(args.workdir, args.iwae_samples, not args.no_sample_accuracy, args.samples_per_class,
-                          args.quality_samples, args.disentanglement_protocol, args.test_limit)
+                          args.quality_samples, args.disentanglement_protocol, args.test_limit, args.llr_groups)
   except (RestoreError, DataError, ConfigError, OutOfMemoryError) as e:
     sys.exit(f"error: {e}")
   summary = {k: result[k] for k in ("elbo", "rec", "kl", "active_units", "wall_time") if k in result}

@@ -18,7 +18,7 @@ import yaml
 
 KINDS = ("ae", "vae", "cvae")
 SCORES = ("reconstruction", "neg_elbo", "nll", "marginal_nll", "best_label_nll", "marginal_neg_elbo",
-          "best_label_neg_elbo", "input_complexity", "likelihood_ratio", "typicality", "llr")  # column order within a kind
+          "best_label_neg_elbo", "input_complexity", "likelihood_ratio", "typicality")  # column order within a kind
 
 
 def collect(sweep: Path, metric: str):

@@ -219,11 +219,13 @@ def test_the_llr_score_is_the_bound_minus_the_upper_groups_bound():
   params = perturbed(model.init({"params": jax.random.key(0)}, x, None, jax.random.key(1))["params"], jax.random.key(2), 0.1)
   spec = DatasetSpec("tiny", (8, 8, 1), 10, Encoding.static_binary)
   labels, key, stored = jnp.zeros(6, jnp.int32), jax.random.key(3), x.astype(jnp.uint8)
-  scores = anomaly.make_scores(model, spec, BERNOULLI, 4, 6, 2, llr_groups=1)(params, stored, labels, key)
-  assert "llr" not in anomaly.make_scores(model, spec, BERNOULLI, 4, 6, 2)(params, stored, labels, key)
+  scores = anomaly.make_scores(model, spec, BERNOULLI, 4, 6, 2, llr_groups=(1, 2))(params, stored, labels, key)
+  assert not any(k.startswith("llr") for k in anomaly.make_scores(model, spec, BERNOULLI, 4, 6, 2)(
+      params, stored, labels, key))
   batch_key = estimators.fold(jax.random.fold_in(key, 0), estimators.Draw.REPARAM)  # map_over_split's first chunk
-  upper = estimators.joint_bound(model, params, x, None, batch_key, 4, 2, BERNOULLI, prior_groups=1)
-  np.testing.assert_allclose(scores["llr"], -scores["nll"] - upper, rtol=1e-5)
+  for m in (1, 2):
+    upper = estimators.joint_bound(model, params, x, None, batch_key, 4, 2, BERNOULLI, prior_groups=m)
+    np.testing.assert_allclose(scores[f"llr>{m}"], -scores["nll"] - upper, rtol=1e-5)
 
 
 def test_the_condition_enters_the_top_down_path():
@@ -286,8 +288,8 @@ def test_the_importance_weighted_objective_trains_a_hierarchy(tmp_path):
     ({"model.compute_dtype": "float16"}, "model.compute_dtype"),
     ({"objective.regularizer": "tcvae"}, "objective.regularizer"),
     ({"training.skip_grad_norm": 0.0}, "training.skip_grad_norm"),
-    ({"evaluation.llr_groups": 2}, "evaluation.llr_groups"),
-    ({"evaluation.llr_groups": -1}, "evaluation.llr_groups"),
+    ({"evaluation.llr_groups": [1, 2]}, "evaluation.llr_groups"),
+    ({"evaluation.llr_groups": [0]}, "evaluation.llr_groups"),
 ])
 def test_bad_hvae_settings_are_refused_naming_the_key(overrides, key):
   with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

@@ -7,9 +7,9 @@ Scores (higher = more anomalous), by model kind:
         best_label_nll       -max_c L_k(x|c): the label that explains x best
         marginal_neg_elbo, best_label_neg_elbo: the same with the ELBO in place of L_k
   ae    reconstruction       -log p(x | decode(encode(x))): the baseline of An & Cho (2015)
-  vae   llr                  hierarchies (model=hvae): L_k - L^{>m}_k, m = evaluation.llr_groups, L^{>m} the bound with the
-        (LLR>k)              lowest m groups at their prior's mean: the likelihood ratio of Havtorn et al. (2021), whose
-                             L^{>m} leaves the low-level statistics that dominate log p(x) to the prior
+  vae   llr>m                hierarchies (model=hvae), each m of evaluation.llr_groups: L_k - L^{>m}_k, L^{>m} the bound
+                             with the lowest m groups at their prior's mean: Havtorn et al.'s (2021) LLR>k, whose L^{>m}
+                             leaves the low-level statistics that dominate log p(x) to the prior
   all   input_complexity     the kind's bound (nll, marginal_nll or reconstruction) minus the input's compressed
                              length L(x) in nats (Serrà et al. 2020; evaluation.compressor; evaluators/ood.py)
         typicality           |bound - H|, H the bound's mean over (up to 2,000) training inputs (Nalisnick et al.
@@ -42,11 +42,11 @@ from cvae_jax.models import VAE
 
 
 def make_scores(model: VAE, spec: DatasetSpec, likelihood: Likelihood, num_samples: int, batch_size: int,
-                sample_chunk: int, class_log_prior: np.ndarray | None = None, llr_groups: int = 0) -> Callable:
+                sample_chunk: int, class_log_prior: np.ndarray | None = None, llr_groups=()) -> Callable:
   """Returns scores(params, images, labels, key) -> {score name: [N]} over a whole split.
 
   `class_log_prior` [K]: log p(c) for the CVAE marginal, -inf for classes never trained on (they are
-  skipped). `llr_groups` > 0 adds a hierarchy's llr score. Labels are not used: an anomaly detector does not
+  skipped). Each m of `llr_groups` adds a hierarchy's llr>m score. Labels are not used: an anomaly detector does not
   know them.
   """
   if model.condition_size:
@@ -62,9 +62,9 @@ def make_scores(model: VAE, spec: DatasetSpec, likelihood: Likelihood, num_sampl
     if not model.condition_size:
       bound, elbo = iwae_bound(model, params, x, None, key, num_samples, sample_chunk, likelihood, with_elbo=True)
       scores = {"neg_elbo": -elbo, "nll": -bound}
-      if llr_groups and model.group_sizes is not None:
-        upper = joint_bound(model, params, x, None, key, num_samples, sample_chunk, likelihood, prior_groups=llr_groups)
-        scores["llr"] = bound - upper
+      for m in llr_groups if model.group_sizes is not None else ():
+        upper = joint_bound(model, params, x, None, key, num_samples, sample_chunk, likelihood, prior_groups=m)
+        scores[f"llr>{m}"] = bound - upper
       return scores
 
     def under_class(k):  # [b], [b]: the bounds on log p(x | c = k)
@@ -165,7 +165,7 @@ def score_anomalies(ctx: EvalContext) -> dict:
   ev, spec = cfg.evaluation, ds.spec
   log_prior = class_log_prior(ds.train.labels, spec.num_classes) if model.condition_size else None
   scores_fn = make_scores(model, spec, ctx.likelihood, ev.anomaly_samples, ev.batch_size,
-                          ev.sample_chunk, log_prior, ev.llr_groups)
+                          ev.sample_chunk, log_prior, tuple(ev.llr_groups))
   key = stream_key(cfg.seed, Stream.EVAL)
   score = lambda split, with_params=params: {k: np.asarray(v, np.float64) for k, v in jax.device_get(
       scores_fn(with_params, jax.device_put(split.images), jax.device_put(split.labels), key)).items()}
@@ -189,7 +189,7 @@ def score_anomalies(ctx: EvalContext) -> dict:
     normal = {k: v[~held_out] for k, v in test_scores.items()}  # only classes the model was trained on
     protocols["cross_dataset"] = ({k: np.concatenate([normal[k], other_scores[k]]) for k in normal},
                                   np.r_[np.zeros((~held_out).sum(), np.int32), np.ones(len(other.test), np.int32)])
-  result = {"k": ev.anomaly_samples, "llr_groups": ev.llr_groups, "exclude_classes": list(cfg.data.exclude_classes),
+  result = {"k": ev.anomaly_samples, "llr_groups": list(ev.llr_groups), "exclude_classes": list(cfg.data.exclude_classes),
             "anomaly_dataset": ev.anomaly_dataset, "protocols": {}}
   for name, (scores, is_anomaly) in protocols.items():
     result["protocols"][name] = {

@@ -16,7 +16,7 @@ latent_channels (`group_sizes` gives each group's share):
   __call__(x, c, rng) -> VAEOutput   one joint draw z ~ q(z | x); prior_mean / prior_logvar hold the
                                      prior p(z_l | z_<l) each group had along that draw; with prior_groups=m
                                      the lowest m groups take their prior's mean instead (the anomaly
-                                     score llr, Havtorn et al. 2021)
+                                     score llr>k, Havtorn et al. 2021)
   encode(x, c)        -> (mean, logvar) of q along the posterior-mean path (z_l = mu_q for every group):
                                      what the collapse diagnostics and the latent figures read
   decode(z, c)        -> logits of p(x | z) for a given z of every group
@@ -340,8 +340,8 @@ def check_config(cfg: Config) -> None:
         m.decoder_groups, "counts must be >= 0, with at least one group in all")
   check(m.compute_dtype in COMPUTE_DTYPES, "model.compute_dtype", m.compute_dtype, f"use one of {list(COMPUTE_DTYPES)}")
   groups = sum(m.decoder_groups)
-  check(cfg.evaluation.llr_groups < groups, "evaluation.llr_groups", cfg.evaluation.llr_groups,
-        f"the llr score keeps at least one of the {groups} groups on the posterior: use 0 to {groups - 1}")
+  check(all(k < groups for k in cfg.evaluation.llr_groups), "evaluation.llr_groups", list(cfg.evaluation.llr_groups),
+        f"each llr score keeps at least one of the {groups} groups on the posterior: use k from 1 to {groups - 1}")
   check(Regularizer(cfg.objective.regularizer) != Regularizer.tcvae, "objective.regularizer",
         cfg.objective.regularizer, "the total-correlation estimate needs one Gaussian posterior; model=hvae has a "
         "hierarchy of them: use kl or capacity")
