@@ -249,19 +249,27 @@ class Model:
     bound = self._jitted("iwae", int(k))
     return np.asarray(bound(self.params, jnp.asarray(x), jnp.asarray(c), self._eval_key(seed)), np.float64)
 
-  def anomaly_score(self, x, k: int = 100, seed: Optional[int] = None) -> np.ndarray:
+  def anomaly_score(self, x, k: int = 100, seed: Optional[int] = None, llr_group: Optional[int] = None) -> np.ndarray:
     """Higher is more anomalous; the labels are not used (a detector does not know them). With the anomaly
     evaluator's key, so these are the scores of anomaly_scores.npz at the same k:
     a VAE's -L_k; a CVAE's -log sum_c p(c) exp(L_k(x | c)) with p(c) the training classes' frequencies;
-    a plain autoencoder's reconstruction error (-log p(x | z = encoder mean))."""
+    a plain autoencoder's reconstruction error (-log p(x | z = encoder mean)); with `llr_group` m, a
+    hierarchy's llr>m (L_k minus the bound with its lowest m groups at their prior's mean)."""
     _check_k(k)
     x = self._inputs(x)
     if self.network.condition_size:
       self._needs_classes("anomaly_score")
-    out = self._jitted("scores", int(k))(self.params, jnp.asarray(x), jnp.zeros(len(x), jnp.int32),
-                                         self._key(seed, Stream.EVAL))  # the anomaly evaluator's key
-    name = "reconstruction" if not self.network.stochastic else \
-        ("marginal_nll" if self.network.condition_size else "nll")
+    groups = ()
+    if llr_group is not None:
+      num_groups = len(self.network.group_sizes or ())
+      if not 1 <= llr_group < num_groups:
+        raise ValueError(f"llr>{llr_group} needs a hierarchy (model=hvae) with more than {llr_group} latent groups; "
+                         f"this run's model has {num_groups or 'no'} groups")
+      groups = (int(llr_group),)
+    out = self._jitted("scores", int(k), groups)(self.params, jnp.asarray(x), jnp.zeros(len(x), jnp.int32),
+                                                 self._key(seed, Stream.EVAL))  # the anomaly evaluator's key
+    name = (f"llr>{llr_group}" if groups else "reconstruction" if not self.network.stochastic else
+            "marginal_nll" if self.network.condition_size else "nll")
     return np.asarray(out[name], np.float64)
 
   # ---- internals ------------------------------------------------------------------------------------
@@ -275,15 +283,15 @@ class Model:
   def _eval_key(self, seed: Optional[int]) -> jax.Array:
     return fold(self._key(seed, Stream.EVAL), Draw.IWAE)
 
-  def _jitted(self, what: str, k: int = 0):
-    """One compiled function per use (and k), built on first call and kept on this object: repeated calls do
-    not retrace."""
+  def _jitted(self, what: str, k: int = 0, llr_groups: tuple = ()):
+    """One compiled function per use (and k, and llr groups), built on first call and kept on this object:
+    repeated calls do not retrace."""
     cache = self.__dict__.setdefault("_compiled", {})
-    if (what, k) not in cache:
-      cache[what, k] = self._build(what, k)
-    return cache[what, k]
+    if (what, k, llr_groups) not in cache:
+      cache[what, k, llr_groups] = self._build(what, k, llr_groups)
+    return cache[what, k, llr_groups]
 
-  def _build(self, what: str, k: int):
+  def _build(self, what: str, k: int, llr_groups: tuple = ()):
     network, spec, likelihood, encoding = self.network, self.spec, self.likelihood, self._encoding()
     if what == "encode":
       return jax.jit(lambda params, x, labels: generation.encode_mean(network, params, spec,
@@ -296,7 +304,7 @@ class Model:
     if what == "scores":
       prior = (anomaly.class_log_prior(self.dataset.train.labels, spec.num_classes) if network.condition_size
                else None)
-      return anomaly.make_scores(network, spec, likelihood, k, ev.batch_size, ev.sample_chunk, prior, tuple(ev.llr_groups))
+      return anomaly.make_scores(network, spec, likelihood, k, ev.batch_size, ev.sample_chunk, prior, llr_groups)
     return estimators.make_iwae(network, spec, likelihood, k, ev.batch_size, ev.sample_chunk)
 
   def _vocabulary(self) -> Vocabulary:

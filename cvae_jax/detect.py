@@ -11,6 +11,8 @@ its test split. Writes one line per input (index, score, flag) to --out (default
 Scores (higher = more anomalous; evaluators/anomaly.py):
   bound             -L_k (a VAE), the CVAE's marginal -log p(x), or a plain autoencoder's reconstruction error
   input_complexity  the bound minus the input's compressed length in nats (Serrà et al. 2020)
+  llr>M             a hierarchy's (model=hvae) L_k minus its bound with the lowest M groups at their prior's
+                    mean (Havtorn et al. 2021's LLR>k), M from 1 to the number of groups - 1
 """
 from __future__ import annotations
 
@@ -28,7 +30,13 @@ from cvae_jax.data import DataError
 from cvae_jax.evaluators import ood
 from cvae_jax.tasks import RestoreError
 
-SCORES = ("bound", "input_complexity")
+SCORES = ("bound", "input_complexity", "llr>M")
+
+
+def _llr_group(score: str) -> Optional[int]:
+  """M of a score named llr>M; None for any other name."""
+  head, _, m = score.partition(">")
+  return int(m) if head == "llr" and m.isdigit() else None
 
 
 def threshold_at(normal_scores: np.ndarray, fpr: float) -> float:
@@ -41,8 +49,9 @@ class Detector:
   """A run's anomaly detector at a false-positive rate: `scores(x)`, `flags(x)`, and `threshold`."""
 
   def __init__(self, model: api.Model, score: str = "bound", fpr: float = 0.05, k: int = 100):
-    if score not in SCORES:
-      raise ValueError(f"--score {score!r} is not one of {', '.join(SCORES)}")
+    self.llr_group = _llr_group(score)
+    if score not in SCORES[:2] and self.llr_group is None:
+      raise ValueError(f"--score {score!r} is not one of {', '.join(SCORES)} (M a number, e.g. llr>1)")
     if not 0 < fpr < 1:
       raise ValueError(f"--fpr {fpr} must be in (0, 1): the fraction of normal inputs flagged")
     calibration = model.dataset.validation
@@ -55,7 +64,7 @@ class Detector:
 
   def scores(self, x) -> np.ndarray:
     stored = self.model._inputs(x)  # checked: shape, dtype and range; in the data's stored form
-    bound = self.model.anomaly_score(stored, k=self.k)
+    bound = self.model.anomaly_score(stored, k=self.k, llr_group=self.llr_group)
     if self.score == "input_complexity":
       return bound - ood.complexity_nats(stored, self.model.config.evaluation.compressor)
     return bound
@@ -97,7 +106,7 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog="python -m cvae_jax.detect", description=__doc__.split("\n\n")[0])
   parser.add_argument("run", help="a trained run directory (with data.validation_size > 0)")
   parser.add_argument("inputs", help=".npy or .npz file of inputs")
-  parser.add_argument("--score", default="bound", choices=SCORES)
+  parser.add_argument("--score", default="bound", help=f"one of {', '.join(SCORES)} (default: bound)")
   parser.add_argument("--fpr", type=float, default=0.05, help="fraction of normal inputs flagged (default 0.05)")
   parser.add_argument("--k", type=int, default=100, help="importance samples of the bound (default 100)")
   parser.add_argument("--out", help="per-input scores and flags, CSV (default: INPUTS.detections.csv)")

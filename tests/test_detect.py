@@ -78,3 +78,29 @@ def test_a_run_without_a_validation_split_says_how_to_get_one(run):
   model.dataset = dataclasses.replace(model.dataset, validation=None)
   with pytest.raises(ValueError, match="no validation split .* Train the run with data.validation_size=N"):
     detect.Detector(model)
+
+
+def test_a_hierarchy_detects_with_llr_as_its_anomaly_evaluator_scored_the_test_split(tmp_path_factory, tmp_path):
+  hvae = tmp_path_factory.mktemp("detect_hvae") / "run"
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=str(REPO))
+  proc = run_cli([*SMALL, "model=hvae", "model.kind=vae", "model.width=8", "model.bottleneck=4",
+                  "model.latent_channels=2", "model.patch=2", "model.encoder_blocks=[1,1]", "model.decoder_groups=[1,1]",
+                  "data.validation_size=200", "data.exclude_classes=[1]", "evaluation.anomaly=true",
+                  "evaluation.anomaly_samples=3", "evaluation.llr_groups=[1]", f"hydra.run.dir={hvae}"], env, hvae.parent)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  model = cvae_jax.load(hvae)
+  inputs = tmp_path / "test.npy"
+  np.save(inputs, model.dataset.test.images)
+  out = tmp_path / "flags.csv"
+  assert detect.main([str(hvae), str(inputs), "--score", "llr>1", "--k", "3", "--out", str(out)]) == 0
+  scores = np.array([float(r.split(",")[1]) for r in out.read_text().splitlines()[1:]])
+  np.testing.assert_allclose(scores, np.load(hvae / "anomaly_scores.npz")["held_out/llr>1"], rtol=1e-5, atol=1e-4)
+  assert detect.main([str(hvae), str(inputs), "--score", "llr>2", "--k", "3"]) == 2  # two groups: only llr>1
+
+
+@pytest.mark.parametrize("score, message", [("llr>1", "needs a hierarchy"), ("likelihood", "is not one of")])
+def test_a_score_the_run_cannot_give_is_refused_with_exit_2(run, tmp_path, capsys, score, message):
+  path = tmp_path / "inputs.npy"
+  np.save(path, cvae_jax.load(run).dataset.test.images[:5])
+  assert detect.main([str(run), str(path), "--score", score, "--k", "2"]) == 2
+  assert message in capsys.readouterr().err
