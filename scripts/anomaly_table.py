@@ -1,6 +1,6 @@
 """Markdown tables of an anomaly sweep (+experiment=anomaly_mnist, anomaly_fashion_mnist, anomaly_ecg5000).
 
-  python scripts/anomaly_table.py multirun/anomaly_mnist [--metric auroc|auprc]
+  python scripts/anomaly_table.py multirun/anomaly_mnist [--metric auroc|auprc|mean_normal|mean_anomalous]
 
 Rows: the held-out class, or for a one-class sweep the class trained on (and the mean over classes), then
 the cross-dataset protocol (from the run that holds no class out); columns: each model kind's scores. Runs that differ in seed are averaged (the count is shown). Reads anomaly.json of every
@@ -39,7 +39,7 @@ def collect(sweep: Path, metric: str):
       if protocol == "cross_dataset" and held:
         continue  # the cross-dataset number comes from the run trained on every class
       for score, values in block["scores"].items():
-        table[(protocol, held, arch)][(cfg["model"]["kind"], score)].append(values[metric])
+        table[(protocol, held, arch)][(cfg["model"]["kind"], score)].append(values.get(metric, np.nan))
   return table, missing
 
 
@@ -70,7 +70,8 @@ def markdown(table, metric: str) -> str:
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("sweep", type=Path)
-  parser.add_argument("--metric", choices=["auroc", "auprc"], default="auroc")
+  parser.add_argument("--metric", choices=["auroc", "auprc", "mean_normal", "mean_anomalous"], default="auroc",
+                      help="mean_normal, mean_anomalous: a score's mean over the normal or the anomalous test inputs")
   args = parser.parse_args()
   table, missing = collect(args.sweep, args.metric)
   print(markdown(table, args.metric))

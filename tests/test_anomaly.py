@@ -35,6 +35,7 @@ def toy_model(kind):
 def test_infinite_scores_rank_and_nan_scores_are_counted():
   m = anomaly.detection_metrics(np.array([0.1, np.inf, 0.2, np.nan, 0.3]), np.array([0, 1, 0, 1, 1]))
   assert m["auroc"] == 1.0 and m["nan_scores"] == 1
+  assert m["mean_normal"] == pytest.approx(0.15) and m["mean_anomalous"] == pytest.approx(0.3)  # finite only
 
 
 def test_infinite_scores_keep_the_order_of_the_finite_ones():
@@ -50,6 +51,7 @@ def test_metrics_by_hand():
   assert m["auroc"] == pytest.approx(0.75)
   assert m["auprc"] == pytest.approx((1 / 1 + 2 / 3) / 2)  # precision at each anomaly's rank
   assert m["anomaly_fraction"] == 0.5
+  assert m["mean_normal"] == pytest.approx(0.25) and m["mean_anomalous"] == pytest.approx(0.575)
 
 
 def test_vae_scores_with_one_sample_agree():
