@@ -104,17 +104,15 @@ def detection_metrics(scores: np.ndarray, is_anomaly: np.ndarray) -> dict:
   An infinite score ranks as the most (or least) anomalous; NaN scores are left out and counted; the means
   are over finite scores."""
   from sklearn.metrics import average_precision_score, roc_auc_score
-  scores = np.asarray(scores, np.float64)
-  keep = ~np.isnan(scores)
-  finite = scores[np.isfinite(scores)]
+  scores, is_anomaly = np.asarray(scores, np.float64), np.asarray(is_anomaly)
+  keep, is_finite = ~np.isnan(scores), np.isfinite(scores)
+  finite = scores[is_finite]
   lo, hi = (finite.min() - 1, finite.max() + 1) if finite.size else (-1.0, 1.0)
-  is_anomaly = np.asarray(is_anomaly)
-  mean_of = lambda group: float(np.mean(scores[group & np.isfinite(scores)])) if np.any(group & np.isfinite(scores)) \
-      else float("nan")
-  means = {"mean_normal": mean_of(is_anomaly == 0), "mean_anomalous": mean_of(is_anomaly == 1)}
+  group_means = {name: float(np.mean(scores[is_finite & (is_anomaly == label)])) if np.any(is_finite & (is_anomaly == label))
+                 else float("nan") for name, label in (("mean_normal", 0), ("mean_anomalous", 1))}
   scores, is_anomaly = np.clip(scores[keep], lo, hi), is_anomaly[keep]
   return {"auroc": float(roc_auc_score(is_anomaly, scores)), "auprc": float(average_precision_score(is_anomaly, scores)),
-          "anomaly_fraction": float(np.mean(is_anomaly)), "nan_scores": int((~keep).sum()), **means}
+          "anomaly_fraction": float(np.mean(is_anomaly)), "nan_scores": int((~keep).sum()), **group_means}
 
 
 def histogram_figure(path: Path, protocols: dict[str, tuple[dict, np.ndarray]], title: str) -> None:
