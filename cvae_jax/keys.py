@@ -17,6 +17,7 @@ class Stream(enum.IntEnum):
   BINARIZE = 3     # dynamic binarization in the train step, folded with the step
   EVAL = 4         # evaluation samples (fixed: every evaluation sees the same eps)
   FIGURES = 5      # fixed z and eps for figures and generated samples
+  DROPOUT = 6      # the decoder's word dropout in the train step, folded with the step
 
 
 def stream_key(seed, stream: Stream, *parts) -> jax.Array:

@@ -1,7 +1,7 @@
 """`python -m cvae_jax.molecules RUN_DIR [--samples N] [--target PROPERTY=VALUE ...]`: sample and score molecules.
 
 On a run trained with `+experiment=molecules_cvae` (task=molecules; training calls the same code at its
-end, with evaluation.molecules samples). Writes molecules.json, samples.csv and
+end, with evaluation.molecules samples; MOSES's protocol is --samples 30000 at --temperature 1). Writes molecules.json, samples.csv and
 figures/{property_control,molecules}.png in the run directory; the metrics are described in
 cvae_jax/tasks/molecules.py.
 
@@ -27,11 +27,16 @@ def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("workdir", type=Path, help="a run directory written by +experiment=molecules_cvae")
   parser.add_argument("--samples", type=int, default=10000, help="molecules to sample (conditional and unconditional)")
+  parser.add_argument("--temperature", type=float, default=1.0,
+                      help="sampling temperature: the logits are divided by it (1: the model; below 1: surer, less "
+                           "diverse; 0: greedy). MOSES reports temperature 1")
   parser.add_argument("--target", action="append", default=[], metavar="PROPERTY=VALUE",
                       help="sample for this property value (repeatable), e.g. --target logp=4.5")
   args = parser.parse_args(argv)
   if args.samples < 1:
     parser.error("--samples must be at least 1")
+  if not args.temperature >= 0:
+    parser.error(f"--temperature must be >= 0 (0 is greedy), got {args.temperature}")
   xla_cpu.use_fast_scheduler()
   experiment.load_plugins()
   try:
@@ -55,7 +60,7 @@ def main(argv=None) -> None:
       print(f"wrote {args.workdir / 'targets.csv'}")
       return
     result = evaluate_generation(restored.cfg, restored.dataset, restored.model, restored.params, args.workdir,
-                                 args.samples)
+                                 args.samples, args.temperature)
   except (RestoreError, DataError, ConfigError, ValueError) as e:
     sys.exit(f"error: {e}")
   for kind in ("conditional", "unconditional"):
@@ -63,6 +68,16 @@ def main(argv=None) -> None:
       r = result[kind]
       print(f"{kind}: validity={r['validity']:.3f} unique@1k={r['unique@1k']:.3f} unique@10k={r['unique@10k']:.3f} "
             f"novelty={r['novelty']:.3f} mae=" + " ".join(f"{p}:{v:.3g}" for p, v in r.get("mae", {}).items()))
+  m = result["moses"]
+  print("MOSES metrics (unconditional samples): " + " ".join(
+      f"{k}={v:.4f}" for k, v in m.items() if isinstance(v, float)))
+  print(f"reconstruction accuracy (greedy, posterior mean): {result['reconstruction_accuracy']:.4f} "
+        f"of {result['reconstructed_of']} test molecules")
+  walk = result["interpolation"]
+  print(f"interpolation ({walk['pairs']} pairs of test molecules, {walk['steps']} steps): validity "
+        + " ".join(f"{v:.2f}" for v in walk["validity_along_path"])
+        + f"; ends reconstructed {walk['ends_reconstructed']:.3f}; distinct per path {walk['distinct_per_path']:.2f}; "
+        f"neighbour Tanimoto {walk['neighbour_similarity']:.3f}")
   print(f"wrote {args.workdir / 'molecules.json'}")
 
 

@@ -1,4 +1,4 @@
-"""Where the package's own files are: the Hydra configs and the vendored dataset files (MNIST).
+"""Where the package's own files are: the Hydra configs and the vendored files (MNIST, MOSES's filter SMARTS).
 
 They live at the top of the repository, `conf/` and `data/`, where users and the docs refer to them; a
 clone and an editable install (`pip install -e .`) read them there. A wheel (`pip install .`, a git URL)

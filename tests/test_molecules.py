@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from cvae_jax.config import ConfigError
-from cvae_jax.data import Condition, DataError, DatasetSpec, Encoding, Modality, moses, smiles
+from cvae_jax.data import Condition, DataError, Dataset, DatasetSpec, Encoding, Modality, Split, moses, smiles
 from cvae_jax.experiment import validate
 from cvae_jax.likelihoods import categorical_log_prob
 from cvae_jax.models import create_model
@@ -76,6 +76,81 @@ def _tiny_sequence_model(vocab_size=5, length=3):
   params = model.init(jax.random.key(0), jnp.zeros((1, length)), jnp.zeros((1, 2)), jax.random.key(1))["params"]
   params = jax.tree.map(lambda p: p * 3.0, params)  # sharper distributions: the frequencies differ clearly
   return model, params
+
+
+def test_sampling_temperature_sharpens_the_first_token_and_zero_is_greedy():
+  model, params = _tiny_sequence_model()
+  n = 40_000
+  z, c = jnp.full((n, 2), 0.3), jnp.full((n, 2), -0.5)
+  first = model.apply({"params": params}, z[:1], c[:1], jnp.zeros((1, 3), jnp.int32), method=type(model).decode)[0, 0]
+  for t in (0.5, 2.0):  # the first token's frequencies follow softmax(logits / t)
+    tokens = np.asarray(sample_tokens(model, params, z, c, jax.random.key(3), 1, temperature=t))
+    expected = np.asarray(jax.nn.softmax(first / t))
+    observed = np.bincount(tokens[:, 0], minlength=5) / n
+    assert np.max(np.abs(observed - expected) / np.sqrt(expected * (1 - expected) / n + 1e-12)) < 5
+  greedy = np.asarray(sample_tokens(model, params, z[:4], c[:4], jax.random.key(4), 3, temperature=0.0))
+  assert (greedy[:, 0] == int(jnp.argmax(first))).all() and (greedy == greedy[0]).all()
+  with pytest.raises(ValueError, match="temperature"):
+    sample_tokens(model, params, z[:1], c[:1], jax.random.key(0), 2, temperature=-1.0)
+
+
+def test_word_dropout_acts_only_in_training_and_at_rate_one_hides_the_tokens():
+  from cvae_jax.models.gru import GRUDecoder
+  z, c = jnp.full((2, 2), 0.3), jnp.zeros((2, 0))
+  x = jnp.asarray([[3, 4, 3, 2, 0], [4, 3, 4, 2, 0]])  # two strings of the same length
+  plain, dropping = GRUDecoder(5, 4, 8), GRUDecoder(5, 4, 8, word_dropout=0.9999999)
+  params = plain.init(jax.random.key(0), z, None, x)
+  # No 'dropout' rng (evaluation, scoring): the decoder is the plain one.
+  np.testing.assert_array_equal(dropping.apply(params, z, None, x), plain.apply(params, z, None, x))
+  seen = plain.apply(params, z, None, x)
+  hidden = dropping.apply(params, z, None, x, rngs={"dropout": jax.random.key(1)})
+  # Every token after the start is dropped: both strings give the same logits; the start position is untouched.
+  np.testing.assert_allclose(hidden[0], hidden[1], atol=1e-6)
+  assert not np.allclose(seen[0], seen[1], atol=1e-3)
+  np.testing.assert_allclose(hidden[:, 0], seen[:, 0], atol=1e-6)
+  with pytest.raises(ConfigError, match="word_dropout"):
+    validate(small_config(**{"task": "molecules", "data.name": "moses", "model.arch": "gru", "model.kind": "cvae",
+                             "objective.likelihood": "categorical", "model.word_dropout": 1.0}))
+
+
+def test_interpolation_of_a_decoder_that_ignores_z_stays_on_one_molecule():
+  """A decoder that always says 'C' (z ignored: a collapsed posterior) decodes every point of every path to
+  CCCCC (all 5 slots): validity 1 everywhere, one distinct molecule per path; only the path from CCCCC to
+  CCCCC ends where it started and finished (1 of 2)."""
+  from cvae_jax.tasks.molecule_space import interpolate
+  vocab = (*smiles.SPECIALS, "C", "O")
+  spec = DatasetSpec("moses", (5,), 2, Encoding.tokens, Modality.tokens, Condition.vector, vocab=vocab)
+  cfg = small_config(**{"task": "molecules", "data.name": "moses", "model.arch": "gru", "model.kind": "cvae",
+                        "objective.likelihood": "categorical", "model.rnn_size": 8, "model.embedding_size": 4,
+                        "model.latent_size": 2})
+  model = create_model(cfg.model, spec)
+  params = model.init(jax.random.key(0), jnp.zeros((1, 5)), jnp.zeros((1, 2)), jax.random.key(1))["params"]
+  params = jax.tree.map(jnp.zeros_like, params)
+  params["decoder"]["logits"]["bias"] = jnp.zeros(5).at[3].set(10.0)  # 'C' in every slot
+  cccc, cco = [3, 3, 3, 3, 3], [3, 3, 4, smiles.EOS, 0]
+  split = Split(np.asarray([cccc, cccc, cccc, cco], np.uint8), np.zeros((4, 2), np.float32))
+  got = interpolate(cfg, Dataset(spec, split, split), model, params, pairs=2, steps=5)
+  assert got["validity_along_path"] == [1.0] * 5 and got["distinct_per_path"] == 1.0
+  assert got["ends_reconstructed"] == 0.5 and got["example"] == ["CCCCC"] * 5
+  assert math.isnan(got["neighbour_similarity"])
+  with pytest.raises(ValueError, match="at least 1 pair and 2 steps"):
+    interpolate(cfg, Dataset(spec, split, split), model, params, pairs=2, steps=1)
+
+
+def test_reconstruction_accuracy_counts_exact_greedy_decodes():
+  """A decoder that always says 'end' decodes every code to the empty string: the accuracy is the share of
+  empty test strings, 3 of 7 here (batches of 4: the last one padded)."""
+  model, params = _tiny_sequence_model()
+  params = jax.tree.map(jnp.zeros_like, params)
+  params["decoder"]["logits"]["bias"] = jnp.zeros(5).at[smiles.EOS].set(10.0)
+  spec = DatasetSpec("moses", (3,), 2, Encoding.tokens, Modality.tokens, Condition.vector,
+                     vocab=tuple(str(i) for i in range(5)))
+  empty, three = [smiles.EOS, 0, 0], [3, smiles.EOS, 0]
+  images = np.asarray([empty, three, three, empty, three, empty, three], np.uint8)
+  split = Split(images, np.zeros((7, 2), np.float32))
+  cfg = small_config(**{"task": "molecules", "data.name": "moses"})
+  got = molecules.reconstruction_accuracy(cfg, Dataset(spec, split, split), model, params, n=7, batch_size=4)
+  assert got == {"reconstruction_accuracy": 3 / 7, "reconstructed_of": 7}
 
 
 def test_sampler_draws_sequences_with_the_probabilities_the_decoder_scores():

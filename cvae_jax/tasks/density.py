@@ -74,7 +74,7 @@ def make_loss(cfg: Config, model: VAE, spec: DatasetSpec, steps_per_epoch: int) 
         metrics["kl_weight"] = jnp.asarray(beta, jnp.float32)
         return metrics["loss"], metrics
     else:
-      out = model.apply({"params": params}, x, c, rng)
+      out = model.apply({"params": params}, x, c, rng, rngs={"dropout": keys(Stream.DROPOUT)})  # (word dropout)
       terms = elbo_terms(x, out.logits, out.mean, out.logvar, lik, out.prior)
       mean, logvar, prior = out.mean, out.logvar, out.prior
     penalty = None

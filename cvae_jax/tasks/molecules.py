@@ -9,6 +9,11 @@ Metrics (as MOSES, Polykovskiy et al. 2020, computes them):
   unique@1k/@10k  distinct canonical SMILES among the first 1,000 / 10,000 valid samples
   novelty         fraction of the distinct valid samples not in the training set (the subset trained on,
                   and all of MOSES train)
+MOSES's whole set (cvae_jax/evaluators/moses_metrics.py: IntDiv, Filters, SNN, Frag, Scaf, FCD against its test
+and scaffold-test sets) is computed on the unconditional samples, under "moses"; MOSES's protocol is 30,000
+samples (`python -m cvae_jax.molecules RUN --samples 30000`).
+Reconstruction accuracy: the fraction of test molecules decoded exactly, greedily, from the posterior mean.
+Interpolation between test molecules in the latent space: tasks/molecule_space.py.
 Property control: the targets are the property vectors of the first N test molecules (real, jointly
 possible values; N = the samples asked for, at most the test split), one sample per target; the mean absolute error between target and RDKit's value over the
 valid samples, per property in its own units. The unconditional baseline samples under conditions drawn
@@ -37,10 +42,12 @@ from cvae_jax.config import Config, check  # noqa: E402
 from cvae_jax.data import Dataset, moses  # noqa: E402
 from cvae_jax.data.smiles import Vocabulary  # noqa: E402
 from cvae_jax.engine import rundir  # noqa: E402
+from cvae_jax.evaluators import chemnet, moses_metrics  # noqa: E402
 from cvae_jax.keys import Stream, fold, stream_key  # noqa: E402
 from cvae_jax.models import VAE  # noqa: E402
 from cvae_jax.models.gru import sample_tokens  # noqa: E402
 from cvae_jax.tasks.base import register  # noqa: E402
+from cvae_jax.tasks import molecule_space  # noqa: E402
 from cvae_jax.tasks.density import DensityTask  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -73,13 +80,8 @@ def canonical(smiles: Sequence[str]) -> list[Optional[str]]:
 
 def generation_metrics(samples: Sequence[str], training: set[str], all_training: Optional[set[str]] = None) -> dict:
   """validity, unique@1k, unique@10k and novelty of sampled SMILES (see the module docstring)."""
-  canon = canonical(samples)
-  valid = [s for s in canon if s is not None]
-  result = {"samples": len(samples), "valid": len(valid), "validity": len(valid) / max(len(samples), 1)}
-  for k, name in ((1000, "unique@1k"), (10000, "unique@10k")):
-    first = valid[:k]
-    result[name] = len(set(first)) / len(first) if first else 0.0
-    result[f"{name}_of"] = len(first)  # below k when there are fewer valid samples
+  valid, result = moses_metrics.validity_and_uniqueness(samples)
+  result["validity"], result["valid"] = result.pop("valid"), len(valid)  # this report names the fraction validity
   distinct = set(valid)
   result["novelty"] = len(distinct - training) / len(distinct) if distinct else 0.0
   if all_training is not None:
@@ -96,13 +98,14 @@ def property_errors(samples: Sequence[str], targets: np.ndarray, names: Sequence
           "scored": int(ok.sum())}
 
 
-def make_sampler(model: VAE, length: int, batch_size: int = 1000):
-  """sample(params, conditions [N, P] or None, n, key) -> token ids [N, length], jitted per batch."""
+def make_sampler(model: VAE, length: int, batch_size: int = 1000, temperature: float = 1.0):
+  """sample(params, conditions [N, P] or None, n, key) -> token ids [N, length], jitted per batch; z ~ N(0, I)
+  and the tokens at `temperature` (sample_tokens)."""
   @jax.jit
   def sample_batch(params, c, key):
     n = batch_size if c is None else c.shape[0]
     z = jax.random.normal(fold(key, Draw.Z), (n, model.latent_size))
-    return sample_tokens(model, params, z, c, fold(key, Draw.TOKENS), length)
+    return sample_tokens(model, params, z, c, fold(key, Draw.TOKENS), length, temperature)
 
   def sample(params, conditions, n, key):
     out = []
@@ -116,21 +119,68 @@ def make_sampler(model: VAE, length: int, batch_size: int = 1000):
   return sample
 
 
-def evaluate_generation(cfg: Config, ds: Dataset, model: VAE, params, workdir: Path, num_samples: int) -> dict:
-  """Samples num_samples molecules under test-set targets (and, for a CVAE, unconditionally), scores them,
-  writes molecules.json, samples.csv and the figures. Returns the summary."""
+def reconstruction_accuracy(cfg: Config, ds: Dataset, model: VAE, params, n: int, batch_size: int = 1000) -> dict:
+  """The fraction of the first n test molecules decoded exactly (every token up to the end token) by greedy
+  decoding from the posterior mean (and the molecule's own condition, for a CVAE): how much of a molecule its
+  code carries. A collapsed posterior gives the condition's most likely string for every code."""
+  vocab = moses.vocabulary(ds.spec, cfg.data.syntax)
+  n = min(n, len(ds.test))
+
+  @jax.jit
+  def decode(params, x, c):
+    mean, _ = model.apply({"params": params}, x, c, method=VAE.encode)
+    return sample_tokens(model, params, mean, c, jax.random.key(0), vocab.length, temperature=0.0)
+
+  exact = 0
+  for start in range(0, n, batch_size):
+    x = ds.test.images[start:start + batch_size]
+    c = ds.test.labels[start:start + batch_size] if model.condition_size else None
+    size = len(x)
+    if size < batch_size:  # one compiled shape: pad the last batch with its first row
+      x = np.concatenate([x, np.repeat(x[:1], batch_size - size, 0)])
+      c = None if c is None else np.concatenate([c, np.repeat(c[:1], batch_size - size, 0)])
+    ids = np.asarray(decode(params, jnp.asarray(x), None if c is None else jnp.asarray(c)))[:size]
+    exact += sum(a == b for a, b in zip(vocab.decode(ids), vocab.decode(x[:size])))
+  return {"reconstruction_accuracy": exact / max(n, 1), "reconstructed_of": n}
+
+
+def moses_references(manual_dir: Optional[str]) -> dict:
+  """MOSES's test and scaffold-test statistics ({} with a warning where the MOSES data lacks them)."""
+  folder = moses.find_files(manual_dir)
+  try:
+    return {name: moses_metrics.load_reference(folder, name) for name in moses_metrics.REFERENCES}
+  except FileNotFoundError as e:
+    log.warning("SNN, Frag, Scaf and FCD are left out: %s", e)
+    return {}
+
+
+def chemnet_activations():
+  """chemnet.activations, or None with a warning where ChemNet's weights are not installed (FCD left out)."""
+  try:
+    chemnet.load()
+  except chemnet.ChemNetError as e:
+    log.warning("FCD is left out: %s", e)
+    return None
+  return chemnet.activations
+
+
+def evaluate_generation(cfg: Config, ds: Dataset, model: VAE, params, workdir: Path, num_samples: int,
+                        temperature: float = 1.0) -> dict:
+  """Samples num_samples molecules under test-set targets (and, for a CVAE, unconditionally) at `temperature`,
+  scores them, MOSES's whole metric set on the unconditional ones, writes molecules.json, samples.csv and the
+  figures. Returns the summary."""
   t0 = time.perf_counter()
   spec = ds.spec
   vocab = moses.vocabulary(spec, cfg.data.syntax)
   names = list(spec.condition_names)
-  sample = make_sampler(model, vocab.length)
+  sample = make_sampler(model, vocab.length, temperature=temperature)
   key = stream_key(cfg.seed, Stream.FIGURES)
   to_smiles = lambda ids: vocab.to_smiles(vocab.decode(ids))
   all_train_smiles = moses.read_smiles(moses.find_files(cfg.data.manual_dir) / moses.FILES["train"])
   training = set(moses.subset(all_train_smiles, cfg.data.train_limit))  # the molecules trained on
   all_training = set(all_train_smiles)
   n = min(num_samples, len(ds.test))  # one conditional sample per test target
-  result = {"num_samples": num_samples, "properties": names, "syntax": vocab.syntax}
+  result = {"num_samples": num_samples, "temperature": temperature, "properties": names, "syntax": vocab.syntax}
   rows = []
   if model.condition_size:
     targets_z = ds.test.labels[:n]
@@ -152,6 +202,10 @@ def evaluate_generation(cfg: Config, ds: Dataset, model: VAE, params, workdir: P
     unconditional = to_smiles(sample(params, None, num_samples, fold(key, Sampling.UNCONDITIONAL)))
     result["unconditional"] = generation_metrics(unconditional, training, all_training)
     rows = [{"kind": "unconditional", "smiles": s} for s in unconditional]
+  result["moses"] = moses_metrics.metrics(unconditional, all_training, moses_references(cfg.data.manual_dir),
+                                          chemnet_activations())
+  result |= reconstruction_accuracy(cfg, ds, model, params, n)
+  result["interpolation"] = molecule_space.interpolate(cfg, ds, model, params)
   if cfg.training.figures and model.condition_size:
     result["figures"] = [p.name for p in write_figures(workdir / "figures", cfg, ds, model, params, sample, vocab,
                                                        unconditional, fold(key, Sampling.FIGURES))]
@@ -282,7 +336,8 @@ class MoleculeTask(DensityTask):
   def extend_results(self, cfg: Config, ds: Dataset, model: VAE, params, workdir: Path, results: dict) -> None:
     if model.stochastic:  # sample molecules: validity, uniqueness, novelty, property control
       generated = evaluate_generation(cfg, ds, model, params, workdir, cfg.evaluation.molecules)
-      results["molecules"] = {k: generated[k] for k in ("conditional", "unconditional", "mae_ratio") if k in generated}
+      keep = ("conditional", "unconditional", "mae_ratio", "moses", "reconstruction_accuracy", "interpolation")
+      results["molecules"] = {k: generated[k] for k in keep if k in generated}
 
 
 register(MoleculeTask())
