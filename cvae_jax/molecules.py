@@ -5,6 +5,9 @@ end, with evaluation.molecules samples; MOSES's protocol is --samples 30000 at -
 figures/{property_control,molecules}.png in the run directory; the metrics are described in
 cvae_jax/tasks/molecules.py.
 
+`--optimize qed` searches the latent space for molecules of higher QED from test molecules (tasks/molecule_space.py)
+and prints the success rate against random moves.
+
 `--target logp=4.5 --target qed=0.8` samples N molecules for chosen property values instead (the
 drug-design use) and prints how close RDKit finds them; it writes targets.csv. The properties left unnamed
 take the values of training molecules close to the named ones (a draw from p(rest | named), so the
@@ -19,7 +22,8 @@ from pathlib import Path
 from cvae_jax import api, experiment, xla_cpu
 from cvae_jax.config import ConfigError
 from cvae_jax.data import DataError
-from cvae_jax.tasks import RestoreError
+from cvae_jax.engine import rundir
+from cvae_jax.tasks import RestoreError, molecule_space
 from cvae_jax.tasks.molecules import MoleculeTask, evaluate_generation, sample_for_targets, write_samples
 
 
@@ -30,6 +34,9 @@ def main(argv=None) -> None:
   parser.add_argument("--temperature", type=float, default=1.0,
                       help="sampling temperature: the logits are divided by it (1: the model; below 1: surer, less "
                            "diverse; 0: greedy). MOSES reports temperature 1")
+  parser.add_argument("--optimize", metavar="PROPERTY", choices=["mw", "logp", "tpsa", "hbd", "hba", "qed"],
+                      help="instead of sampling: optimize PROPERTY in the latent space from test molecules, against "
+                           "random moves of the same length (writes optimization.json)")
   parser.add_argument("--target", action="append", default=[], metavar="PROPERTY=VALUE",
                       help="sample for this property value (repeatable), e.g. --target logp=4.5")
   args = parser.parse_args(argv)
@@ -47,6 +54,16 @@ def main(argv=None) -> None:
     restored = api.load(args.workdir).restored
     if not isinstance(restored.task, MoleculeTask):
       raise RestoreError(f"{args.workdir} is not a molecule run (task={restored.cfg.task}).")
+    if args.optimize:
+      found = molecule_space.optimize(restored.cfg, restored.dataset, restored.model, restored.params, args.optimize)
+      rundir.write_json_atomic(args.workdir / "optimization.json", found)
+      print(f"{args.optimize}: predictor R^2 {found['predictor_r2']:.3f}; start molecules' mean {found['start_mean']:.3f}")
+      for way in ("gradient", "random"):
+        r = found[way]
+        print(f"  {way}: success {r['success']:.3f} validity {r['validity']:.3f} mean {r['mean']:.3f} "
+              f"(predicted {r['predicted']:.3f})")
+      print(f"wrote {args.workdir / 'optimization.json'}")
+      return
     if named:
       if not restored.model.condition_size:
         raise RestoreError(f"{args.workdir} is an unconditional model (model.kind=vae): it takes no --target.")
@@ -67,7 +84,9 @@ def main(argv=None) -> None:
     if kind in result:
       r = result[kind]
       print(f"{kind}: validity={r['validity']:.3f} unique@1k={r['unique@1k']:.3f} unique@10k={r['unique@10k']:.3f} "
-            f"novelty={r['novelty']:.3f} mae=" + " ".join(f"{p}:{v:.3g}" for p, v in r.get("mae", {}).items()))
+            f"novelty={r['novelty']:.3f} mae=" + " ".join(f"{p}:{v:.3g}" for p, v in r.get("mae", {}).items())
+            + " hit rate=" + " ".join(f"{p}:{v:.3f}" for p, v in r.get("hit_rate", {}).items())
+            + (f" all five:{r['hit_rate_all']:.3f}" if "hit_rate_all" in r else ""))
   m = result["moses"]
   print("MOSES metrics (unconditional samples): " + " ".join(
       f"{k}={v:.4f}" for k, v in m.items() if isinstance(v, float)))

@@ -137,6 +137,36 @@ def test_interpolation_of_a_decoder_that_ignores_z_stays_on_one_molecule():
     interpolate(cfg, Dataset(spec, split, split), model, params, pairs=2, steps=1)
 
 
+def test_latent_property_predictor_fits_a_known_function_and_optimization_has_a_random_baseline():
+  from cvae_jax.tasks.molecule_space import fit_predictor, optimize
+  z = np.random.default_rng(0).normal(size=(2000, 4)).astype(np.float32)
+  y = 2 * z[:, 0] - z[:, 1] + 3
+  predict, params, r2 = fit_predictor(z, y, steps=1500)
+  assert r2 > 0.98
+  np.testing.assert_allclose(np.asarray(predict(params, jnp.asarray(z[:5]))), y[:5], atol=0.3)
+  # A decoder that ignores z decodes every start, moved or not, to CCCCC: valid, never better than CCCCC itself.
+  vocab = (*smiles.SPECIALS, "C", "O")
+  spec = DatasetSpec("moses", (5,), 2, Encoding.tokens, Modality.tokens, Condition.vector, vocab=vocab)
+  cfg = small_config(**{"task": "molecules", "data.name": "moses", "model.arch": "gru", "model.kind": "cvae",
+                        "objective.likelihood": "categorical", "model.rnn_size": 8, "model.embedding_size": 4,
+                        "model.latent_size": 2})
+  model = create_model(cfg.model, spec)
+  params = model.init(jax.random.key(0), jnp.zeros((1, 5)), jnp.zeros((1, 2)), jax.random.key(1))["params"]
+  params = jax.tree.map(jnp.zeros_like, params)
+  params["decoder"]["logits"]["bias"] = jnp.zeros(5).at[3].set(10.0)
+  params["encoder"]["mean"]["bias"] = jnp.asarray([0.5, -0.5])
+  rows = np.asarray([[3, 3, 3, 3, 3], [3, 3, 4, smiles.EOS, 0], [3, 4, smiles.EOS, 0, 0], [3, 3, 3, 3, 3]], np.uint8)
+  split = Split(rows, np.zeros((4, 2), np.float32))
+  got = optimize(cfg, Dataset(spec, split, Split(rows[[0, 3]], np.zeros((2, 2), np.float32))), model, params,
+                 prop="logp", fit=4, starts=2, steps=3)
+  assert got["starts"] == 2 and got["fit"] == 4
+  for way in ("gradient", "random"):
+    assert got[way]["validity"] == 1.0 and got[way]["success"] == 0.0
+  assert got["random"]["mean"] == pytest.approx(got["start_mean"])
+  with pytest.raises(ValueError, match="choose one of"):
+    optimize(cfg, Dataset(spec, split, split), model, params, prop="sa")
+
+
 def test_reconstruction_accuracy_counts_exact_greedy_decodes():
   """A decoder that always says 'end' decodes every code to the empty string: the accuracy is the share of
   empty test strings, 3 of 7 here (batches of 4: the last one padded)."""
@@ -194,6 +224,11 @@ def test_rdkit_properties_and_moses_metrics_have_known_values():
   assert errors["scored"] == 2
   assert errors["mae"]["mw"] == pytest.approx((6.069 + 3.957) / 2, abs=1e-3)
   assert errors["mae"]["hbd"] == pytest.approx(1.0)
+  assert errors["hit_rate"] == {"mw": 0.0, "hbd": 0.0} and errors["hit_rate_all"] == 0.0
+  # Hits: ethanol (MW 46.07, 1 donor) is within 10 % of MW 44 and has the 1 donor asked; methane (16.04, 0)
+  # is within 10 % of MW 17 but not the 1 donor asked.
+  hits = molecules.property_errors(["CCO", "C"], np.array([[44.0, 1.0], [17.0, 1.0]]), ["mw", "hbd"])
+  assert hits["hit_rate"] == {"mw": 1.0, "hbd": 0.5} and hits["hit_rate_all"] == 0.5
 
 
 @pytest.fixture
@@ -274,6 +309,16 @@ def test_a_molecule_run_trains_samples_scores_and_resamples_from_the_cli(moses_d
   assert again.returncode == 0, again.stderr[-3000:]
   assert "conditional: validity=" in again.stdout
   assert json.loads((run / "molecules.json").read_text())["num_samples"] == 4
+  assert "MOSES metrics (unconditional samples): " in again.stdout and "reconstruction accuracy" in again.stdout
+  scored = json.loads((run / "molecules.json").read_text())
+  assert {"samples", "valid", "unique@1k"} <= set(scored["moses"]) and 0 <= scored["reconstruction_accuracy"] <= 1
+  assert (scored["moses"]["valid"] > 0) == ({"IntDiv", "IntDiv2", "Filters"} <= set(scored["moses"]))
+  assert len(scored["interpolation"]["validity_along_path"]) == 11
+  searched = subprocess.run([sys.executable, "-m", "cvae_jax.molecules", str(run), "--optimize", "qed"], cwd=REPO,
+                            env=env, capture_output=True, text=True, timeout=600)
+  assert searched.returncode == 0, searched.stderr[-3000:]
+  found = json.loads((run / "optimization.json").read_text())
+  assert found["property"] == "qed" and found["starts"] == 10 and set(found) >= {"gradient", "random"}
   chosen = subprocess.run([sys.executable, "-m", "cvae_jax.molecules", str(run), "--samples", "5", "--target",
                            "logp=2.5", "--target", "qed=0.8"], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=600)

@@ -19,7 +19,8 @@ possible values; N = the samples asked for, at most the test split), one sample 
 valid samples, per property in its own units. The unconditional baseline samples under conditions drawn
 from the training molecules (x ~ p(x) = sum_c p(c) p(x | c), blind to the target) and is scored against
 the same targets (its first N samples; validity, uniqueness and novelty use all of them): the ratio
-says how much the condition controls the property.
+says how much the condition controls the property. The hit rates count the valid samples within a tolerance of
+their target (TOLERANCES), per property and for Lim et al.'s five at once.
 """
 from __future__ import annotations
 
@@ -89,12 +90,27 @@ def generation_metrics(samples: Sequence[str], training: set[str], all_training:
   return result
 
 
+# A sample hits its target when RDKit's value is within: MW and TPSA +-10 % of the target, LogP +-0.5, H-bond
+# donors and acceptors exactly, QED +-0.05. "all" asks it of Lim et al.'s five (MW, LogP, TPSA, HBD, HBA) at once,
+# those of them the run is conditioned on.
+TOLERANCES = {"mw": ("relative", 0.10), "logp": ("absolute", 0.5), "tpsa": ("relative", 0.10),
+              "hbd": ("absolute", 0.0), "hba": ("absolute", 0.0), "qed": ("absolute", 0.05)}
+LIM_PROPERTIES = ("mw", "logp", "tpsa", "hbd", "hba")
+
+
 def property_errors(samples: Sequence[str], targets: np.ndarray, names: Sequence[str]) -> dict:
-  """Mean absolute error between each valid sample's RDKit properties and its target row, per property."""
+  """Mean absolute error between each valid sample's RDKit properties and its target row, per property, and the
+  share of valid samples within each property's tolerance (TOLERANCES) and within all of Lim et al.'s five."""
   values = moses.properties_of(samples, names)
   ok = np.all(np.isfinite(values), axis=1)
   errors = np.abs(values[ok] - targets[ok])
+  hits = np.stack([errors[:, j] <= (TOLERANCES[p][1] * np.abs(targets[ok, j]) if TOLERANCES[p][0] == "relative"
+                                    else TOLERANCES[p][1]) + 1e-6  # the targets come back from z-scores: rounding
+                   for j, p in enumerate(names)], axis=1) if ok.any() else np.zeros((0, len(names)), bool)
+  five = [j for j, p in enumerate(names) if p in LIM_PROPERTIES]
   return {"mae": {p: float(e) for p, e in zip(names, errors.mean(axis=0))} if ok.any() else {},
+          "hit_rate": {p: float(h) for p, h in zip(names, hits.mean(axis=0))} if ok.any() else {},
+          "hit_rate_all": float(np.all(hits[:, five], axis=1).mean()) if ok.any() and five else float("nan"),
           "scored": int(ok.sum())}
 
 
