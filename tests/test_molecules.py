@@ -113,11 +113,8 @@ def test_word_dropout_acts_only_in_training_and_at_rate_one_hides_the_tokens():
                              "objective.likelihood": "categorical", "model.word_dropout": 1.0}))
 
 
-def test_interpolation_of_a_decoder_that_ignores_z_stays_on_one_molecule():
-  """A decoder that always says 'C' (z ignored: a collapsed posterior) decodes every point of every path to
-  CCCCC (all 5 slots): validity 1 everywhere, one distinct molecule per path; only the path from CCCCC to
-  CCCCC ends where it started and finished (1 of 2)."""
-  from cvae_jax.tasks.molecule_space import interpolate
+def _decoder_of_c():
+  """A tiny CVAE over the tokens (specials, C, O), 5 slots, whose decoder ignores z and says 'C' in every slot."""
   vocab = (*smiles.SPECIALS, "C", "O")
   spec = DatasetSpec("moses", (5,), 2, Encoding.tokens, Modality.tokens, Condition.vector, vocab=vocab)
   cfg = small_config(**{"task": "molecules", "data.name": "moses", "model.arch": "gru", "model.kind": "cvae",
@@ -127,6 +124,15 @@ def test_interpolation_of_a_decoder_that_ignores_z_stays_on_one_molecule():
   params = model.init(jax.random.key(0), jnp.zeros((1, 5)), jnp.zeros((1, 2)), jax.random.key(1))["params"]
   params = jax.tree.map(jnp.zeros_like, params)
   params["decoder"]["logits"]["bias"] = jnp.zeros(5).at[3].set(10.0)  # 'C' in every slot
+  return cfg, spec, model, params
+
+
+def test_interpolation_of_a_decoder_that_ignores_z_stays_on_one_molecule():
+  """A decoder that always says 'C' (z ignored: a collapsed posterior) decodes every point of every path to
+  CCCCC (all 5 slots): validity 1 everywhere, one distinct molecule per path; only the path from CCCCC to
+  CCCCC ends where it started and finished (1 of 2)."""
+  from cvae_jax.tasks.molecule_space import interpolate
+  cfg, spec, model, params = _decoder_of_c()
   cccc, cco = [3, 3, 3, 3, 3], [3, 3, 4, smiles.EOS, 0]
   split = Split(np.asarray([cccc, cccc, cccc, cco], np.uint8), np.zeros((4, 2), np.float32))
   got = interpolate(cfg, Dataset(spec, split, split), model, params, pairs=2, steps=5)
@@ -145,15 +151,7 @@ def test_latent_property_predictor_fits_a_known_function_and_optimization_has_a_
   assert r2 > 0.98
   np.testing.assert_allclose(np.asarray(predict(params, jnp.asarray(z[:5]))), y[:5], atol=0.3)
   # A decoder that ignores z decodes every start, moved or not, to CCCCC: valid, never better than CCCCC itself.
-  vocab = (*smiles.SPECIALS, "C", "O")
-  spec = DatasetSpec("moses", (5,), 2, Encoding.tokens, Modality.tokens, Condition.vector, vocab=vocab)
-  cfg = small_config(**{"task": "molecules", "data.name": "moses", "model.arch": "gru", "model.kind": "cvae",
-                        "objective.likelihood": "categorical", "model.rnn_size": 8, "model.embedding_size": 4,
-                        "model.latent_size": 2})
-  model = create_model(cfg.model, spec)
-  params = model.init(jax.random.key(0), jnp.zeros((1, 5)), jnp.zeros((1, 2)), jax.random.key(1))["params"]
-  params = jax.tree.map(jnp.zeros_like, params)
-  params["decoder"]["logits"]["bias"] = jnp.zeros(5).at[3].set(10.0)
+  cfg, spec, model, params = _decoder_of_c()
   params["encoder"]["mean"]["bias"] = jnp.asarray([0.5, -0.5])
   rows = np.asarray([[3, 3, 3, 3, 3], [3, 3, 4, smiles.EOS, 0], [3, 4, smiles.EOS, 0, 0], [3, 3, 3, 3, 3]], np.uint8)
   split = Split(rows, np.zeros((4, 2), np.float32))
