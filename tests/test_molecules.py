@@ -136,7 +136,7 @@ def test_interpolation_of_a_decoder_that_ignores_z_stays_on_one_molecule():
   cccc, cco = [3, 3, 3, 3, 3], [3, 3, 4, smiles.EOS, 0]
   split = Split(np.asarray([cccc, cccc, cccc, cco], np.uint8), np.zeros((4, 2), np.float32))
   got = interpolate(cfg, Dataset(spec, split, split), model, params, pairs=2, steps=5)
-  assert got["validity_along_path"] == [1.0] * 5 and got["distinct_per_path"] == 1.0
+  assert got["validity_along_path"] == [1.0] * 5 and got["distinct_per_path"] == got["distinct_per_path_z_only"] == 1.0
   assert got["ends_reconstructed"] == 0.5 and got["example"] == ["CCCCC"] * 5
   assert math.isnan(got["neighbour_similarity"])
   with pytest.raises(ValueError, match="at least 1 pair and 2 steps"):

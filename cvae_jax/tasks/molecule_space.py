@@ -4,8 +4,9 @@ Interpolation (Gomez-Bombarelli et al. 2018, Fig. 3): pairs of test molecules (t
 paired in order) are encoded to their posterior means z_a, z_b; the points z_a + t (z_b - z_a) at `steps`
 evenly spaced t in [0, 1] (and, for a CVAE, the condition interpolated the same way) are decoded greedily. The
 report: validity at each t over the pairs; the share of paths whose ends decode back to their molecules; the
-mean number of distinct valid molecules per path (1 when z is ignored: a collapsed posterior decodes every
-point to the same string); the mean Tanimoto similarity of consecutive distinct valid molecules along a path
+mean number of distinct valid molecules per path; the same along the z path with a CVAE's condition held at the
+start molecule's (`distinct_per_path_z_only`: 1 when z is ignored, as a collapsed posterior does, whatever the
+condition does); the mean Tanimoto similarity of consecutive distinct valid molecules along a path
 (how smooth the walk is).
 
 Optimization (Gomez-Bombarelli et al. 2018, Sec. "Bayesian optimization" in its simplest, gradient form): see
@@ -38,11 +39,17 @@ def interpolate(cfg: Config, ds: Dataset, model: VAE, params, pairs: int = 100, 
   def walk(params, x, c):
     mean, _ = model.apply({"params": params}, x, c, method=VAE.encode)
     line = lambda v: (v[0::2] + t * (v[1::2] - v[0::2])).reshape(steps * pairs, -1)  # [S * P, D], step-major
-    z, cc = line(mean), None if c is None else line(c)
-    return sample_tokens(model, params, z, cc, jax.random.key(0), vocab.length, temperature=0.0)
+    z = line(mean)
+    both = sample_tokens(model, params, z, None if c is None else line(c), jax.random.key(0), vocab.length, 0.0)
+    if c is None:
+      return both, both
+    held = jnp.broadcast_to(c[0::2], (steps, pairs, c.shape[-1])).reshape(steps * pairs, -1)  # the start's c
+    return both, sample_tokens(model, params, z, held, jax.random.key(0), vocab.length, 0.0)
 
-  decoded = vocab.to_smiles(vocab.decode(np.asarray(walk(params, x, c))))
-  paths = [[decoded[s * pairs + p] for s in range(steps)] for p in range(pairs)]  # [P][S]
+  as_paths = lambda ids: (lambda d: [[d[s * pairs + p] for s in range(steps)] for p in range(pairs)])(
+      vocab.to_smiles(vocab.decode(np.asarray(ids))))  # [P][S]
+  walked, walked_z = walk(params, x, c)
+  paths, z_paths = as_paths(walked), as_paths(walked_z)
   ends = vocab.to_smiles(vocab.decode(np.asarray(x)))
   canon = [[_canonical(s) for s in path] for path in paths]
   validity = [float(np.mean([path[s] is not None for path in canon])) for s in range(steps)]
@@ -56,8 +63,10 @@ def interpolate(cfg: Config, ds: Dataset, model: VAE, params, pairs: int = 100, 
     if len(chain) > 1:
       fps = moses_metrics.fingerprints([moses_metrics.molecule(s) for s in chain])
       similarity += [moses_metrics.mean_aggregated_tanimoto(a[None], b[None], "max") for a, b in zip(fps, fps[1:])]
+  distinct_z = [len({m for m in map(_canonical, path) if m is not None}) for path in z_paths]
   return {"pairs": pairs, "steps": steps, "validity_along_path": validity, "validity": float(np.mean(validity)),
           "ends_reconstructed": float(ends_kept), "distinct_per_path": float(np.mean(distinct)),
+          "distinct_per_path_z_only": float(np.mean(distinct_z)),
           "neighbour_similarity": float(np.mean(similarity)) if similarity else float("nan"),
           "example": paths[0]}
 
