@@ -47,8 +47,8 @@ from cvae_jax.evaluators import chemnet, moses_metrics  # noqa: E402
 from cvae_jax.keys import Stream, fold, stream_key  # noqa: E402
 from cvae_jax.models import VAE  # noqa: E402
 from cvae_jax.models.gru import sample_tokens  # noqa: E402
-from cvae_jax.tasks.base import register  # noqa: E402
 from cvae_jax.tasks import molecule_space  # noqa: E402
+from cvae_jax.tasks.base import register  # noqa: E402
 from cvae_jax.tasks.density import DensityTask  # noqa: E402
 
 log = logging.getLogger(__name__)
