@@ -13,7 +13,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from cvae_jax.evaluators import chemnet, moses_metrics as M
+from cvae_jax.tasks import chemnet, moses_metrics as M
 from cvae_jax.evaluators.quality import gaussian_frechet_distance
 
 

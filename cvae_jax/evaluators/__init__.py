@@ -7,8 +7,6 @@ the ones it wants (tasks/), the code that runs them (`evaluate`) knows none of t
   samples.py     a classifier's accuracy on class-conditional samples (classifier.py is the judge)
   quality.py     sample quality and diversity in the classifier's features: Frechet distance, precision,
                  recall, density, coverage, overall and per class, beside the train-vs-test reference
-  moses_metrics.py  MOSES's metrics of generated molecules (the molecule task calls them on its samples)
-  chemnet.py     ChemNet in JAX, for the Fréchet ChemNet Distance of moses_metrics.py
 """
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from cvae_jax.config import Config
 from cvae_jax.data import Dataset, moses
-from cvae_jax.evaluators import moses_metrics
+from cvae_jax.tasks import moses_metrics
 from cvae_jax.models import VAE
 from cvae_jax.models.gru import sample_tokens
 

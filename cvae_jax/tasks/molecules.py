@@ -9,7 +9,7 @@ Metrics (as MOSES, Polykovskiy et al. 2020, computes them):
   unique@1k/@10k  distinct canonical SMILES among the first 1,000 / 10,000 valid samples
   novelty         fraction of the distinct valid samples not in the training set (the subset trained on,
                   and all of MOSES train)
-MOSES's whole set (cvae_jax/evaluators/moses_metrics.py: IntDiv, Filters, SNN, Frag, Scaf, FCD against its test
+MOSES's whole set (cvae_jax/tasks/moses_metrics.py: IntDiv, Filters, SNN, Frag, Scaf, FCD against its test
 and scaffold-test sets) is computed on the unconditional samples, under "moses"; MOSES's protocol is 30,000
 samples (`python -m cvae_jax.molecules RUN --samples 30000`).
 Reconstruction accuracy: the fraction of test molecules decoded exactly, greedily, from the posterior mean.
@@ -43,11 +43,10 @@ from cvae_jax.config import Config, check  # noqa: E402
 from cvae_jax.data import Dataset, moses  # noqa: E402
 from cvae_jax.data.smiles import Vocabulary  # noqa: E402
 from cvae_jax.engine import rundir  # noqa: E402
-from cvae_jax.evaluators import chemnet, moses_metrics  # noqa: E402
 from cvae_jax.keys import Stream, fold, stream_key  # noqa: E402
 from cvae_jax.models import VAE  # noqa: E402
 from cvae_jax.models.gru import sample_tokens  # noqa: E402
-from cvae_jax.tasks import molecule_space  # noqa: E402
+from cvae_jax.tasks import chemnet, molecule_space, moses_metrics  # noqa: E402
 from cvae_jax.tasks.base import register  # noqa: E402
 from cvae_jax.tasks.density import DensityTask  # noqa: E402
 
