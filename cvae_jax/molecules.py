@@ -95,7 +95,8 @@ def main(argv=None) -> None:
   walk = result["interpolation"]
   print(f"interpolation ({walk['pairs']} pairs of test molecules, {walk['steps']} steps): validity "
         + " ".join(f"{v:.2f}" for v in walk["validity_along_path"])
-        + f"; ends reconstructed {walk['ends_reconstructed']:.3f}; distinct per path {walk['distinct_per_path']:.2f}; "
+        + f"; ends reconstructed {walk['ends_reconstructed']:.3f}; distinct per path {walk['distinct_per_path']:.2f} "
+        f"(z alone: {walk['distinct_per_path_z_only']:.2f}); "
         f"neighbour Tanimoto {walk['neighbour_similarity']:.3f}")
   print(f"wrote {args.workdir / 'molecules.json'}")
 

@@ -20,9 +20,9 @@ import numpy as np
 
 from cvae_jax.config import Config
 from cvae_jax.data import Dataset, moses
-from cvae_jax.tasks import moses_metrics
 from cvae_jax.models import VAE
 from cvae_jax.models.gru import sample_tokens
+from cvae_jax.tasks import moses_metrics
 
 
 def interpolate(cfg: Config, ds: Dataset, model: VAE, params, pairs: int = 100, steps: int = 11) -> dict:
@@ -46,8 +46,10 @@ def interpolate(cfg: Config, ds: Dataset, model: VAE, params, pairs: int = 100, 
     held = jnp.broadcast_to(c[0::2], (steps, pairs, c.shape[-1])).reshape(steps * pairs, -1)  # the start's c
     return both, sample_tokens(model, params, z, held, jax.random.key(0), vocab.length, 0.0)
 
-  as_paths = lambda ids: (lambda d: [[d[s * pairs + p] for s in range(steps)] for p in range(pairs)])(
-      vocab.to_smiles(vocab.decode(np.asarray(ids))))  # [P][S]
+  def as_paths(ids):  # step-major token ids [S * P, T] -> SMILES [P][S]
+    decoded = vocab.to_smiles(vocab.decode(np.asarray(ids)))
+    return [[decoded[s * pairs + p] for s in range(steps)] for p in range(pairs)]
+
   walked, walked_z = walk(params, x, c)
   paths, z_paths = as_paths(walked), as_paths(walked_z)
   ends = vocab.to_smiles(vocab.decode(np.asarray(x)))
