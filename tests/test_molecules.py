@@ -113,6 +113,41 @@ def test_word_dropout_acts_only_in_training_and_at_rate_one_hides_the_tokens():
                              "objective.likelihood": "categorical", "model.word_dropout": 1.0}))
 
 
+def test_token_gru_computes_what_flax_gru_cells_compute_on_the_concatenated_inputs():
+  import flax.linen as nn
+  from cvae_jax.models.gru import TokenGRU
+  b, t, v, e, s, h = 4, 7, 6, 3, 5, 8
+  k = jax.random.split(jax.random.key(0), 5)
+  tokens = jax.random.randint(k[0], (b, t), 0, v)
+  embedding, context = jax.random.normal(k[1], (v, e)), jax.random.normal(k[2], (b, s))
+  keep = jax.random.bernoulli(k[3], 0.7, (b, t))
+  lengths, h0 = jnp.asarray([7, 3, 1, 5]), jax.random.normal(k[4], (b, h))
+  ours = TokenGRU(h)
+  params = ours.init(jax.random.key(1), h0, tokens, embedding, context)
+  flax_rnn = lambda **kw: nn.RNN(nn.GRUCell(h), return_carry=True, **kw)
+  inputs = jnp.concatenate([embedding[tokens] * keep[..., None], jnp.broadcast_to(context[:, None], (b, t, s))], -1)
+  # The same parameter names and shapes as the cell (so runs saved with nn.GRUCell load) ...
+  cell_params = nn.GRUCell(h).init(jax.random.key(2), h0, inputs[:, 0])["params"]
+  assert jax.tree.map(jnp.shape, params["params"]) == jax.tree.map(jnp.shape, cell_params)
+  reference = {"params": {"cell": params["params"]}}
+  # ... and the same function: whole sequences, with word dropout's zeroed embeddings,
+  carry, outputs = ours.apply(params, h0, tokens, embedding, context, keep=keep)
+  want_carry, want_outputs = flax_rnn().apply(reference, inputs, initial_carry=h0)
+  np.testing.assert_allclose(outputs, want_outputs, atol=1e-5)
+  np.testing.assert_allclose(carry, want_carry, atol=1e-5)
+  # the carry after each sequence's last token, forward and backward (nn.Bidirectional's halves),
+  carry, _ = ours.apply(params, h0, tokens, embedding, context, lengths=lengths, keep=keep)
+  np.testing.assert_allclose(carry, flax_rnn().apply(reference, inputs, initial_carry=h0, seq_lengths=lengths)[0], atol=1e-5)
+  carry, _ = ours.apply(params, h0, tokens, embedding, context, lengths=lengths, reverse=True, keep=keep)
+  backward = flax_rnn(reverse=True, keep_order=True).apply(reference, inputs, initial_carry=h0, seq_lengths=lengths)[0]
+  np.testing.assert_allclose(carry, backward, atol=1e-5)
+  # and one step, as the sampler runs it.
+  step, same = ours.apply(params, h0, tokens[:, 0], embedding, context)
+  first_inputs = jnp.concatenate([embedding[tokens[:, 0]], context], -1)
+  np.testing.assert_allclose(step, nn.GRUCell(h).apply(params, h0, first_inputs)[0], atol=1e-5)
+  np.testing.assert_array_equal(step, same)
+
+
 def _decoder_of_c():
   """A tiny CVAE over the tokens (specials, C, O), 5 slots, whose decoder ignores z and says 'C' in every slot."""
   vocab = (*smiles.SPECIALS, "C", "O")

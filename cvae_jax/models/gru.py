@@ -27,6 +27,72 @@ class GRUConfig(ModelConfig):
   word_dropout: float = 0.0
 
 
+class Affine(nn.Module):
+  """The kernel [in_features, features] and bias of an nn.Dense under the same names and initializers,
+  returned to be used rather than applied."""
+  in_features: int
+  features: int
+  use_bias: bool = True
+  kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal()
+
+  @nn.compact
+  def __call__(self):
+    kernel = self.param("kernel", self.kernel_init, (self.in_features, self.features))
+    return kernel, self.param("bias", nn.initializers.zeros_init(), (self.features,)) if self.use_bias else 0.0
+
+
+class TokenGRU(nn.Module):
+  """A GRU over token ids whose input at step t is [embedding of token t, context], the context being one
+  vector per sequence ((z, c) for the decoder) or absent. Its equations and parameters are flax's
+  nn.GRUCell's (ir, iz, in with biases, hr, hz without, hn with; the same shapes and initializers), and its
+  outputs equal nn.RNN(nn.GRUCell) fed the concatenated inputs, to float rounding (tests/test_molecules.py).
+
+  It does less arithmetic. The input projection [e_t, s] @ W = e_t @ W_e + s @ W_s is a row of the [V, H]
+  table embedding @ W_e, looked up per step, plus s @ W_s, computed once per sequence. Only the three
+  [B, H] x [H, H] recurrent matmuls remain inside the lax.scan. Hoisting the input matmuls out of the scan
+  as one big matmul, or fusing the three recurrent kernels into one, measured slower on XLA:CPU
+  (experiments/molecules/README.md, Speed).
+
+  __call__(carry [B, H], tokens [B, T], embedding [V, E], context [B, S] or None) -> (last carry,
+  outputs [B, T, H]). With lengths [B], the positions at and after a sequence's length leave its carry as
+  it was (the carry is the state after its last token); reverse=True runs from the end (the backward half
+  of a bidirectional GRU); keep [B, T] (word dropout) zeroes the embedding where False. tokens [B] is one
+  step: -> (new carry, new carry)."""
+  features: int
+
+  @nn.compact
+  def __call__(self, carry, tokens, embedding, context=None, lengths=None, reverse: bool = False, keep=None):
+    size, embedding_size = self.features, embedding.shape[-1]
+    context_size = 0 if context is None else context.shape[-1]
+    inputs = [Affine(embedding_size + context_size, size, name=gate)() for gate in ("ir", "iz", "in")]
+    orthogonal = nn.initializers.orthogonal()
+    (w_hr, _), (w_hz, _), (w_hn, b_hn) = (Affine(size, size, use_bias=gate == "hn", kernel_init=orthogonal,
+                                                 name=gate)() for gate in ("hr", "hz", "hn"))
+    tables = [embedding @ kernel[:embedding_size] for kernel, _ in inputs]  # [V, H] each
+    per_sequence = [bias if context is None else context @ kernel[embedding_size:] + bias for kernel, bias in inputs]
+
+    def step(h, position):
+      token, valid, kept = position
+      x_r, x_z, x_n = (table[token] for table in tables)
+      if kept is not None:
+        x_r, x_z, x_n = (x * kept[:, None] for x in (x_r, x_z, x_n))
+      r = jax.nn.sigmoid(x_r + per_sequence[0] + h @ w_hr)
+      u = jax.nn.sigmoid(x_z + per_sequence[1] + h @ w_hz)
+      n = jnp.tanh(x_n + per_sequence[2] + r * (h @ w_hn + b_hn))
+      new = (1.0 - u) * n + u * h
+      if valid is not None:
+        new = jnp.where(valid[:, None], new, h)
+      return new, new
+
+    if tokens.ndim == 1:
+      return step(carry, (tokens, None, None))
+    valid = None if lengths is None else jnp.arange(tokens.shape[1])[None, :] < lengths[:, None]
+    kept = None if keep is None else keep.astype(carry.dtype)
+    carry, outputs = jax.lax.scan(step, carry, jax.tree.map(lambda a: None if a is None else a.T,
+                                                               (tokens, valid, kept)), reverse=reverse)
+    return carry, jnp.swapaxes(outputs, 0, 1)
+
+
 class GRUEncoder(nn.Module):
   """Token ids [B, T] -> embedding -> a GRU each way over the tokens up to the end token -> [both final
   states, c] -> (mean, logvar)."""
@@ -40,8 +106,11 @@ class GRUEncoder(nn.Module):
     x = x.astype(jnp.int32)
     lengths = jnp.sum(x != PAD, axis=-1)  # the tokens and the end token
     half = self.rnn_size // 2
-    rnn = nn.Bidirectional(nn.RNN(nn.GRUCell(half)), nn.RNN(nn.GRUCell(half)), return_carry=True)
-    (forward, backward), _ = rnn(nn.Embed(self.vocab_size, self.embedding_size)(x), seq_lengths=lengths)
+    embedding = nn.Embed(self.vocab_size, self.embedding_size).embedding
+    zeros = jnp.zeros((x.shape[0], half), embedding.dtype)
+    # The names are the ones nn.Bidirectional(nn.RNN(nn.GRUCell)) gives these layers, so saved runs load.
+    forward, _ = TokenGRU(half, name="GRUCell_0")(zeros, x, embedding, lengths=lengths)
+    backward, _ = TokenGRU(half, name="GRUCell_1")(zeros, x, embedding, lengths=lengths, reverse=True)
     h = concat(jnp.concatenate([forward, backward], axis=-1), c)
     return nn.Dense(self.latent_size, name="mean")(h), nn.Dense(self.latent_size, name="logvar")(h)
 
@@ -60,8 +129,7 @@ class GRUDecoder(nn.Module):
   def setup(self):
     self.embed = nn.Embed(self.vocab_size, self.embedding_size)
     self.initial = nn.Dense(self.rnn_size)
-    self.cell = nn.GRUCell(self.rnn_size)
-    self.rnn = nn.RNN(self.cell)
+    self.cell = TokenGRU(self.rnn_size)
     self.logits = nn.Dense(self.vocab_size)
 
   def start(self, z, c=None):
@@ -72,17 +140,15 @@ class GRUDecoder(nn.Module):
       raise ValueError("the GRU decoder scores a given sequence x; sample with models.sample_tokens")
     x = x.astype(jnp.int32)
     previous = jnp.concatenate([jnp.full((x.shape[0], 1), BOS, jnp.int32), x[:, :-1]], axis=1)
-    zc = concat(z, c)
-    embedded = self.embed(previous)
+    keep = None
     if self.word_dropout > 0 and self.has_rng("dropout"):
-      dropped = jax.random.bernoulli(self.make_rng("dropout"), self.word_dropout, previous.shape)
-      dropped = dropped.at[:, 0].set(False)  # the start token stays
-      embedded = jnp.where(dropped[..., None], 0.0, embedded)
-    inputs = jnp.concatenate([embedded, jnp.broadcast_to(zc[:, None], (*x.shape, zc.shape[-1]))], -1)
-    return self.logits(self.rnn(inputs, initial_carry=self.start(z, c)))  # [B, T, V]
+      keep = ~jax.random.bernoulli(self.make_rng("dropout"), self.word_dropout, previous.shape)
+      keep = keep.at[:, 0].set(True)  # the start token stays
+    _, outputs = self.cell(self.start(z, c), previous, self.embed.embedding, concat(z, c), keep=keep)
+    return self.logits(outputs)  # [B, T, V]
 
   def step(self, carry, token, z, c=None):
-    carry, h = self.cell(carry, jnp.concatenate([self.embed(token), concat(z, c)], axis=-1))
+    carry, h = self.cell(carry, token, self.embed.embedding, concat(z, c))
     return carry, self.logits(h)
 
 
