@@ -163,6 +163,12 @@ class TrainingConfig:
                                       # instead of stopping the run at the first one
   skip_grad_norm: Optional[float] = None  # skip updates whose gradient's global norm exceeds this (counted in
                                       # train/skipped; VDVAE's outlier skipping, Child 2021); null: never
+  # Aggressive inference-network training (He et al. 2019, "Lagging Inference Networks"), with a fixed inner
+  # loop: in the first aggressive_epochs epochs, each decoder-only update follows this many encoder-only
+  # updates, each on its own minibatch (the paper runs the inner loop to convergence, at most 100 steps);
+  # after them every step updates both. 0: off.
+  aggressive_encoder_steps: int = 0
+  aggressive_epochs: int = 1
   epoch_loop: EpochLoop = EpochLoop.auto  # how an epoch runs: one lax.scan, or a host loop of jitted steps
   scan_unroll: int = 1                # steps per iteration of the epoch's lax.scan (fewer loop trips; longer compile)
   data_parallel: bool = False         # split each minibatch over all devices (a 1-D mesh, axis "data");
@@ -296,6 +302,10 @@ def validate_common(cfg: Config) -> Config:
   check(t.epochs >= 1, "training.epochs", t.epochs, "must be at least 1")
   check(t.eval_batch_size >= 1, "training.eval_batch_size", t.eval_batch_size, "must be at least 1")
   check(t.scan_unroll >= 1, "training.scan_unroll", t.scan_unroll, "must be at least 1")
+  check(t.aggressive_encoder_steps >= 0, "training.aggressive_encoder_steps", t.aggressive_encoder_steps,
+        "must be >= 0 encoder-only updates per decoder update (0: off)")
+  check(t.aggressive_epochs >= 1, "training.aggressive_epochs", t.aggressive_epochs,
+        "must be at least 1 (set training.aggressive_encoder_steps=0 to turn aggressive training off)")
   check(t.checkpoint_every_epochs >= 1, "training.checkpoint_every_epochs", t.checkpoint_every_epochs,
         "must be at least 1")
   check(t.checkpoint_every_steps >= 0, "training.checkpoint_every_steps", t.checkpoint_every_steps,

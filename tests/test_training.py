@@ -13,7 +13,7 @@ from cvae_jax.config import ConfigError, Pixels, to_dict
 from cvae_jax.engine import checkpoints, epoch, rundir
 from cvae_jax.engine.epoch import NonFiniteLossError
 from cvae_jax.engine.rundir import RunDirError
-from cvae_jax.experiment import train_and_evaluate
+from cvae_jax.experiment import train_and_evaluate, validate
 from cvae_jax.models import family_of
 from conftest import REPO, killed_at_epoch, model_and_state, small_config, synthetic_dataset
 
@@ -208,6 +208,47 @@ def test_a_clipped_step_equals_optax_clipping_then_the_optimizer():
   updates, _ = reference.update(grads, reference.init(state.params), state.params)
   for x, y in zip(jax.tree.leaves(new_state.params), jax.tree.leaves(optax.apply_updates(state.params, updates))):
     np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
+
+
+def test_aggressive_training_alternates_encoder_only_and_decoder_only_steps_then_trains_both():
+  """He et al. 2019 with a fixed inner loop of 2: steps 0, 1 move the encoder alone, as the optimizer would on
+  the encoder's own gradient; step 2 the decoder alone; after the aggressive epoch, every step moves both.
+  The part a step leaves alone keeps its optimizer moments too."""
+  import optax
+  from cvae_jax.tasks.density import DensityTask
+  ds = synthetic_dataset()
+  cfg = small_config(**{"optimizer.name": "adagrad", "optimizer.learning_rate": 0.1,
+                        "training.aggressive_encoder_steps": 2, "training.aggressive_epochs": 1})
+  model, state = model_and_state(cfg, ds.spec)
+  plan = DensityTask().plan(cfg, model, ds.spec, len(ds.train))
+  step = jax.jit(epoch.make_train_step(plan))
+  images, labels = jnp.asarray(ds.train.images[:32]), jnp.asarray(ds.train.labels[:32])
+  moved = lambda new, old, part: not all(np.array_equal(a, b) for a, b in zip(
+      jax.tree.leaves(new.params[part]), jax.tree.leaves(old.params[part])))
+  moments = lambda s, part: [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(s.opt_state)
+                             if f"'{part}'" in jax.tree_util.keystr(path)]
+  first, _ = step(state, images, labels)
+  grads = jax.grad(lambda p: plan.loss(p, images, labels, epoch.StepKeys(plan.hyper.seed, state.step), plan.hyper)[0])(
+      state.params)
+  grads["decoder"] = jax.tree.map(jnp.zeros_like, grads["decoder"])
+  reference = optax.adagrad(0.1)
+  updates, _ = reference.update(grads, reference.init(state.params), state.params)
+  want = optax.apply_updates(state.params, updates)
+  for x, y in zip(jax.tree.leaves(first.params["encoder"]), jax.tree.leaves(want["encoder"])):
+    np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
+  assert not moved(first, state, "decoder")
+  assert moments(first, "decoder") and moments(first, "encoder")
+  for a, b in zip(moments(first, "decoder"), moments(state, "decoder")):
+    np.testing.assert_array_equal(a, b)
+  second, _ = step(first, images, labels)
+  third, _ = step(second, images, labels)
+  assert moved(second, first, "encoder") and not moved(second, first, "decoder")
+  assert moved(third, second, "decoder") and not moved(third, second, "encoder")
+  after = third.replace(step=jnp.asarray(plan.steps_per_epoch, third.step.dtype))  # the aggressive epoch is over
+  both, _ = step(after, images, labels)
+  assert moved(both, after, "encoder") and moved(both, after, "decoder")
+  with pytest.raises(ConfigError, match="aggressive_epochs"):
+    validate(small_config(**{"training.aggressive_encoder_steps": 2, "training.aggressive_epochs": 0}))
 
 
 @pytest.mark.parametrize("user_flags, expected", [

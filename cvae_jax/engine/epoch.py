@@ -85,17 +85,27 @@ def make_train_step(plan: Plan) -> Callable:
   lr_factor = learning_rate_factor(plan.optimizer, plan.steps_per_epoch)
   skip_nonfinite = plan.training.skip_nonfinite
   skip_grad_norm = plan.training.skip_grad_norm
+  aggressive = plan.training.aggressive_encoder_steps
+  aggressive_steps = plan.training.aggressive_epochs * plan.steps_per_epoch
 
   def train_step(state, images, labels, hyper: Optional[RunHyper] = None):
     hyper = plan.hyper if hyper is None else hyper
     keys = StepKeys(hyper.seed, state.step, plan.key_path)
     grad_fn = jax.value_and_grad(plan.loss, has_aux=True)
     (loss, metrics), grads = grad_fn(state.params, images, labels, keys, hyper)
+    if aggressive:
+      encoder_turn = state.step % (aggressive + 1) < aggressive
+      in_phase = state.step < aggressive_steps
+      turns = (~in_phase | encoder_turn, ~in_phase | ~encoder_turn)  # (update the encoder, the decoder)
+      grads = select_parts(turns, grads, jax.tree.map(jnp.zeros_like, grads))
     direction, opt_state = state.tx.update(grads, state.opt_state, state.params)  # -Adam step for rate 1
     rate = hyper.learning_rate * lr_factor(state.step)
     updates = jax.tree.map(lambda d: d * rate, direction)
     new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                               opt_state=opt_state)
+    if aggressive:  # the part not trained this step keeps its parameters and its optimizer moments
+      new_state = new_state.replace(params=select_parts(turns, new_state.params, state.params),
+                                    opt_state=select_parts(turns, new_state.opt_state, state.opt_state))
     if skip_nonfinite or skip_grad_norm is not None:
       # Keep the old parameters and optimizer state when this step's numbers are not finite, or (VDVAE's
       # outlier skipping) its gradient's global norm is above training.skip_grad_norm; the step still counts.
@@ -113,6 +123,21 @@ def make_train_step(plan: Plan) -> Callable:
     return new_state, metrics
 
   return train_step
+
+
+def select_parts(turns: tuple, new, old):
+  """new where this step trains the part a leaf belongs to, else old. turns = (encoder?, decoder?), scalar
+  booleans. A leaf belongs to the encoder or the decoder when its path holds that name (the VAE's
+  submodules; the optimizer's moments mirror the parameters); other leaves (a step count) are always new."""
+  def pick(path, a, b):
+    names = {getattr(k, "key", getattr(k, "name", None)) for k in path}
+    if "encoder" in names:
+      return jnp.where(turns[0], a, b)
+    return jnp.where(turns[1], a, b) if "decoder" in names else a
+  if not any("encoder" in jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_leaves_with_path(new)):
+    raise ConfigError("training.aggressive_encoder_steps needs a model whose parameters have an 'encoder' and a "
+                      "'decoder' part (the VAE's); set it to 0 for this model")
+  return jax.tree_util.tree_map_with_path(pick, new, old)
 
 
 def data_parallel_mesh() -> Mesh:
