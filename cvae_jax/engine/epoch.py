@@ -125,19 +125,22 @@ def make_train_step(plan: Plan) -> Callable:
   return train_step
 
 
+def model_part(path) -> Optional[str]:
+  """'encoder' or 'decoder' when a leaf's path holds that name (the VAE's submodules; the optimizer's
+  moments mirror the parameters), else None (a step count)."""
+  names = {getattr(k, "key", getattr(k, "name", None)) for k in path}
+  return next((part for part in ("encoder", "decoder") if part in names), None)
+
+
 def select_parts(turns: tuple, new, old):
-  """new where this step trains the part a leaf belongs to, else old. turns = (encoder?, decoder?), scalar
-  booleans. A leaf belongs to the encoder or the decoder when its path holds that name (the VAE's
-  submodules; the optimizer's moments mirror the parameters); other leaves (a step count) are always new."""
-  def pick(path, a, b):
-    names = {getattr(k, "key", getattr(k, "name", None)) for k in path}
-    if "encoder" in names:
-      return jnp.where(turns[0], a, b)
-    return jnp.where(turns[1], a, b) if "decoder" in names else a
-  if not any("encoder" in jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_leaves_with_path(new)):
+  """new where this step trains the part a leaf belongs to (model_part), else old; leaves of neither part are
+  always new. turns = (encoder?, decoder?), scalar booleans."""
+  if not any(model_part(path) == "encoder" for path, _ in jax.tree_util.tree_leaves_with_path(new)):
     raise ConfigError("training.aggressive_encoder_steps needs a model whose parameters have an 'encoder' and a "
                       "'decoder' part (the VAE's); set it to 0 for this model")
-  return jax.tree_util.tree_map_with_path(pick, new, old)
+  turn = {"encoder": turns[0], "decoder": turns[1]}
+  return jax.tree_util.tree_map_with_path(
+      lambda path, a, b: a if model_part(path) is None else jnp.where(turn[model_part(path)], a, b), new, old)
 
 
 def data_parallel_mesh() -> Mesh:
