@@ -92,6 +92,8 @@ class DataConfig:
   """Keys every dataset has; each dataset's node (its module in cvae_jax/data/) adds its own."""
   name: str = MISSING                # the dataset's registry name (data/__init__.py); any other name is a TFDS image dataset
   validation_size: int = 0           # examples carved from the end of train for validation (0: none)
+  calibration_size: int = 0          # examples carved from train before the validation ones, for anomaly thresholds
+                                     # only (cvae_jax.detect): never trained on, never used to select an epoch
   train_limit: Optional[int] = None  # use only the first N training examples (tests, smoke runs)
   test_limit: Optional[int] = None   # use only the first N test examples
   exclude_classes: list[int] = field(default_factory=list)  # labels left out of train and validation (anomaly
@@ -346,6 +348,7 @@ def validate_common(cfg: Config) -> Config:
   check(all(k >= 0 for k in d.exclude_classes), "data.exclude_classes", d.exclude_classes,
         "class labels are >= 0")
   check(d.validation_size >= 0, "data.validation_size", d.validation_size, "must be >= 0")
+  check(d.calibration_size >= 0, "data.calibration_size", d.calibration_size, "must be >= 0")
   for key in ("train_limit", "test_limit"):
     value = getattr(d, key)
     check(value is None or value >= 1, f"data.{key}", value, "must be at least 1, or null for all")

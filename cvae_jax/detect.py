@@ -3,8 +3,8 @@
 Scores each input of INPUTS (a .npy array, or a .npz holding one array or one named `x`; images as uint8
 0..255 [N, H, W(, C)], signals as floats [N, T(, C)]) with the trained run's model, and flags those whose
 score is above the threshold that flags a fraction `--fpr` of normal inputs. The threshold is calibrated
-on the run's validation split (data.validation_size: training inputs held out from training), never on
-its test split. Writes one line per input (index, score, flag) to --out (default: INPUTS with the suffix
+on the run's calibration split (data.calibration_size: training inputs held out from training and from
+epoch selection), else on its validation split (data.validation_size), never on its test split. Writes one line per input (index, score, flag) to --out (default: INPUTS with the suffix
 .detections.csv) and reports the false- and true-positive rates reached on the run's test protocol
 (its held-out classes as the anomalies). From Python: `Detector(cvae_jax.load(run), ...)`.
 
@@ -54,10 +54,12 @@ class Detector:
       raise ValueError(f"--score {score!r} is not one of {', '.join(SCORES)} (M a number, e.g. llr>1)")
     if not 0 < fpr < 1:
       raise ValueError(f"--fpr {fpr} must be in (0, 1): the fraction of normal inputs flagged")
-    calibration = model.dataset.validation
+    ds = model.dataset
+    self.calibration_split = "calibration" if ds.calibration is not None and len(ds.calibration) else "validation"
+    calibration = getattr(ds, self.calibration_split)
     if calibration is None or len(calibration) == 0:
-      raise ValueError(f"{model.workdir} has no validation split to calibrate the threshold on (the test split "
-                       "is for measuring it). Train the run with data.validation_size=N (e.g. 1000).")
+      raise ValueError(f"{model.workdir} has no calibration or validation split to set the threshold on (the test "
+                       "split is for measuring it). Train the run with data.calibration_size=N (e.g. 1000).")
     self.model, self.score, self.fpr, self.k = model, score, fpr, k
     self.calibration_scores = self.scores(calibration.images)
     self.threshold = threshold_at(self.calibration_scores, fpr)
@@ -104,7 +106,7 @@ def read_inputs(path: Path) -> np.ndarray:
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog="python -m cvae_jax.detect", description=__doc__.split("\n\n")[0])
-  parser.add_argument("run", help="a trained run directory (with data.validation_size > 0)")
+  parser.add_argument("run", help="a trained run directory (with data.calibration_size or data.validation_size > 0)")
   parser.add_argument("inputs", help=".npy or .npz file of inputs")
   parser.add_argument("--score", default="bound", help=f"one of {', '.join(SCORES)} (default: bound)")
   parser.add_argument("--fpr", type=float, default=0.05, help="fraction of normal inputs flagged (default 0.05)")
@@ -128,7 +130,8 @@ def main(argv=None) -> int:
   lines = ["index,score,anomalous"] + [f"{i},{s:.6f},{int(f)}" for i, (s, f) in enumerate(zip(scores, flags))]
   out.write_text("\n".join(lines) + "\n")
   summary = {"inputs": len(scores), "flagged": int(flags.sum()), "score": args.score, "fpr": args.fpr,
-             "threshold": detector.threshold, "calibration": len(detector.calibration_scores),
+             "threshold": detector.threshold, "calibration_split": detector.calibration_split,
+             "calibration": len(detector.calibration_scores),
              "calibration_fpr": float(np.mean(detector.calibration_scores > detector.threshold)),
              "test": protocol, "out": str(out)}
   print(json.dumps(summary))

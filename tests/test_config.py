@@ -77,6 +77,7 @@ def test_sweeps_cover_the_asked_values():
     ("objective.kl_cycle_ratio=0", "objective.kl_cycle_ratio"),
     ("evaluation.anomaly_dataset=fashion_mnist", "needs evaluation.anomaly=true"),
     ("data.exclude_classes=[-1]", "data.exclude_classes"),
+    ("data.calibration_size=-1", "data.calibration_size=-1"),
     ("seed=4294967296", "seed=4294967296"),
     ("model.arch=transformer", "model.arch='transformer' is not a model family"),
     ("model.arch=mlp", "choose the model family with model=NAME"),

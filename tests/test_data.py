@@ -90,6 +90,24 @@ def test_validation_split_and_limits():
   np.testing.assert_array_equal(ds.test.images, data.static_binarize(gray.test.images[:300], 1))
 
 
+def test_a_calibration_split_comes_before_the_validation_split_and_loses_the_excluded_classes():
+  full = data.load(DataConfig(name="mnist"))
+  ds = data.load(DataConfig(name="mnist", validation_size=5000, calibration_size=2000, exclude_classes=[3]))
+  keep = lambda labels: labels != 3  # noqa: E731
+  val_labels, cal_labels = full.train.labels[-5000:], full.train.labels[-7000:-5000]
+  np.testing.assert_array_equal(ds.validation.images, full.train.images[-5000:][keep(val_labels)])
+  np.testing.assert_array_equal(ds.calibration.images, full.train.images[-7000:-5000][keep(cal_labels)])
+  np.testing.assert_array_equal(ds.train.images, full.train.images[:-7000][keep(full.train.labels[:-7000])])
+  assert len(ds.calibration) == 2000 - int(np.sum(cal_labels == 3)) < 2000
+  binary = data.load(DataConfig(name="mnist", calibration_size=2000, pixels="static_binary"))
+  np.testing.assert_array_equal(binary.calibration.images,  # its own binarization stream, 3
+                                data.static_binarize(full.train.images[-2000:], 3))
+  assert binary.validation is None and len(binary.train) == 58000
+  with pytest.raises(data.DataError, match="data.validation_size=30000 and data.calibration_size=30000 leave no "
+                                           "training data"):
+    data.load(DataConfig(name="mnist", validation_size=30000, calibration_size=30000))
+
+
 @pytest.mark.fashion_mnist
 def test_fashion_mnist_through_the_manual_dir_setting(mnist):  # MNIST prepared first, in the same data_dir
   require_fashion_mnist()

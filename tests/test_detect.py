@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import cvae_jax
-from cvae_jax import detect
+from cvae_jax import data, detect
 from conftest import REPO
 from test_api import SMALL
 from test_cli import run_cli
@@ -49,6 +49,7 @@ def test_detect_scores_flags_and_reports_the_test_protocol(run, tmp_path):
   scores = np.array([float(r.split(",")[1]) for r in rows[1:]])
   np.testing.assert_allclose(scores, detector.scores(model.dataset.test.images[:50]), rtol=1e-6)
   validation = model.dataset.validation  # the last 300 training images without the held-out class
+  assert detector.calibration_split == "validation" and model.dataset.calibration is None
   assert len(detector.calibration_scores) == len(validation) > 200 and not np.any(validation.labels == 1)
   assert np.mean(detector.calibration_scores > detector.threshold) <= 0.1
   protocol = detector.test_protocol()
@@ -73,10 +74,22 @@ def test_bad_inputs_get_a_clear_error_and_exit_2(run, tmp_path, capsys, content,
   assert err.startswith("error: ") and re.search(message, err), err
 
 
-def test_a_run_without_a_validation_split_says_how_to_get_one(run):
+def test_a_calibration_split_sets_the_threshold_instead_of_the_validation_split(run):
+  model = cvae_jax.load(run)
+  normal = model.dataset.test.labels != 1
+  calibration = data.Split(model.dataset.test.images[normal][:100], model.dataset.test.labels[normal][:100])
+  model.dataset = dataclasses.replace(model.dataset, calibration=calibration)
+  detector = detect.Detector(model, fpr=0.1, k=5)
+  assert detector.calibration_split == "calibration" and len(detector.calibration_scores) == 100
+  assert detector.threshold == detect.threshold_at(detector.scores(calibration.images), 0.1)
+  assert np.mean(detector.calibration_scores > detector.threshold) <= 0.1
+
+
+def test_a_run_without_a_calibration_or_validation_split_says_how_to_get_one(run):
   model = cvae_jax.load(run)
   model.dataset = dataclasses.replace(model.dataset, validation=None)
-  with pytest.raises(ValueError, match="no validation split .* Train the run with data.validation_size=N"):
+  with pytest.raises(ValueError, match="no calibration or validation split .* Train the run with "
+                                       "data.calibration_size=N"):
     detect.Detector(model)
 
 

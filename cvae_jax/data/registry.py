@@ -32,30 +32,36 @@ def entry_for(name: str) -> DatasetEntry:
 
 
 def load(cfg: DataConfig) -> Dataset:
-  """Loads train and test (and a validation split carved from train). Classes in data.exclude_classes are
-  removed from train and validation, never from test."""
+  """Loads train and test, and carves from the end of train a validation split (the last
+  data.validation_size examples) and a calibration split (the data.calibration_size before those). Classes
+  in data.exclude_classes are removed from train, validation and calibration, never from test."""
   train, test, spec = entry_for(cfg.name).read(cfg)
   bad = [k for k in cfg.exclude_classes if not 0 <= k < spec.num_classes]
   if bad:
     raise DataError(f"data.exclude_classes={list(cfg.exclude_classes)}: {bad} not among the {spec.num_classes} "
                     f"classes of {cfg.name!r} (labels 0..{spec.num_classes - 1}).")
-  validation = None
+  held = {k: getattr(cfg, k) for k in ("validation_size", "calibration_size") if getattr(cfg, k)}
+  if held and sum(held.values()) >= len(train):
+    raise DataError(f"{' and '.join(f'data.{k}={v}' for k, v in held.items())} "
+                    f"{'leaves' if len(held) == 1 else 'leave'} no training data (train has {len(train)} examples).")
+  validation = calibration = None
   if cfg.validation_size:
-    if cfg.validation_size >= len(train):
-      raise DataError(f"data.validation_size={cfg.validation_size} leaves no training data "
-                      f"(train has {len(train)} examples).")
     cut = len(train) - cfg.validation_size
     validation = Split(train.images[cut:], train.labels[cut:])
     train = Split(train.images[:cut], train.labels[:cut])
+  if cfg.calibration_size:
+    cut = len(train) - cfg.calibration_size
+    calibration = Split(train.images[cut:], train.labels[cut:])
+    train = Split(train.images[:cut], train.labels[:cut])
   if cfg.exclude_classes:
-    train, validation = exclude(train, cfg.exclude_classes), exclude(validation, cfg.exclude_classes)
+    train, validation, calibration = (exclude(s, cfg.exclude_classes) for s in (train, validation, calibration))
     if len(train) == 0:
       raise DataError(f"data.exclude_classes={list(cfg.exclude_classes)} leaves no training examples.")
   if cfg.train_limit:
     train = Split(train.images[:cfg.train_limit], train.labels[:cfg.train_limit])
   if cfg.test_limit:
     test = Split(test.images[:cfg.test_limit], test.labels[:cfg.test_limit])
-  return binarize(Dataset(spec, train, test, validation), getattr(cfg, "binarization_seed", 0))
+  return binarize(Dataset(spec, train, test, validation, calibration), getattr(cfg, "binarization_seed", 0))
 
 
 def binarize(ds: Dataset, seed: int) -> Dataset:
@@ -68,7 +74,7 @@ def binarize(ds: Dataset, seed: int) -> Dataset:
       return None
     return Split(static_binarize(split.images, seed * 1000 + stream), split.labels)
 
-  return Dataset(ds.spec, apply(ds.train, 0), apply(ds.test, 1), apply(ds.validation, 2))
+  return Dataset(ds.spec, apply(ds.train, 0), apply(ds.test, 1), apply(ds.validation, 2), apply(ds.calibration, 3))
 
 
 def fits_device(cfg: DataConfig, split: Split, device_bytes: int) -> bool:

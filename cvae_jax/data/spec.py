@@ -94,6 +94,7 @@ class Dataset:
   train: Split
   test: Split
   validation: Optional[Split] = None
+  calibration: Optional[Split] = None  # normal inputs for an anomaly detector's threshold (data.calibration_size)
 
 
 def model_input(images: jax.Array, encoding: Encoding, key: Optional[jax.Array] = None) -> jax.Array:

@@ -144,7 +144,8 @@ def load_anomaly_dataset(cfg: Config, spec: DatasetSpec) -> Dataset:
   before its first step, so a wrong name or shape stops the run before any work."""
   name = cfg.evaluation.anomaly_dataset
   try:
-    other = data.load(dataclasses.replace(cfg.data, name=name, exclude_classes=[], validation_size=0, test_limit=None))
+    other = data.load(dataclasses.replace(cfg.data, name=name, exclude_classes=[], validation_size=0,
+                                          calibration_size=0, test_limit=None))
   except DataError as e:
     raise DataError(f"evaluation.anomaly_dataset={name!r}: {e}") from e
   if other.spec.shape != spec.shape:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import enum
 import logging
 import math
@@ -373,7 +374,7 @@ class DensityTask(Task):
     ev.sample_accuracy = False
     train = data.Split(data.perturb(ds.train.images, cfg.evaluation.background_rate, cfg.seed, ds.spec.encoding),
                        ds.train.labels)
-    perturbed = Dataset(ds.spec, train, ds.test, ds.validation)
+    perturbed = dataclasses.replace(ds, train=train)
     self.train([background], [workdir / "background"], perturbed)
     return self.restore(background, perturbed, workdir / "background")[1].params
 
