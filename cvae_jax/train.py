@@ -32,7 +32,7 @@ from cvae_jax.engine import distributed, preemption
 from cvae_jax.engine.checkpoints import CheckpointMismatchError, DiskFullError
 from cvae_jax.engine.epoch import NonFiniteLossError
 from cvae_jax.engine.memory import OutOfMemoryError
-from cvae_jax.engine.rundir import RunDirError
+from cvae_jax.engine.rundir import RunDirError, directory_name
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,8 @@ for _entry in data.DATASETS.values():
   _store.store(group="data", name=f"{_entry.name}_schema", node=_entry.config)
 for _family in models.FAMILIES.values():
   _store.store(group="model", name=f"{_family.name}_schema", node=_family.config)
+# conf/config.yaml names run directories ${run_dirname:${hydra.job.override_dirname}}: short enough for a file name.
+OmegaConf.register_new_resolver("run_dirname", directory_name, replace=True)
 
 # Errors that come from the user's input or environment: one clear line, exit code 2, no traceback.
 USER_ERRORS = (ConfigError, DataError, RunDirError, NonFiniteLossError, CheckpointMismatchError, OutOfMemoryError,

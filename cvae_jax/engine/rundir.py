@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import fcntl
+import hashlib
 import importlib.metadata
 import json
 import logging
@@ -37,6 +38,21 @@ PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "hydra-core", 
 
 class RunDirError(RuntimeError):
   """The run directory cannot be used as asked; the message says how to proceed."""
+
+
+# A file name holds at most 255 bytes on Linux and macOS file systems; a sweep with many overrides passes that.
+NAME_BYTES = 200
+
+
+def directory_name(overrides: str) -> str:
+  """A run directory's name from Hydra's override_dirname ("key=value,key=value"): the name itself, or,
+  where it is longer than NAME_BYTES, its start and a hash of the whole, so that the same command line still
+  names the same directory (and resumes its run) while different ones stay apart."""
+  raw = overrides.encode()
+  if len(raw) <= NAME_BYTES:
+    return overrides
+  digest = hashlib.sha256(raw).hexdigest()[:16]
+  return raw[:NAME_BYTES - len(digest) - 1].decode(errors="ignore") + "_" + digest
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
