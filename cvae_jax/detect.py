@@ -4,9 +4,10 @@ Scores each input of INPUTS (a .npy array, or a .npz holding one array or one na
 0..255 [N, H, W(, C)], signals as floats [N, T(, C)]) with the trained run's model, and flags those whose
 score is above the threshold that flags a fraction `--fpr` of normal inputs. The threshold is calibrated
 on the run's calibration split (data.calibration_size: training inputs held out from training and from
-epoch selection), else on its validation split (data.validation_size), never on its test split. Writes one line per input (index, score, flag) to --out (default: INPUTS with the suffix
-.detections.csv) and reports the false- and true-positive rates reached on the run's test protocol
-(its held-out classes as the anomalies). From Python: `Detector(cvae_jax.load(run), ...)`.
+epoch selection), else on its validation split (data.validation_size), never on its test split. Writes one
+line per input (index, score, flag) to --out (default: INPUTS with the suffix .detections.csv) and reports
+the false- and true-positive rates reached on the run's test protocol (its held-out classes as the
+anomalies). From Python: `Detector(cvae_jax.load(run), ...)`.
 
 Scores (higher = more anomalous; evaluators/anomaly.py):
   bound             -L_k (a VAE), the CVAE's marginal -log p(x), or a plain autoencoder's reconstruction error

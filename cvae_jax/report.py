@@ -55,7 +55,8 @@ def expected_jobs(sweep_dir: Path) -> Optional[dict[str, dict]]:
   jobs = {}
   for job in (job for batch in batches for job in batch):
     kept = [o for o in parser.parse_overrides(job) if o.key_or_group not in exclude]
-    jobs[rundir.directory_name(",".join(sorted(o.input_line for o in kept)))] = {o.key_or_group: o.value() for o in kept}
+    name = rundir.directory_name(",".join(sorted(o.input_line for o in kept)))
+    jobs[name] = {o.key_or_group: o.value() for o in kept}
   return jobs
 
 

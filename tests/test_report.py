@@ -50,7 +50,8 @@ def test_a_damaged_file_marks_its_job_and_the_others_are_reported(tmp_path):
   assert "- `cut` damaged: results.json unreadable" in text and "- `noise` finished: config.yaml unreadable" in text
 
 
-# A command line past the 255 bytes of a file name, with values a sweep writes back as typed (not true: True).
+# A command line past the 255 bytes of a file name, with values a sweep writes back as typed (not true:
+# True).
 LONG = ["model=conv1d", "model.kind=vae", "data.validation_size=500", "data.calibration_size=500",
         "model.encoder_channels=[64,128]", "model.decoder_channels=[128,64]", "model.dense=128", "training.eval_batch_size=500",
         "training.checkpoint_every_epochs=5", "training.batch_size=256", "training.epochs=200"]
