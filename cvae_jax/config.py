@@ -96,8 +96,8 @@ class DataConfig:
                                      # only (cvae_jax.detect): never trained on, never used to select an epoch
   train_limit: Optional[int] = None  # use only the first N training examples (tests, smoke runs)
   test_limit: Optional[int] = None   # use only the first N test examples
-  exclude_classes: list[int] = field(default_factory=list)  # labels left out of train and validation (anomaly
-                                                           # detection: the test split keeps them)
+  exclude_classes: list[int] = field(default_factory=list)  # labels left out of train, validation and
+                                                           # calibration (anomaly detection: test keeps them)
   manual_dir: Optional[str] = None   # folder holding <name>/ with the official files (env CVAE_JAX_MANUAL_DIR)
   data_dir: Optional[str] = None     # prepared data and caches (env TFDS_DATA_DIR, ~/tensorflow_datasets)
   in_memory: Optional[bool] = None   # true: the training split lives on the device (fast); false: batches are
