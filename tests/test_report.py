@@ -1,5 +1,6 @@
 """The sweep report on hand-made run directories."""
 import json
+from pathlib import Path
 
 import yaml
 
@@ -53,8 +54,9 @@ def test_a_damaged_file_marks_its_job_and_the_others_are_reported(tmp_path):
 # A command line past the 255 bytes of a file name, with values a sweep writes back as typed (not true:
 # True).
 LONG = ["model=conv1d", "model.kind=vae", "data.validation_size=500", "data.calibration_size=500",
-        "model.encoder_channels=[64,128]", "model.decoder_channels=[128,64]", "model.dense=128", "training.eval_batch_size=500",
-        "training.checkpoint_every_epochs=5", "training.batch_size=256", "training.epochs=200"]
+        "model.encoder_channels=[64,128]", "model.decoder_channels=[128,64]", "model.dense=128",
+        "training.eval_batch_size=500", "training.checkpoint_every_epochs=5", "training.batch_size=256",
+        "training.epochs=200"]
 
 
 def test_a_long_command_line_names_a_short_directory_and_the_same_one_each_time():
@@ -74,7 +76,7 @@ def test_the_config_resolves_run_directories_through_the_same_name():
   name = ",".join(LONG + ["seed=0"])
   node = OmegaConf.create({"overrides": name, "dir": "${run_dirname:${overrides}}"})
   assert node.dir == directory_name(name)
-  conf = yaml.safe_load(open(f"{train.CONF_DIR}/config.yaml").read())
+  conf = yaml.safe_load((Path(train.CONF_DIR) / "config.yaml").read_text())
   assert conf["hydra"]["sweep"]["subdir"] == "${run_dirname:${hydra.job.override_dirname}}"
   assert conf["hydra"]["run"]["dir"].endswith("/${run_dirname:${hydra.job.override_dirname}}")
 

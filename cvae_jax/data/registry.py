@@ -44,15 +44,8 @@ def load(cfg: DataConfig) -> Dataset:
   if held and sum(held.values()) >= len(train):
     raise DataError(f"{' and '.join(f'data.{k}={v}' for k, v in held.items())} "
                     f"{'leaves' if len(held) == 1 else 'leave'} no training data (train has {len(train)} examples).")
-  validation = calibration = None
-  if cfg.validation_size:
-    cut = len(train) - cfg.validation_size
-    validation = Split(train.images[cut:], train.labels[cut:])
-    train = Split(train.images[:cut], train.labels[:cut])
-  if cfg.calibration_size:
-    cut = len(train) - cfg.calibration_size
-    calibration = Split(train.images[cut:], train.labels[cut:])
-    train = Split(train.images[:cut], train.labels[:cut])
+  train, validation = _carve_end(train, cfg.validation_size)
+  train, calibration = _carve_end(train, cfg.calibration_size)
   if cfg.exclude_classes:
     train, validation, calibration = (exclude(s, cfg.exclude_classes) for s in (train, validation, calibration))
     if len(train) == 0:
@@ -62,6 +55,14 @@ def load(cfg: DataConfig) -> Dataset:
   if cfg.test_limit:
     test = Split(test.images[:cfg.test_limit], test.labels[:cfg.test_limit])
   return binarize(Dataset(spec, train, test, validation, calibration), getattr(cfg, "binarization_seed", 0))
+
+
+def _carve_end(split: Split, n: int) -> tuple[Split, Optional[Split]]:
+  """The split without its last n examples, and those n (None when n is 0)."""
+  if not n:
+    return split, None
+  cut = len(split) - n
+  return Split(split.images[:cut], split.labels[:cut]), Split(split.images[cut:], split.labels[cut:])
 
 
 def binarize(ds: Dataset, seed: int) -> Dataset:
