@@ -30,6 +30,7 @@ def final_params(workdir):
   return step, state
 
 
+@pytest.mark.integration
 def test_smoke_experiment_end_to_end(tmp_path, env_for_cli):
   workdir = tmp_path / "run"
   start = time.perf_counter()
@@ -150,6 +151,7 @@ def test_beta_sweep_runs_with_no_extra_flag(tmp_path, env_for_cli):
   assert "| objective.beta | status |" in (sweep / "report.md").read_text()
 
 
+@pytest.mark.integration
 def test_a_two_job_sweep_through_the_joblib_launcher_with_one_failing_job(tmp_path, env_for_cli):
   """Two jobs in parallel processes (hydra-joblib-launcher); a third fails: the sweep exits non-zero,
   names it, and the report lists it as failed beside the finished ones."""
@@ -170,6 +172,7 @@ def test_a_two_job_sweep_through_the_joblib_launcher_with_one_failing_job(tmp_pa
   assert statuses == ["failed", "finished", "finished"]
 
 
+@pytest.mark.integration
 def test_a_second_process_on_the_same_run_directory_is_refused(tmp_path, env_for_cli):
   """The same command started twice (a double submission, a requeue beside a live job): the second stops
   with one line naming the first, which finishes alone: one metrics line per epoch."""

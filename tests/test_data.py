@@ -1,4 +1,8 @@
 """TFDS loading from the official files, pixel modes, and the offline error."""
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +39,51 @@ def test_decoded_splits_are_kept_beside_the_dataset_and_a_bad_copy_is_rewritten(
     assert np.array_equal(kept_images, mnist.test.images) and np.array_equal(kept_labels, mnist.test.labels)
   assert not list(folder.parent.glob("*.tmp"))
   assert np.array_equal(data.load(DataConfig(name="mnist")).train.images, mnist.train.images)  # read back as decoded
+
+
+def test_a_dataset_is_prepared_once_when_jobs_ask_for_it_together(tmp_path, monkeypatch):
+  """Four jobs find the dataset unprepared at once: one prepares it while the others wait on the lock in the
+  data dir, then each finds it prepared (a fresh builder, which reads the prepared metadata)."""
+  marker, prepared_by = tmp_path / "prepared", []
+
+  class Builder:
+    def is_prepared(self):
+      return marker.exists()
+
+  def prepare_slowly(cfg, builder):
+    prepared_by.append(threading.get_ident())
+    time.sleep(0.5)  # long enough for every other job to find the dataset unprepared
+    marker.touch()
+    return builder
+
+  monkeypatch.setattr(images, "_builder", lambda cfg: Builder())
+  monkeypatch.setattr(images, "_prepare_unlocked", prepare_slowly)
+  cfg = DataConfig(name="mnist", data_dir=str(tmp_path / "tfds"))
+  builders = []
+  jobs = [threading.Thread(target=lambda: builders.append(images.prepare(cfg))) for _ in range(4)]
+  for job in jobs:
+    job.start()
+  for job in jobs:
+    job.join()
+  assert len(prepared_by) == 1 and len(builders) == 4 and all(b.is_prepared() for b in builders)
+  assert (tmp_path / "tfds" / ".mnist.prepare.lock").exists()
+
+
+@pytest.mark.integration
+def test_jobs_that_start_together_prepare_an_empty_data_dir_once(mnist, tmp_path, env_for_cli):
+  """Two processes load MNIST into the same empty data_dir at once (a sweep's first jobs): both get the
+  dataset, and it is prepared once (TFDS alone fails the second at its final rename)."""
+  code = ("import sys, numpy as np; from cvae_jax import data; from cvae_jax.data.images import ImageDataConfig; "
+          "d = data.load(ImageDataConfig(name='mnist', data_dir=sys.argv[1])); "
+          "print(int(d.train.images.sum(dtype=np.int64)), int(d.test.labels.sum()))")
+  jobs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], env=env_for_cli, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True) for _ in range(2)]
+  outputs = [job.communicate(timeout=600) for job in jobs]
+  expected = f"{int(mnist.train.images.sum(dtype=np.int64))} {int(mnist.test.labels.sum())}"
+  for job, (out, err) in zip(jobs, outputs):
+    assert job.returncode == 0, err[-2000:]
+    assert out.strip().splitlines()[-1] == expected  # TFDS prints its progress above
+  assert [p.name for p in (tmp_path / "mnist").iterdir()] == ["3.0.1"]  # one version folder, no leftovers
 
 
 def test_a_split_kept_out_of_memory_is_a_memory_map_of_the_same_pixels(mnist):

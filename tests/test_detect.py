@@ -93,6 +93,7 @@ def test_a_run_without_a_calibration_or_validation_split_says_how_to_get_one(run
     detect.Detector(model)
 
 
+@pytest.mark.integration
 def test_a_hierarchy_detects_with_llr_as_its_anomaly_evaluator_scored_the_test_split(tmp_path_factory, tmp_path):
   hvae = tmp_path_factory.mktemp("detect_hvae") / "run"
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=str(REPO))

@@ -87,6 +87,7 @@ def final_params(workdir):
   return [np.asarray(a) for a in jax.tree.leaves(restored.params)]
 
 
+@pytest.mark.integration
 def test_two_processes_match_one_and_resume_together_after_a_signal_to_one(tmp_path):
   one = run(tmp_path / "one", 1)
   assert one[0][0] == 0, one[0][2][-3000:]

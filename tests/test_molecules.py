@@ -309,6 +309,7 @@ def test_missing_moses_files_and_bad_settings_say_what_to_do(tmp_path, monkeypat
     moses.read(cfg.data)
 
 
+@pytest.mark.integration
 def test_a_molecule_run_trains_samples_scores_and_resamples_from_the_cli(moses_dir, tmp_path, env_for_cli,
                                                                               monkeypatch):
   env = dict(env_for_cli, CVAE_JAX_MANUAL_DIR=str(moses_dir), TFDS_DATA_DIR=str(tmp_path / "cache"))

@@ -57,6 +57,7 @@ def four_devices(tmp_path_factory):
   return json.loads(proc.stdout.split("RESULT", 1)[1])
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("arch", ["mlp", "hvae"])
 def test_four_devices_match_one(arch, four_devices):
   out = four_devices

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import nbformat
+import pytest
 from nbclient import NotebookClient
 
 from conftest import REPO
 
 
+@pytest.mark.integration
 def test_the_tutorial_runs_top_to_bottom(tmp_path):
   notebook = nbformat.read(REPO / "examples" / "tutorial.ipynb", as_version=4)
   NotebookClient(notebook, kernel_name="python3", timeout=600,

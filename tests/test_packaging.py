@@ -78,6 +78,7 @@ def test_a_clone_reads_the_repository_folders():
   assert (files.VENDORED_DATA_DIR / "mnist" / "train-images-idx3-ubyte.gz").is_file()
 
 
+@pytest.mark.integration
 def test_the_wheel_holds_the_code_the_configs_and_mnist(wheel):
   source = wheel.parents[1] / "src"  # the copy of the working tree it was built from
   with zipfile.ZipFile(wheel) as archive:
@@ -96,6 +97,7 @@ def test_the_wheel_holds_the_code_the_configs_and_mnist(wheel):
     assert sizes[name] == path.stat().st_size, name
 
 
+@pytest.mark.integration
 def test_the_installed_package_finds_its_own_files(installed):
   where = subprocess.run(
       [str(installed), "-c", "import cvae_jax, cvae_jax.resources as r, cvae_jax.data.files as f; "
@@ -110,6 +112,7 @@ def test_the_installed_package_finds_its_own_files(installed):
   assert (vendored / "mnist" / "t10k-labels-idx1-ubyte.gz").is_file()
 
 
+@pytest.mark.integration
 def test_the_installed_command_line_trains_outside_the_clone(installed, outside, tmp_path):
   run = tmp_path / "run"
   done = run_installed(installed, ["+experiment=smoke", *SHORT, f"hydra.run.dir={run}"], outside, tmp_path)
@@ -121,6 +124,7 @@ def test_the_installed_command_line_trains_outside_the_clone(installed, outside,
   assert (Path(outside["TFDS_DATA_DIR"]) / "mnist").is_dir()
 
 
+@pytest.mark.integration
 def test_a_users_config_folder_adds_an_experiment_on_top_of_ours(installed, outside, tmp_path):
   # The user's folder holds only their experiment: it builds on our smoke experiment and our mlp model,
   # which come from the installed package.

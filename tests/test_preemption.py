@@ -116,6 +116,7 @@ def test_a_signal_name_the_system_lacks_is_refused():
   assert preemption.signal_number("usr1") == signal.SIGUSR1 and preemption.signal_number("15") == 15
 
 
+@pytest.mark.integration
 def test_the_command_line_stops_on_sigterm_with_the_requeue_status_and_requeues_the_slurm_job(tmp_path, env_for_cli):
   bin_dir = tmp_path / "bin"  # a stand-in for Slurm's scontrol that records its arguments
   bin_dir.mkdir()

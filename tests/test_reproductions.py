@@ -23,6 +23,7 @@ def last_sweep_values(experiment: str) -> list[str]:
   return [f"{key}={str(values).split(',')[-1]}" for key, values in params.items()]
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("experiment", [pytest.param(e, marks=pytest.mark.fashion_mnist) if e.startswith("fashion")
                                         else e for e in sorted(REPRODUCTIONS)])
 def test_reproduction_config_runs_a_few_steps(experiment, tmp_path):

@@ -6,6 +6,7 @@ import json
 
 import jax
 import numpy as np
+import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
@@ -27,6 +28,7 @@ def hparams_session(directory) -> tuple[dict, dict]:
   return hparams, metrics
 
 
+@pytest.mark.integration
 def test_a_sweep_s_runs_and_their_epochs_read_back_from_the_event_files(tmp_path, env_for_cli):
   sweep = tmp_path / "sweep"
   args = ["--multirun", "+experiment=smoke", "data.train_limit=640", "data.test_limit=200", "training.epochs=2",

@@ -18,10 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+import filelock
 import numpy as np
 
 from cvae_jax.config import Config, DataConfig, Pixels, check
-from cvae_jax.data.files import MANUAL_DIR_ENV, find_manual_dir
+from cvae_jax.data.files import MANUAL_DIR_ENV, data_root, find_manual_dir
 from cvae_jax.data.registry import DEFAULT, DatasetEntry, register
 from cvae_jax.data.spec import DataError, DatasetSpec, Encoding, Split
 
@@ -67,10 +68,24 @@ def _builder(cfg: ImageDataConfig):
 
 def prepare(cfg: ImageDataConfig):
   """Returns a prepared TFDS builder, preparing it from manual files (or a download) when needed."""
-  import tensorflow_datasets as tfds
   builder = _builder(cfg)
   if builder.is_prepared():
     return builder
+  # The jobs of a sweep start together and each finds the dataset unprepared: one prepares it while the
+  # others wait, then find it prepared (TFDS would otherwise fail in all but one, at its final rename).
+  root = data_root(cfg.data_dir)
+  if "://" in str(cfg.data_dir or os.environ.get("TFDS_DATA_DIR", "")):  # a bucket (gs://): no local lock
+    return _prepare_unlocked(cfg, builder)
+  root.mkdir(parents=True, exist_ok=True)
+  with filelock.FileLock(root / f".{cfg.name}.prepare.lock"):
+    builder = _builder(cfg)  # anew: a builder reads the dataset's metadata when it is made
+    if builder.is_prepared():  # another job prepared it while this one waited
+      return builder
+    return _prepare_unlocked(cfg, builder)
+
+
+def _prepare_unlocked(cfg: ImageDataConfig, builder):
+  import tensorflow_datasets as tfds
   folder, looked = find_manual_dir(cfg.name, cfg.manual_dir)
   expected = OFFICIAL_FILES.get(cfg.name)
   if folder is not None and expected and not cfg.download:
