@@ -73,9 +73,9 @@ def prepare(cfg: ImageDataConfig):
     return builder
   # The jobs of a sweep start together and each finds the dataset unprepared: one prepares it while the
   # others wait, then find it prepared (TFDS would otherwise fail in all but one, at its final rename).
-  root = data_root(cfg.data_dir)
   if "://" in str(cfg.data_dir or os.environ.get("TFDS_DATA_DIR", "")):  # a bucket (gs://): no local lock
     return _prepare_unlocked(cfg, builder)
+  root = data_root(cfg.data_dir)
   root.mkdir(parents=True, exist_ok=True)
   with filelock.FileLock(root / f".{cfg.name}.prepare.lock"):
     builder = _builder(cfg)  # anew: a builder reads the dataset's metadata when it is made
