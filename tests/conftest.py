@@ -8,7 +8,13 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import jax
+# What the tests check is our code, not XLA's optimizing passes, and with most of them off XLA compiles a
+# test's programs about twice as fast (docs/testing.md has the suite's times). Set before JAX is imported,
+# which reads its flags from the environment; the subprocesses inherit it (and then share the cache below).
+# JAX_DISABLE_MOST_OPTIMIZATIONS=0 compiles as a user's run does, as CI runs the integration tests.
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+
+import jax  # noqa: E402 (after the flag above)
 import numpy as np
 import pytest
 
@@ -28,12 +34,6 @@ os.environ["JAX_COMPILATION_CACHE_DIR"] = _XLA_CACHE
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 jax.config.update("jax_compilation_cache_dir", _XLA_CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-# What the tests check is our code, not XLA's optimizing passes, and with most of them off XLA compiles a
-# test's programs about twice as fast (docs/testing.md has the suite's times). The subprocesses inherit it
-# through the environment (and then share the cache above); JAX_DISABLE_MOST_OPTIMIZATIONS=0 compiles as a
-# user's run does, as CI runs the integration tests.
-os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
-jax.config.update("jax_disable_most_optimizations", os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] not in ("0", "false"))
 # Closed forms are checked to float32 precision: GPUs would otherwise run float32 matmuls as TF32
 # (JAX's default there), about 1e-3 relative. No effect on CPU.
 jax.config.update("jax_default_matmul_precision", "highest")
