@@ -7,6 +7,7 @@ them on a restored checkpoint.
 from __future__ import annotations
 
 import enum
+import functools
 import math
 from typing import Callable, Optional
 
@@ -62,6 +63,24 @@ def map_over_split(per_batch: Callable, batch_size: int) -> Callable:
   return over_split
 
 
+def shared(factory: Callable) -> Callable:
+  """A factory of jitted functions that returns the same function for equal arguments, so the program the
+  epoch's metrics compiled serves the end-of-training evaluation too (each new function compiles again).
+  Arguments that cannot be hashed (a model holding a list) get a new function."""
+  memoized = functools.lru_cache(maxsize=64)(factory)
+
+  @functools.wraps(factory)
+  def get(*args, **kwargs):
+    try:
+      hash((args, tuple(kwargs.items())))
+    except TypeError:
+      return factory(*args, **kwargs)
+    return memoized(*args, **kwargs)
+
+  return get
+
+
+@shared
 def make_evaluate(model: VAE, spec: DatasetSpec, likelihood: Likelihood, batch_size: int) -> Callable:
   """Returns evaluate(params, images, labels, key) -> {elbo, rec, kl, bpd}, means over the split.
 
@@ -85,6 +104,7 @@ def make_evaluate(model: VAE, spec: DatasetSpec, likelihood: Likelihood, batch_s
   return evaluate
 
 
+@shared
 def make_posterior_stats(model: VAE, spec: DatasetSpec, batch_size: int, with_logvar: bool = False) -> Callable:
   """Returns stats(params, images, labels, key) -> {mean [N, Z], kl_per_dim [N, Z] (, logvar [N, Z])}
   of q(z | x[, c]). For a hierarchy (model.group_sizes set) the mean and logvar are those of the

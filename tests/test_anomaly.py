@@ -15,7 +15,7 @@ from cvae_jax.data.images import ImageDataConfig
 from cvae_jax.evaluators import anomaly
 from cvae_jax.evaluators import EvalContext
 from cvae_jax.experiment import restore_run, train_and_evaluate, validate
-from cvae_jax.models import create_model
+from cvae_jax.models import create_model, init_params
 from cvae_jax.models.mlp import MLPConfig
 
 from conftest import small_config, synthetic_dataset
@@ -27,7 +27,7 @@ BERNOULLI = likelihoods.get("bernoulli")
 def toy_model(kind):
   model = create_model(MLPConfig(kind=kind, hidden=[16], latent_size=3), SPEC)
   c = jnp.zeros((1, 3)) if kind == Kind.cvae else None
-  params = model.init({"params": jax.random.key(0)}, jnp.zeros((1, 4, 4, 1)), c, jax.random.key(1))["params"]
+  params = init_params(model, {"params": jax.random.key(0)}, jnp.zeros((1, 4, 4, 1)), c, jax.random.key(1))
   images = jax.random.bernoulli(jax.random.key(2), 0.4, (6, 4, 4, 1)).astype(jnp.uint8)
   return model, params, images, jnp.zeros(6, jnp.int32)
 

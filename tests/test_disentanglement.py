@@ -20,7 +20,7 @@ from cvae_jax.data.images import ImageDataConfig
 from cvae_jax.evaluators import EvalContext
 from cvae_jax.evaluators import disentanglement
 from cvae_jax.evaluators import factor_scores as fs
-from cvae_jax.models import create_model
+from cvae_jax.models import create_model, init_params
 
 from conftest import small_config
 
@@ -235,7 +235,7 @@ def context(tmp_path, kind=Kind.vae, name="squares") -> EvalContext:
   cfg.data.name = name
   spec = DatasetSpec(name, (8, 8, 1), 0, Encoding.grayscale)
   model = create_model(cfg.model, spec)
-  params = model.init({"params": jax.random.key(0)}, jnp.zeros((1, 8, 8, 1)), None, jax.random.key(1))["params"]
+  params = init_params(model, {"params": jax.random.key(0)}, jnp.zeros((1, 8, 8, 1)), None, jax.random.key(1))
   images = squares(SQUARES.sample(16, np.random.default_rng(0)))
   split = Split(images, np.zeros(16, np.int32))
   return EvalContext(cfg, Dataset(spec, split, split), model, params, tmp_path, likelihoods.get("bernoulli"))

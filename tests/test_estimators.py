@@ -9,7 +9,7 @@ import pytest
 from cvae_jax import estimators, likelihoods
 from cvae_jax.config import Kind
 from cvae_jax.data import DatasetSpec, Encoding
-from cvae_jax.models import create_model
+from cvae_jax.models import create_model, init_params
 from cvae_jax.models.mlp import MLPConfig
 from cvae_jax.objectives import elbo_terms
 
@@ -76,7 +76,7 @@ def small_vae():
   spec = DatasetSpec("toy", (4, 4, 1), 3, Encoding.static_binary)
   model = create_model(MLPConfig(kind=Kind.vae, hidden=[16], latent_size=3), spec)
   x = (jax.random.uniform(jax.random.key(5), (50, 4, 4, 1)) > 0.5).astype(jnp.float32)
-  params = model.init({"params": jax.random.key(0)}, x, None, jax.random.key(1))["params"]
+  params = init_params(model, {"params": jax.random.key(0)}, x, None, jax.random.key(1))
   return model, params, x
 
 
@@ -173,6 +173,31 @@ def test_split_wide_elbo_and_bound_equal_each_chunk_s_own(seven_examples):
   assert float(means["bpd"]) == pytest.approx(-np.mean(per_example["elbo"]) / (16 * math.log(2)), rel=1e-5)
   bounds = estimators.make_iwae(model, spec, lik, 5, 3, 2)(params, images, labels, key)
   np.testing.assert_allclose(bounds, per_example["iwae"], rtol=1e-5)
+
+
+def test_equal_arguments_share_one_evaluation_program_and_a_list_gets_its_own(seven_examples):
+  spec, model, params, images, labels = seven_examples
+  equal = create_model(MLPConfig(kind=Kind.cvae, hidden=[16], latent_size=3), spec)  # another object, equal
+  evaluate = estimators.make_evaluate(model, spec, BERNOULLI, 3)
+  assert estimators.make_evaluate(equal, spec, BERNOULLI, 3) is evaluate
+  assert estimators.make_evaluate(model, spec, BERNOULLI, 4) is not evaluate
+  stats = estimators.make_posterior_stats(model, spec, 3, with_logvar=True)
+  assert estimators.make_posterior_stats(equal, spec, 3, with_logvar=True) is stats
+  key = jax.random.key(3)
+  evaluate(params, images, labels, key)
+  compiled = evaluate._cache_size()
+  estimators.make_evaluate(equal, spec, BERNOULLI, 3)(params, images, labels, key)
+  assert evaluate._cache_size() == compiled  # the end-of-training evaluation compiles nothing new
+
+  calls = []
+
+  @estimators.shared
+  def factory(widths):
+    calls.append(widths)
+    return len(widths)
+
+  assert factory((1, 2)) == factory((1, 2)) == 2 and len(calls) == 1  # hashable: made once
+  assert factory([1, 2]) == factory([1, 2]) == 2 and len(calls) == 3  # a list: made on every call
 
 
 def test_a_vector_condition_is_chunked_row_by_row():

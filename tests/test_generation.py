@@ -7,7 +7,7 @@ import pytest
 from cvae_jax import generation, likelihoods
 from cvae_jax.config import Kind
 from cvae_jax.data import DatasetSpec
-from cvae_jax.models import create_model
+from cvae_jax.models import create_model, init_params
 from cvae_jax.models.mlp import MLPConfig
 
 SPEC = DatasetSpec("toy", (6, 6, 1), 4)
@@ -19,7 +19,7 @@ def cvae():
   model = create_model(MLPConfig(kind=Kind.cvae, hidden=[16], latent_size=3), SPEC)
   x = jax.random.uniform(jax.random.key(0), (5, 6, 6, 1))
   labels = np.array([0, 1, 2, 3, 1])
-  params = model.init({"params": jax.random.key(1)}, x, jax.nn.one_hot(labels, 4), jax.random.key(2))["params"]
+  params = init_params(model, {"params": jax.random.key(1)}, x, jax.nn.one_hot(labels, 4), jax.random.key(2))
   return model, params, x, labels
 
 

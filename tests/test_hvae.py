@@ -1,5 +1,6 @@
 """The hierarchical family (model=hvae) against known answers: one group is a plain VAE, a hand-set posterior's
 KL per group, the joint importance-weighted bound of a linear-Gaussian hierarchy, remat, resume, the options."""
+import functools
 import math
 
 import jax
@@ -10,6 +11,7 @@ import pytest
 from cvae_jax import estimators, likelihoods
 from cvae_jax.config import ConfigError, Pixels
 from cvae_jax.experiment import train_and_evaluate, validate
+from cvae_jax.models import init_params
 from cvae_jax.models import remat as remat_module
 from cvae_jax.models.hvae import HVAEConfig, HierarchicalVAE
 from cvae_jax.models.vae import VAEOutput
@@ -26,11 +28,16 @@ def tiny(groups=(1, 2), blocks=(1, 1), condition_size=0, **kw) -> HierarchicalVA
   return HierarchicalVAE(cfg, (8, 8, 1), 1, condition_size)
 
 
+@functools.partial(jax.jit, static_argnums=2)  # one program, not one per leaf's ops
 def perturbed(params, key, scale=0.3):
   """Every parameter moved by N(0, scale^2): the zero-initialized prior and biases become non-trivial."""
   leaves, tree = jax.tree.flatten(params)
   keys = jax.random.split(key, len(leaves))
   return jax.tree.unflatten(tree, [p + scale * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
+
+
+def initial(model, x):
+  return init_params(model, {"params": jax.random.key(0)}, x, None, jax.random.key(1))
 
 
 def images(n=6, seed=0):
@@ -42,7 +49,7 @@ def test_one_group_is_a_plain_vae_with_the_same_elbo_on_the_same_weights():
   learned top state), so the ELBO of a plain VAE with that prior equals the model's own, draw for draw."""
   model = tiny(groups=(1,), blocks=(1,))
   x, rng = images(), jax.random.key(5)
-  params = perturbed(model.init({"params": jax.random.key(0)}, x, None, rng)["params"], jax.random.key(1))
+  params = perturbed(init_params(model, {"params": jax.random.key(0)}, x, None, rng), jax.random.key(1))
   out = model.apply({"params": params}, x, None, rng)
   mean, logvar = model.apply({"params": params}, x, None, method="encode")
   np.testing.assert_allclose(out.mean, mean, rtol=1e-6)
@@ -54,7 +61,7 @@ def test_one_group_is_a_plain_vae_with_the_same_elbo_on_the_same_weights():
   own = elbo_terms(x, out.logits, out.mean, out.logvar, BERNOULLI, out.prior)
   np.testing.assert_allclose(plain["elbo"], own["elbo"], rtol=1e-5)
   # At initialization the prior's block is zero: p(z) = N(0, I) and the KL is the plain VAE's closed form.
-  params0 = model.init({"params": jax.random.key(0)}, x, None, rng)["params"]
+  params0 = init_params(model, {"params": jax.random.key(0)}, x, None, rng)
   out0 = model.apply({"params": params0}, x, None, rng)
   np.testing.assert_array_equal(out0.prior_mean, 0.0)
   np.testing.assert_array_equal(out0.prior_logvar, 0.0)
@@ -67,7 +74,7 @@ def test_the_kl_per_group_of_a_hand_set_posterior_equals_the_closed_form():
   N(0, I): its KL is units_g * (m_g^2 + e^lv_g - 1 - lv_g) / 2, reported per group by the diagnostics."""
   model = tiny(groups=(1, 1), blocks=(1, 1))
   x = images(n=10)
-  params = model.init({"params": jax.random.key(0)}, x, None, jax.random.key(1))["params"]
+  params = init_params(model, {"params": jax.random.key(0)}, x, None, jax.random.key(1))
   hand = {0: (0.5, math.log(0.25)), 1: (-1.0, 0.0)}
   for g, (m, lv) in hand.items():
     last = params[f"groups_{g}"]["posterior"]["Conv_2"]
@@ -134,7 +141,7 @@ def test_the_joint_bound_under_the_exact_posterior_of_a_linear_gaussian_hierarch
 def test_the_model_bound_over_all_groups_is_at_least_the_elbo_and_rises_with_k():
   model = tiny()
   x = images(n=8)
-  params = perturbed(model.init({"params": jax.random.key(0)}, x, None, jax.random.key(1))["params"], jax.random.key(2), 0.1)
+  params = perturbed(initial(model, x), jax.random.key(2), 0.1)
   bound = {k: estimators.iwae_bound(model, params, x, None, jax.random.key(4), k, 16, BERNOULLI, with_elbo=True)
            for k in (1, 64)}
   np.testing.assert_allclose(bound[1][0], bound[1][1], rtol=1e-6)  # k = 1: L_1 is the one-draw ELBO
@@ -147,7 +154,7 @@ def test_remat_gives_the_same_gradients(conditional, monkeypatch):
   monkeypatch.setattr(remat_module, "backward_in_conditional", lambda: conditional)
   x, rng = images(), jax.random.key(3)
   plain, remat = tiny(), tiny(remat=True)
-  params = plain.init({"params": jax.random.key(0)}, x, None, rng)["params"]
+  params = init_params(plain, {"params": jax.random.key(0)}, x, None, rng)
   params = perturbed(params, jax.random.key(1), 0.1)
 
   def loss(model):
@@ -166,7 +173,7 @@ def test_remat_cuts_the_train_steps_temporaries_by_more_than_two():
   x = jax.random.uniform(jax.random.key(0), (8, 32, 32, 3))
 
   def temporaries(model):
-    params = model.init({"params": jax.random.key(0)}, x[:1], None, jax.random.key(1))["params"]
+    params = init_params(model, {"params": jax.random.key(0)}, x[:1], None, jax.random.key(1))
 
     def loss(p):
       out = model.apply({"params": p}, x, None, jax.random.key(2))
@@ -182,7 +189,7 @@ def test_remat_cuts_the_train_steps_temporaries_by_more_than_two():
 def test_temperature_scales_the_prior_and_zero_gives_the_prior_mean_path():
   model = tiny()
   x = images()
-  params = perturbed(model.init({"params": jax.random.key(0)}, x, None, jax.random.key(1))["params"], jax.random.key(2), 0.1)
+  params = perturbed(initial(model, x), jax.random.key(2), 0.1)
   cold = [model.apply({"params": params}, jax.random.key(s), None, 4, 0.0, method="generate") for s in (1, 2)]
   np.testing.assert_array_equal(cold[0], cold[1])  # t = 0: every group at its prior mean, whatever the key
   warm = [model.apply({"params": params}, jax.random.key(s), None, 4, 1.0, method="generate") for s in (1, 2)]
@@ -192,7 +199,7 @@ def test_temperature_scales_the_prior_and_zero_gives_the_prior_mean_path():
 def test_the_llr_bound_keeps_the_upper_groups_on_the_posterior_and_the_lower_at_their_prior_mean():
   model = tiny()  # three groups: one at 4x4, then two at 8x8
   x = images(n=8)
-  params = perturbed(model.init({"params": jax.random.key(0)}, x, None, jax.random.key(1))["params"], jax.random.key(2), 0.1)
+  params = perturbed(initial(model, x), jax.random.key(2), 0.1)
   key, upper = jax.random.key(4), model.group_sizes[0]
   full = model.apply({"params": params}, x, None, key)
   out = model.apply({"params": params}, x, None, key, prior_groups=2)
@@ -216,7 +223,7 @@ def test_the_llr_score_is_the_bound_minus_the_upper_groups_bound():
   from cvae_jax.evaluators import anomaly
   model = tiny()
   x = images(n=6)
-  params = perturbed(model.init({"params": jax.random.key(0)}, x, None, jax.random.key(1))["params"], jax.random.key(2), 0.1)
+  params = perturbed(initial(model, x), jax.random.key(2), 0.1)
   spec = DatasetSpec("tiny", (8, 8, 1), 10, Encoding.static_binary)
   labels, key, stored = jnp.zeros(6, jnp.int32), jax.random.key(3), x.astype(jnp.uint8)
   scores = anomaly.make_scores(model, spec, BERNOULLI, 4, 6, 2, llr_groups=(1, 2))(params, stored, labels, key)
@@ -231,7 +238,7 @@ def test_the_llr_score_is_the_bound_minus_the_upper_groups_bound():
 def test_the_condition_enters_the_top_down_path():
   model = tiny(condition_size=3)
   c0, c1 = jnp.eye(3)[jnp.array([0, 0])], jnp.eye(3)[jnp.array([1, 1])]
-  params = perturbed(model.init({"params": jax.random.key(0)}, images(2), c0, jax.random.key(1))["params"],
+  params = perturbed(init_params(model, {"params": jax.random.key(0)}, images(2), c0, jax.random.key(1)),
                      jax.random.key(2), 0.1)
   z = jax.random.normal(jax.random.key(3), (2, model.latent_size))
   decoded = [model.apply({"params": params}, z, c, method="decode") for c in (c0, c1)]
@@ -307,7 +314,7 @@ def test_a_resolution_the_stages_do_not_divide_is_refused_with_what_to_do():
 def test_bfloat16_compute_keeps_float32_parameters_statistics_and_outputs():
   x, rng = images(), jax.random.key(3)
   full, half = tiny(), tiny(compute_dtype="bfloat16")
-  params = perturbed(full.init({"params": jax.random.key(0)}, x, None, rng)["params"], jax.random.key(1), 0.1)
+  params = perturbed(init_params(full, {"params": jax.random.key(0)}, x, None, rng), jax.random.key(1), 0.1)
   assert {p.dtype for p in jax.tree.leaves(half.init({"params": jax.random.key(0)}, x, None, rng))} == {np.dtype("float32")}
   a, b = full.apply({"params": params}, x, None, rng), half.apply({"params": params}, x, None, rng)
   assert b.logits.dtype == b.mean.dtype == b.prior_mean.dtype == jnp.float32
@@ -323,7 +330,7 @@ def test_translation_and_class_conditional_samples_of_a_cvae_hierarchy():
   model = tiny(condition_size=spec.condition_size)
   x, labels = images(n=2), np.array([0, 2])
   c = spec.condition_input(jnp.asarray(labels))
-  params = perturbed(model.init({"params": jax.random.key(0)}, x, c, jax.random.key(1))["params"], jax.random.key(2), 0.1)
+  params = perturbed(init_params(model, {"params": jax.random.key(0)}, x, c, jax.random.key(1)), jax.random.key(2), 0.1)
   translated = generation.translate(model, params, spec, x, labels, BERNOULLI)  # [2, 3, 8, 8, 1]
   mean, _ = model.apply({"params": params}, x, c, method="encode")
   own = BERNOULLI.mean(model.apply({"params": params}, mean, c, method="decode"))

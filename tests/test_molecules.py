@@ -17,7 +17,7 @@ from cvae_jax.config import ConfigError
 from cvae_jax.data import Condition, DataError, Dataset, DatasetSpec, Encoding, Modality, Split, moses, smiles
 from cvae_jax.experiment import validate
 from cvae_jax.likelihoods import categorical_log_prob
-from cvae_jax.models import create_model
+from cvae_jax.models import create_model, init_params
 from cvae_jax.models.gru import sample_tokens
 from cvae_jax.tasks import molecules
 from conftest import REPO, small_config
@@ -73,7 +73,7 @@ def _tiny_sequence_model(vocab_size=5, length=3):
                         "objective.likelihood": "categorical", "model.rnn_size": 8, "model.embedding_size": 4,
                         "model.latent_size": 2})
   model = create_model(cfg.model, spec)
-  params = model.init(jax.random.key(0), jnp.zeros((1, length)), jnp.zeros((1, 2)), jax.random.key(1))["params"]
+  params = init_params(model, jax.random.key(0), jnp.zeros((1, length)), jnp.zeros((1, 2)), jax.random.key(1))
   params = jax.tree.map(lambda p: p * 3.0, params)  # sharper distributions: the frequencies differ clearly
   return model, params
 
@@ -156,7 +156,7 @@ def _decoder_of_c():
                         "objective.likelihood": "categorical", "model.rnn_size": 8, "model.embedding_size": 4,
                         "model.latent_size": 2})
   model = create_model(cfg.model, spec)
-  params = model.init(jax.random.key(0), jnp.zeros((1, 5)), jnp.zeros((1, 2)), jax.random.key(1))["params"]
+  params = init_params(model, jax.random.key(0), jnp.zeros((1, 5)), jnp.zeros((1, 2)), jax.random.key(1))
   params = jax.tree.map(jnp.zeros_like, params)
   params["decoder"]["logits"]["bias"] = jnp.zeros(5).at[3].set(10.0)  # 'C' in every slot
   return cfg, spec, model, params

@@ -12,6 +12,7 @@ from cvae_jax.config import ConfigError, OptimizerConfig
 from cvae_jax.engine.optim import create_optimizer, learning_rate_factor
 from cvae_jax.experiment import train_and_evaluate, validate
 from cvae_jax.objectives import k_sample_terms
+from cvae_jax.models import init_params
 from conftest import model_and_state, small_config, synthetic_dataset
 from test_estimators import linear_gaussian
 from test_training import read_metrics
@@ -126,7 +127,7 @@ def test_each_draw_of_an_example_is_decoded_under_that_example_s_condition():
   model = create_model(MLPConfig(kind="cvae", hidden=[8], latent_size=2), spec)
   x = (jax.random.uniform(jax.random.key(0), (3, 3, 3, 1)) > 0.5).astype(jnp.float32)
   c = jax.nn.one_hot(jnp.array([0, 3, 1]), 4)
-  params = model.init(jax.random.key(1), x, c, jax.random.key(2))["params"]
+  params = init_params(model, jax.random.key(1), x, c, jax.random.key(2))
   z = jax.random.normal(jax.random.key(3), (2, 3, 2))  # [S, B, Z]
   lik = likelihoods.get("bernoulli")
   got = decoder_log_likelihood(model, params, x, c, lik)(z)

@@ -13,6 +13,7 @@ from cvae_jax.estimators import importance_weighted_bound
 from cvae_jax.tasks import quadrants
 from cvae_jax.objectives import gaussian_kl, gaussian_kl_between
 from cvae_jax.experiment import train_and_evaluate, validate
+from cvae_jax.models import init_params
 from conftest import small_config, synthetic_dataset
 
 
@@ -52,8 +53,8 @@ def test_sampled_kl_has_the_closed_form_as_its_expectation():
   task = quadrants.Networks(cfg, 4, 4)
   x = jax.random.uniform(jax.random.key(0), (5, 16))
   x0 = jnp.zeros((1, 16))
-  params = task.cvae.init(jax.random.key(1), x0, x0, jax.random.key(2))["params"]
-  baseline = task.baseline.init(jax.random.key(3), x0)["params"]
+  params = init_params(task.cvae, jax.random.key(1), x0, x0, jax.random.key(2))
+  baseline = init_params(task.baseline, jax.random.key(3), x0)
   analytic = task.cvae_terms(params, baseline, x, jax.random.key(4), 200_000, "analytic")
   sampled = task.cvae_terms(params, baseline, x, jax.random.key(4), 200_000, "sampled")
   np.testing.assert_allclose(sampled["rec"], analytic["rec"], rtol=1e-6)
@@ -138,8 +139,8 @@ def test_a_quadrant_run_trains_evaluates_and_resumes(tmp_path):
     saved.close()
     return state.best_params
 
-  base = best_params("baseline", nets.baseline.init(jax.random.key(0), x0)["params"])
-  cvae = best_params("cvae", nets.cvae.init(jax.random.key(0), x0, x0, jax.random.key(1))["params"])
+  base = best_params("baseline", init_params(nets.baseline, jax.random.key(0), x0))
+  cvae = best_params("cvae", init_params(nets.cvae, jax.random.key(0), x0, x0, jax.random.key(1)))
   x, key, size = nets.images(jnp.asarray(ds.test.images)), stream_key(cfg.seed, Stream.EVAL), 50
   neg_elbo = []
   for i, start in enumerate(range(0, len(x), size)):
@@ -192,8 +193,8 @@ def test_the_prior_network_sees_the_given_quadrants_and_the_baseline_s_guess_onl
   cfg = small_config(**{"task": "quadrants", "model.hidden": [16], "model.latent_size": 3, "quadrants.given": 1})
   nets = quadrants.Networks(cfg, 4, 4)
   x0 = jnp.zeros((1, 16))
-  params = nets.cvae.init(jax.random.key(1), x0, x0, jax.random.key(2))["params"]
-  baseline = nets.baseline.init(jax.random.key(3), x0)["params"]
+  params = init_params(nets.cvae, jax.random.key(1), x0, x0, jax.random.key(2))
+  baseline = init_params(nets.baseline, jax.random.key(3), x0)
   x = jax.random.uniform(jax.random.key(0), (2, 16))
   other = jnp.where(nets.mask, 1.0 - x, x)  # the hidden pixels changed, the given ones kept
   for a, b in zip(nets.prior(params, baseline, x), nets.prior(params, baseline, other)):
@@ -206,7 +207,7 @@ def test_the_prior_network_sees_the_given_quadrants_and_the_baseline_s_guess_onl
 def test_the_baseline_loss_is_the_bce_summed_over_the_hidden_pixels():
   cfg = small_config(**{"task": "quadrants", "model.hidden": [16], "quadrants.given": 3})
   nets = quadrants.Networks(cfg, 4, 4)
-  params = nets.baseline.init(jax.random.key(1), jnp.zeros((1, 16)))["params"]
+  params = init_params(nets.baseline, jax.random.key(1), jnp.zeros((1, 16)))
   x = jax.random.uniform(jax.random.key(0), (3, 16))
   logits = np.asarray(nets.baseline.apply({"params": params}, quadrants.hide(x, nets.mask)), np.float64)
   p, y, mask = 1 / (1 + np.exp(-logits)), np.asarray(x, np.float64), np.asarray(nets.mask)

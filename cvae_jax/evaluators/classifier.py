@@ -21,6 +21,7 @@ from cvae_jax.config import OptimizerConfig, TrainingConfig
 from cvae_jax.data import Dataset, Encoding, model_input
 from cvae_jax.engine import epoch, loop, optim, rundir
 from cvae_jax.keys import Stream, stream_key
+from cvae_jax.models import init_params
 
 EPOCHS, BATCH_SIZE, LEARNING_RATE = 3, 128, 1e-3
 FEATURES = 128  # width of the penultimate layer (make_features)
@@ -79,7 +80,7 @@ def make_features(model: Classifier, batch_size: int = 1000):
 
 
 def _initial_state(model: Classifier, ds: Dataset, seed: int) -> train_state.TrainState:
-  params = model.init(stream_key(seed, Stream.PARAMS), jnp.zeros((1, *ds.spec.shape)))["params"]
+  params = init_params(model, stream_key(seed, Stream.PARAMS), jnp.zeros((1, *ds.spec.shape)))
   return train_state.TrainState.create(apply_fn=model.apply, params=params,
                                        tx=optim.create_optimizer(OptimizerConfig(learning_rate=LEARNING_RATE)))
 

@@ -36,8 +36,10 @@ def test_elbo(ctx: EvalContext) -> dict:
 def posterior(ctx: EvalContext) -> dict:
   if not ctx.model.stochastic:  # a plain autoencoder has no posterior
     return {}
-  stats = estimators.make_posterior_stats(ctx.model, ctx.dataset.spec, ctx.cfg.training.eval_batch_size)(
-      ctx.params, *_test_split(ctx), stream_key(ctx.cfg.seed, Stream.EVAL))
+  # with_logvar as the epoch's diagnostics ask: the program they compiled is this one
+  make_stats = estimators.make_posterior_stats(ctx.model, ctx.dataset.spec, ctx.cfg.training.eval_batch_size,
+                                              with_logvar=True)
+  stats = make_stats(ctx.params, *_test_split(ctx), stream_key(ctx.cfg.seed, Stream.EVAL))
   num_active, covariance = estimators.active_units(np.asarray(stats["mean"]))
   return {"kl_per_dim": np.asarray(stats["kl_per_dim"]).mean(axis=0).tolist(), "active_units": num_active,
           "active_unit_threshold": estimators.ACTIVE_UNIT_THRESHOLD, "posterior_mean_covariance": covariance.tolist()}

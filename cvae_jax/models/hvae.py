@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Optional
 
 import flax.linen as nn
@@ -326,7 +326,9 @@ def build_model(cfg: HVAEConfig, spec, output_shape: tuple[int, ...], condition_
         f"model.decoder_groups has {len(cfg.decoder_groups)} stages with model.downsample={cfg.downsample} and "
         f"model.patch={cfg.patch}: the lowest resolution is the data's {list(spatial)} divided by {factor}, which "
         "does not divide it. Use fewer stages, another downsample or patch, or data.resize to a size it divides.")
-  return HierarchicalVAE(cfg, tuple(spec.shape), output_shape[-1], condition_size, stochastic)
+  # Tuples, not the config's lists: a hashable module shares its compiled programs (models.init_params).
+  frozen = replace(cfg, encoder_blocks=tuple(cfg.encoder_blocks), decoder_groups=tuple(cfg.decoder_groups))
+  return HierarchicalVAE(frozen, tuple(spec.shape), output_shape[-1], condition_size, stochastic)
 
 
 def check_config(cfg: Config) -> None:

@@ -29,7 +29,7 @@ from cvae_jax.estimators import condition
 from cvae_jax.evaluators import (EvalContext, Evaluator, anomaly, disentanglement, evaluate, likelihood, quality,
                                  samples)
 from cvae_jax.keys import Stream, fold, stream_key
-from cvae_jax.models import VAE, create_model, family_of
+from cvae_jax.models import VAE, create_model, family_of, init_params
 from cvae_jax.objectives import (decoder_log_likelihood, elbo_terms, free_bits_kl, joint_k_sample_terms, k_sample_terms,
                                  kl_per_dim, kl_per_group, loss_and_metrics, total_correlation)
 from cvae_jax.tasks.base import Restored, RestoreError, Task, register
@@ -121,7 +121,7 @@ class DensityTask(Task):
     x = jnp.zeros((1, *spec.shape), jnp.float32)
     c = jnp.zeros((1, spec.condition_size), jnp.float32) if model.condition_size else None
     key = stream_key(cfg.seed, Stream.PARAMS)
-    params = model.init({"params": key}, x, c, fold(key, InitPart.SAMPLE))["params"]
+    params = init_params(model, {"params": key}, x, c, fold(key, InitPart.SAMPLE))
     tx = optim.create_optimizer(cfg.optimizer)
     if cfg.training.select_on_validation:  # the best parameters so far live in the state, so checkpoints keep them
       return loop.EarlyStoppingState.start(params, tx)

@@ -39,7 +39,7 @@ from cvae_jax.engine import epoch, loop, optim, preemption, rundir
 from cvae_jax.estimators import importance_weighted_bound, map_over_split
 from cvae_jax.figures import grid_figure
 from cvae_jax.keys import Stream, fold, stream_key
-from cvae_jax.models import reparameterize
+from cvae_jax.models import init_params, reparameterize
 from cvae_jax.models.mlp import MLPEncoder
 from cvae_jax.objectives import gaussian_kl_between, log_importance_weights
 from cvae_jax.tasks.base import Task, register
@@ -287,12 +287,12 @@ def _train_and_evaluate(cfg: Config, workdir: Path, config: dict, dataset: Optio
 
   # 1. The deterministic baseline.
   baseline_params, baseline_fit = train_net(
-      cfg, workdir / "baseline", nets.baseline.init(fold(init_key, InitPart.BASELINE), x0)["params"],
+      cfg, workdir / "baseline", init_params(nets.baseline, fold(init_key, InitPart.BASELINE), x0),
       lambda p, images, key: jnp.mean(nets.baseline_loss(p, nets.images(images))),
       mean_over(stopping, lambda p, x, key: nets.baseline_loss(p, x)), train_images, Net.BASELINE)
 
   # 2. The CVAE, its prior network fed the frozen baseline.
-  cvae_init = nets.cvae.init(fold(init_key, InitPart.CVAE), x0, x0, fold(init_key, InitPart.CVAE_SAMPLE))["params"]
+  cvae_init = init_params(nets.cvae, fold(init_key, InitPart.CVAE), x0, x0, fold(init_key, InitPart.CVAE_SAMPLE))
   cvae_params, cvae_fit = train_net(
       cfg, workdir / "cvae", cvae_init,
       lambda p, images, key: jnp.mean(nets.cvae_terms(p, baseline_params, nets.images(images), key, 1, q.kl)["neg_elbo"]),
