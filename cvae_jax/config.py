@@ -85,6 +85,7 @@ class OptimizerName(str, enum.Enum):
 class LRSchedule(str, enum.Enum):
   constant = "constant"
   burda = "burda"  # stage i = 0, 1, ... lasts 3^i epochs at learning_rate * 10^(-i/7) (Burda et al. 2016)
+  cosine = "cosine"  # learning_rate * (1 + cos(pi * step / all steps)) / 2: from the rate to 0 over the run
 
 
 @dataclass

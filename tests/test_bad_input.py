@@ -1,4 +1,10 @@
-"""Every row of the README's bad-input table: a clear message, a non-zero exit, nothing overwritten."""
+"""Every row of the README's bad-input table: a clear message, a non-zero exit, nothing overwritten.
+
+The command lines run in one worker process (tests/cli_worker.py: `python -m` semantics, Hydra and the
+logging reset between commands), so Python, JAX and Hydra are imported once for all the rows."""
+import json
+import os
+import select
 import shutil
 import subprocess
 import sys
@@ -6,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import require_fashion_mnist
+from conftest import REPO, require_fashion_mnist
 from test_cli import SHORT
 
 FAST = SHORT + ["data.train_limit=640", "training.epochs=1", "evaluation.iwae_samples=0"]
@@ -14,9 +20,34 @@ FASHION_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
                  "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
 
 
-def run(module, args, env, cwd):
-  return subprocess.run([sys.executable, "-m", module, *args], env=env, cwd=cwd, capture_output=True, text=True,
-                        timeout=300)
+class Worker:
+  """One tests/cli_worker.py process; run() answers as subprocess.run([python, -m, module, *args]) would."""
+
+  def __init__(self):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=str(REPO))
+    self.proc = subprocess.Popen([sys.executable, str(REPO / "tests" / "cli_worker.py")], env=env, text=True,
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+
+  def run(self, module, args, cwd, timeout=300) -> subprocess.CompletedProcess:
+    self.proc.stdin.write(json.dumps({"module": module, "args": [str(a) for a in args], "cwd": str(cwd)}) + "\n")
+    self.proc.stdin.flush()
+    ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+    assert ready, f"python -m {module} {' '.join(map(str, args))} did not finish in {timeout} s"
+    line = self.proc.stdout.readline()
+    assert line, f"the command-line worker died (exit code {self.proc.wait()})"
+    reply = json.loads(line)
+    return subprocess.CompletedProcess([module, *args], reply["returncode"], reply["stdout"], reply["stderr"])
+
+  def close(self):
+    self.proc.stdin.close()
+    self.proc.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def cli():
+  worker = Worker()
+  yield worker
+  worker.close()
 
 
 def snapshot(folder: Path) -> dict:
@@ -25,12 +56,10 @@ def snapshot(folder: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory):
+def finished_run(tmp_path_factory, cli):
   """A real (tiny) finished MNIST run that the run-directory rows reuse."""
-  import os
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
   base = tmp_path_factory.mktemp("finished")
-  proc = run("cvae_jax.train", FAST + [f"hydra.run.dir={base / 'run'}"], env, base)
+  proc = cli.run("cvae_jax.train", FAST + [f"hydra.run.dir={base / 'run'}"], base)
   assert proc.returncode == 0, proc.stderr[-2000:]
   return base / "run"
 
@@ -94,7 +123,7 @@ NEEDS_FASHION_MNIST = {"truncated data file", "wrong checksum"}  # they damage a
 
 @pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.fashion_mnist) if c[0] in NEEDS_FASHION_MNIST
                                   else c for c in CASES], ids=[c[0] for c in CASES])
-def test_bad_input_row(case, tmp_path, env_for_cli, finished_run):
+def test_bad_input_row(case, tmp_path, cli, finished_run):
   name, make_args, message, code = case
   run_dir = finished_run
   if name in ("run directory of another config", "unreadable config.yaml in the run directory",
@@ -110,7 +139,7 @@ def test_bad_input_row(case, tmp_path, env_for_cli, finished_run):
   if not any(a.startswith("hydra.run.dir=") for a in args):
     args = args + [f"hydra.run.dir={tmp_path / 'out'}"]
   before = snapshot(run_dir) if run_dir != finished_run else snapshot(finished_run)
-  proc = run("cvae_jax.train", args, env_for_cli, tmp_path)
+  proc = cli.run("cvae_jax.train", args, tmp_path)
   assert proc.returncode == code, proc.stderr[-2000:]
   assert message in proc.stderr, proc.stderr[-2000:]
   assert "Traceback" not in proc.stderr
@@ -128,13 +157,22 @@ def test_bad_input_row(case, tmp_path, env_for_cli, finished_run):
     ("cvae_jax.generate", ["{tmp}"], "is not a run directory"),
     ("cvae_jax.report", ["{tmp}/nowhere"], "is not a folder"),
 ])
-def test_bad_input_to_the_other_commands(module, args, message, tmp_path, env_for_cli):
+def test_bad_input_to_the_other_commands(module, args, message, tmp_path, cli):
   empty_run = tmp_path / "empty_run"
   empty_run.mkdir()
   (empty_run / "config.yaml").write_text("seed: 0\n")
   args = [a.format(tmp=tmp_path, empty_run=empty_run) for a in args]
   before = snapshot(tmp_path)
-  proc = run(module, args, env_for_cli, tmp_path)
+  proc = cli.run(module, args, tmp_path)
   assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]
   assert "Traceback" not in proc.stderr
   assert snapshot(tmp_path) == before
+
+
+def test_the_worker_answers_as_a_fresh_process(tmp_path, cli, env_for_cli):
+  args = ["objective.beta=-1", f"hydra.run.dir={tmp_path / 'out'}"]
+  fresh = subprocess.run([sys.executable, "-m", "cvae_jax.train", *args], env=env_for_cli, cwd=tmp_path,
+                         capture_output=True, text=True, timeout=300)
+  in_worker = cli.run("cvae_jax.train", args, tmp_path)
+  assert (in_worker.returncode, in_worker.stdout, in_worker.stderr) == (fresh.returncode, fresh.stdout, fresh.stderr)
+  assert fresh.returncode == 2 and fresh.stderr.startswith("error: objective.beta=-1.0 is invalid")

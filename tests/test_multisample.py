@@ -82,12 +82,20 @@ def test_invalid_objective_settings_name_the_key(overrides, key):
 
 
 def test_burda_schedule_stages_last_3_to_the_i_epochs():
-  factor = learning_rate_factor(OptimizerConfig(schedule="burda"), steps_per_epoch=10)
+  factor = learning_rate_factor(OptimizerConfig(schedule="burda"), steps_per_epoch=10, epochs=3280)
   stage_of_epoch = {0: 0, 1: 1, 3: 1, 4: 2, 12: 2, 13: 3, 39: 3, 40: 4, 1093: 7, 3279: 7}
   for epoch, stage in stage_of_epoch.items():
     for step in (epoch * 10, epoch * 10 + 9):
       assert float(factor(step)) == pytest.approx(10 ** (-stage / 7), rel=1e-6), (epoch, step)
-  assert learning_rate_factor(OptimizerConfig(), 10)(12345) == 1.0
+  assert learning_rate_factor(OptimizerConfig(), 10, 3280)(12345) == 1.0
+
+
+def test_cosine_schedule_falls_from_1_to_0_over_all_epochs():
+  factor = learning_rate_factor(OptimizerConfig(schedule="cosine"), steps_per_epoch=10, epochs=4)  # 40 steps
+  by_hand = {0: 1.0, 10: (1 + math.cos(math.pi / 4)) / 2, 20: 0.5, 30: (1 - math.cos(math.pi / 4)) / 2, 40: 0.0}
+  for step, value in by_hand.items():
+    assert float(factor(step)) == pytest.approx(value, abs=1e-6), step
+  assert float(factor(400)) == pytest.approx(0.0, abs=1e-6)  # stays at 0 after the last step
 
 
 @pytest.mark.parametrize("name, reference", [

@@ -82,7 +82,7 @@ def make_train_step(plan: Plan) -> Callable:
   """Returns train_step(state, images, labels, hyper=None) -> (state, metrics), not jitted. Pure: the keys
   and any schedule are functions of state.step. The update is the optimizer's unit-rate direction times
   hyper.learning_rate (times the schedule), so runs of a batched sweep may differ in their rate."""
-  lr_factor = learning_rate_factor(plan.optimizer, plan.steps_per_epoch)
+  lr_factor = learning_rate_factor(plan.optimizer, plan.steps_per_epoch, plan.training.epochs)
   skip_nonfinite = plan.training.skip_nonfinite
   skip_grad_norm = plan.training.skip_grad_norm
   aggressive = plan.training.aggressive_encoder_steps

@@ -25,11 +25,16 @@ def create_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
   return optax.flatten(tx) if cfg.flatten else tx
 
 
-def learning_rate_factor(cfg: OptimizerConfig, steps_per_epoch: int) -> Callable:
+def learning_rate_factor(cfg: OptimizerConfig, steps_per_epoch: int, epochs: int) -> Callable:
   """factor(step) multiplying the learning rate. burda: epochs [(3^i - 1)/2, (3^(i+1) - 1)/2) form stage
-  i, at 10^(-i/7) (Burda et al. 2016: 3^i passes at 0.001 * 10^(-i/7), i = 0..7, 3280 passes in all)."""
-  if LRSchedule(cfg.schedule) == LRSchedule.constant:
+  i, at 10^(-i/7) (Burda et al. 2016: 3^i passes at 0.001 * 10^(-i/7), i = 0..7, 3280 passes in all).
+  cosine: (1 + cos(pi * step / (epochs * steps_per_epoch))) / 2 (Loshchilov & Hutter 2017, no restarts),
+  so it depends on training.epochs: a run resumed with more epochs follows the longer curve from there."""
+  schedule = LRSchedule(cfg.schedule)
+  if schedule == LRSchedule.constant:
     return lambda step: 1.0
+  if schedule == LRSchedule.cosine:
+    return optax.cosine_decay_schedule(1.0, decay_steps=max(1, epochs * steps_per_epoch))
   starts = jnp.asarray([(3**i - 1) // 2 for i in range(1, 21)])  # first epoch of stages 1, 2, ...
 
   def factor(step):
