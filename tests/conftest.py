@@ -27,7 +27,8 @@ from cvae_jax.data.images import ImageDataConfig
 xla_cpu.use_fast_scheduler()
 # Most of the suite's time is XLA compiling, and many tests compile the same programs again (the same tiny
 # models, and the command-line tests' subprocesses): one compilation cache for the session, which the
-# subprocesses inherit through the environment, compiles each program once.
+# subprocesses inherit through the environment, compiles each program once. Each pytest-xdist worker has
+# its own: sharing one needs JAX's file lock around every read and write, which made the suite 2x slower.
 _XLA_CACHE = tempfile.mkdtemp(prefix="cvae_jax_test_xla_cache_")
 atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
 os.environ["JAX_COMPILATION_CACHE_DIR"] = _XLA_CACHE
@@ -39,6 +40,17 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 jax.config.update("jax_default_matmul_precision", "highest")
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+  """Workers for pyproject's `-n auto`: two for the default suite where two cores exist (its tests are mostly
+  XLA compiling, one core each: 1.5x on 2 cores, docs/testing.md), none (one process) for `-m integration`
+  and `-m slow`, whose tests start processes of their own and time them. `-n N` on the command line wins."""
+  selected = config.option.markexpr or ""
+  if any(mark in selected and f"not {mark}" not in selected for mark in ("integration", "slow")):
+    return 0
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+  return 2 if cores >= 2 else 0
 
 
 def synthetic_dataset(n_train: int = 256, n_test: int = 64, shape=(8, 8, 1), num_classes: int = 3,

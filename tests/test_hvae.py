@@ -5,6 +5,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+from jax.flatten_util import ravel_pytree
 import numpy as np
 import pytest
 
@@ -30,10 +31,10 @@ def tiny(groups=(1, 2), blocks=(1, 1), condition_size=0, **kw) -> HierarchicalVA
 
 @functools.partial(jax.jit, static_argnums=2)  # one program, not one per leaf's ops
 def perturbed(params, key, scale=0.3):
-  """Every parameter moved by N(0, scale^2): the zero-initialized prior and biases become non-trivial."""
-  leaves, tree = jax.tree.flatten(params)
-  keys = jax.random.split(key, len(leaves))
-  return jax.tree.unflatten(tree, [p + scale * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
+  """Every parameter moved by N(0, scale^2): the zero-initialized prior and biases become non-trivial. One
+  draw for the flattened vector: a draw per leaf compiled a random-bits program per leaf (4x the time)."""
+  flat, unravel = ravel_pytree(params)
+  return unravel(flat + scale * jax.random.normal(key, flat.shape))
 
 
 def initial(model, x):
