@@ -43,9 +43,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def pytest_xdist_auto_num_workers(config) -> int:
-  """Workers for pyproject's `-n auto`: two for the default suite where two cores exist (its tests are mostly
-  XLA compiling, one core each: 1.6x on 2 cores, docs/testing.md), none (one process) for `-m integration`
-  and `-m slow`, whose tests start processes of their own and time them. `-n N` on the command line wins."""
+  """Workers for pyproject's `-n auto`: two where two cores exist (the default suite is mostly XLA compiling,
+  one core per program: 1.6x on 2 cores, docs/testing.md), none (one process) when `-m` selects the
+  integration or slow tests, which start processes of their own and time them. `-n N` on the command line
+  wins."""
   selected = config.option.markexpr or ""
   if any(mark in selected and f"not {mark}" not in selected for mark in ("integration", "slow")):
     return 0
