@@ -46,17 +46,18 @@ def inputs(spec: DatasetSpec, images: jax.Array, key: jax.Array) -> jax.Array:
 def map_over_split(per_batch: Callable, batch_size: int) -> Callable:
   """Lifts per_batch(params, x_uint8 [b, ...], labels [b], key) -> pytree of [b, ...] arrays to a
   jitted function of a whole split: padded to whole chunks, lax.map over chunks, padding removed.
-  Chunk i gets key fold_in(key, i), so results do not depend on anything but the key and batch_size."""
+  Chunk i gets key fold_in(key, i), so results do not depend on anything but the key and batch_size;
+  first_chunk = j computes a slice that starts at chunk j of a split as the whole split would."""
 
   @jax.jit
-  def over_split(params, images, labels, key):
+  def over_split(params, images, labels, key, first_chunk=0):
     n = images.shape[0]
     num_chunks = math.ceil(n / batch_size)
     pad = num_chunks * batch_size - n
     images = jnp.pad(images, [(0, pad)] + [(0, 0)] * (images.ndim - 1))
     labels = jnp.pad(labels, [(0, pad)] + [(0, 0)] * (labels.ndim - 1))
     chunked = jax.tree.map(lambda a: a.reshape(num_chunks, batch_size, *a.shape[1:]), (images, labels))
-    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(num_chunks))
+    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(first_chunk + jnp.arange(num_chunks))
     out = jax.lax.map(lambda args: per_batch(params, *args[0], args[1]), (chunked, keys))
     return jax.tree.map(lambda a: a.reshape(num_chunks * batch_size, *a.shape[2:])[:n], out)
 

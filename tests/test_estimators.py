@@ -1,4 +1,5 @@
 """Known-answer tests of the importance-weighted bound and active units."""
+import dataclasses
 import math
 
 import jax
@@ -8,10 +9,13 @@ import pytest
 
 from cvae_jax import estimators, likelihoods
 from cvae_jax.config import Kind
-from cvae_jax.data import DatasetSpec, Encoding
+from cvae_jax.data import Dataset, DatasetSpec, Encoding, Split
+from cvae_jax.evaluators import EvalContext, likelihood
+from cvae_jax.keys import Stream, fold, stream_key
 from cvae_jax.models import create_model, init_params
 from cvae_jax.models.mlp import MLPConfig
 from cvae_jax.objectives import elbo_terms
+from conftest import small_config
 
 BERNOULLI = likelihoods.get("bernoulli")
 
@@ -218,3 +222,56 @@ def test_a_unit_at_the_threshold_is_not_active():
   # Burda et al.: active when Cov_x(E_q[z_u]) > 0.01, strictly. Means of +-0.125 have variance 0.015625 exactly.
   means = np.tile([[0.125, 1.0], [-0.125, -1.0]], (50, 1))
   assert estimators.active_units(means, threshold=0.015625)[0] == 1
+
+
+def test_a_slice_from_its_first_chunk_draws_the_keys_the_whole_split_does(seven_examples):
+  spec, model, params, images, labels = seven_examples
+  iwae = estimators.make_iwae(model, spec, BERNOULLI, 5, 3, 2)
+  whole = np.asarray(iwae(params, images, labels, jax.random.key(3)))
+  part = np.asarray(iwae(params, images[3:6], labels[3:6], jax.random.key(3), 1))  # chunk 1 of batches of 3
+  np.testing.assert_allclose(part, whole[3:6], rtol=1e-6)
+  assert not np.allclose(np.asarray(iwae(params, images[3:6], labels[3:6], jax.random.key(3))), whole[3:6])
+
+
+def iwae_context(seven_examples, workdir, test_size: int = 7):
+  """The likelihood evaluators' context for seven_examples' model (evaluation batches of 3 images, k = 5)."""
+  spec, model, params, images, labels = seven_examples
+  cfg = small_config(**{"data.name": "toy", "model.kind": "cvae", "evaluation.batch_size": 3,
+                        "evaluation.sample_chunk": 2})
+  dataset = Dataset(spec, Split(images, labels), Split(images[:test_size], labels[:test_size]))
+  return EvalContext(cfg, dataset, model, params, workdir, BERNOULLI)
+
+
+def test_the_bound_s_per_image_values_are_saved_and_an_evaluation_resumes_after_them(seven_examples, tmp_path,
+                                                                                   monkeypatch, capsys):
+  """Saved every chunk (of 3 images): a longer evaluation computes only the images after the saved whole
+  chunks, and keeps their values (a marker here); other weights' or damaged files are computed again."""
+  spec, model, params, images, labels = seven_examples
+  monkeypatch.setattr(likelihood, "CHUNKS_PER_SAVE", 1)
+  ctx = iwae_context(seven_examples, tmp_path)
+  key = fold(stream_key(ctx.cfg.seed, Stream.EVAL), estimators.Draw.IWAE)
+  whole = np.asarray(estimators.make_iwae(model, spec, BERNOULLI, 5, 3, 2)(params, images, labels, key))
+  evaluate = likelihood.iwae(5)
+  result = evaluate(ctx)["iwae"]
+  saved = np.load(tmp_path / "iwae_k5.npz")["bound"]
+  np.testing.assert_allclose(saved, whole, rtol=1e-6)  # three slices of 3, 3 and 1 (padded) images
+  assert result["nll"] == pytest.approx(-whole.mean(), rel=1e-6) and result["computed"] == 7
+
+  marker = saved.copy()
+  marker[:5] = -100.0  # 5 saved values: the first chunk (3) is kept, the rest of the second is recomputed
+  likelihood._save_bounds(tmp_path / "iwae_k5.npz", marker[:5], likelihood._fingerprint(ctx, 5))
+  resumed = evaluate(ctx)["iwae"]
+  assert resumed["computed"] == 4
+  assert resumed["nll"] == pytest.approx(-(3 * -100.0 + whole[3:].sum()) / 7, rel=1e-6)
+
+  shorter = evaluate(iwae_context(seven_examples, tmp_path, test_size=2))["iwae"]  # the first 2 of the saved 7
+  assert shorter["computed"] == 0 and shorter["nll"] == pytest.approx(100.0)
+  assert len(np.load(tmp_path / "iwae_k5.npz")["bound"]) == 7  # the longer file is kept
+
+  other = iwae_context(seven_examples, tmp_path)
+  other = dataclasses.replace(other, params=jax.tree.map(lambda a: a + 0.1, params))
+  assert evaluate(other)["iwae"]["computed"] == 7
+  assert "other weights or settings" in capsys.readouterr().out
+  (tmp_path / "iwae_k5.npz").write_bytes(b"garbage")
+  assert evaluate(ctx)["iwae"]["nll"] == pytest.approx(-whole.mean(), rel=1e-6)
+  assert "could not be read" in capsys.readouterr().out
