@@ -55,10 +55,15 @@ def directory_name(overrides: str) -> str:
   return raw[:NAME_BYTES - len(digest) - 1].decode(errors="ignore") + "_" + digest
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+  """Writes beside and renames: a reader sees the old file or the whole new one, never half of it."""
   tmp = path.with_suffix(path.suffix + ".tmp")
-  tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+  tmp.write_bytes(data)
   os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+  write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
 ABSENT = "<absent>"
@@ -113,9 +118,7 @@ def init(workdir: Path, config: dict) -> None:
     raise RunDirError(f"Run directory {workdir} is not writable. Choose another with hydra.run.dir=...")
   path = workdir / "config.yaml"
   if not path.exists():
-    tmp = path.with_suffix(".yaml.tmp")
-    tmp.write_text(yaml.safe_dump(config, sort_keys=False))
-    os.replace(tmp, path)
+    write_bytes_atomic(path, yaml.safe_dump(config, sort_keys=False).encode())
   with open(workdir / "env.jsonl", "a") as f:
     f.write(json.dumps(environment()) + "\n")
 

@@ -8,8 +8,8 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import math
-import os
 import time
 import zipfile
 from pathlib import Path
@@ -19,6 +19,7 @@ import jax
 import numpy as np
 
 from cvae_jax import estimators
+from cvae_jax.engine import rundir
 from cvae_jax.estimators import Draw
 from cvae_jax.evaluators import EvalContext
 from cvae_jax.keys import Stream, fold, stream_key
@@ -79,10 +80,9 @@ def _saved_bounds(path: Path, fingerprint: str, batch_size: int) -> np.ndarray:
 
 
 def _save_bounds(path: Path, bound: np.ndarray, fingerprint: str) -> None:
-  tmp = path.with_name(path.name + ".tmp")
-  with open(tmp, "wb") as f:
-    np.savez(f, bound=bound, fingerprint=np.array(fingerprint))
-  os.replace(tmp, path)
+  buffer = io.BytesIO()
+  np.savez(buffer, bound=bound, fingerprint=np.array(fingerprint))
+  rundir.write_bytes_atomic(path, buffer.getvalue())
 
 
 def iwae(num_samples: int) -> Callable[[EvalContext], dict]:
