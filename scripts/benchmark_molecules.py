@@ -3,6 +3,7 @@ built from flax's nn.RNN(nn.GRUCell), in one run.
 
   python scripts/benchmark_molecules.py                          # rnn_size 256 and 512, batch 128
   python scripts/benchmark_molecules.py --rnn-size 256 --batch-size 128 512 --epochs 5
+  python scripts/benchmark_molecules.py --rnn-size 256 512 --decoder-layers 1 2 3   # stacked decoders
 
 Both variants are the molecules experiment's model (conf/experiment/molecules_cvae.yaml: embedding 32,
 bidirectional GRU encoder of rnn_size / 2 each way, 64-d z, GRU decoder of rnn_size fed (z, 6 properties)
@@ -12,7 +13,8 @@ project's compiled epoch (one lax.scan per epoch, as `python -m cvae_jax.train` 
 ids of MOSES's shape (53 slots, 27 tokens); the recurrence runs over every slot, so the speed does not
 depend on the tokens. The variants' epochs run round-robin (scripts/benchmark.py's `interleaved`), and
 molecules/s is the median over the timed epochs. Their first-epoch losses agree to float rounding, which
-checks that they train the same model.
+checks that they train the same model. The reference is the one-layer decoder; rows of a stacked decoder
+(--decoder-layers above 1) time ours alone, in the same round-robin as the one-layer rows of their size.
 """
 from __future__ import annotations
 
@@ -73,12 +75,13 @@ class ReferenceDecoder(GRUDecoder):
     previous = jnp.concatenate([jnp.full((x.shape[0], 1), BOS, jnp.int32), x[:, :-1]], axis=1)
     zc = concat(z, c)
     inputs = jnp.concatenate([self.embed(previous), jnp.broadcast_to(zc[:, None], (*x.shape, zc.shape[-1]))], -1)
-    return self.logits(self.rnn(inputs, initial_carry=self.start(z, c)))
+    return self.logits(self.rnn(inputs, initial_carry=self.start(z, c)[0]))
 
 
-def config(rnn_size: int, batch_size: int):
+def config(rnn_size: int, batch_size: int, decoder_layers: int = 1):
   return schema.structured({
-      "model": {"arch": "gru", "kind": "cvae", "latent_size": 64, "embedding_size": 32, "rnn_size": rnn_size},
+      "model": {"arch": "gru", "kind": "cvae", "latent_size": 64, "embedding_size": 32, "rnn_size": rnn_size,
+                "decoder_layers": decoder_layers},
       "data": {"name": "moses"}, "objective": {"likelihood": "categorical", "kl_schedule": "linear", "kl_warmup_epochs": 1},
       "optimizer": {"learning_rate": 1e-3, "grad_clip_norm": 50.0}, "training": {"batch_size": batch_size}})
 
@@ -117,6 +120,8 @@ def main(argv: Optional[list[str]] = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--rnn-size", nargs="+", type=int, default=[256, 512])
   parser.add_argument("--batch-size", nargs="+", type=int, default=[128])
+  parser.add_argument("--decoder-layers", nargs="+", type=int, default=[1],
+                      help="GRU layers in the decoder (the flax reference runs with 1)")
   parser.add_argument("--molecules", type=int, default=12800, help="training molecules per epoch")
   parser.add_argument("--epochs", type=int, default=4, help="timed epochs per variant (after one warm-up)")
   parser.add_argument("--out", help="write the results as JSON here")
@@ -128,22 +133,31 @@ def main(argv: Optional[list[str]] = None) -> None:
   rows = []
   print(f"{jax.devices()[0].device_kind}, {platform.processor() or platform.machine()}; "
         f"{args.molecules} molecules per epoch, median of {args.epochs} epochs after one warm-up")
-  print("| rnn_size | batch | TokenGRU molecules/s | nn.RNN(nn.GRUCell) molecules/s | ratio | first-epoch loss, both |")
-  print("|---|---|---|---|---|---|")
+  print("| rnn_size | decoder layers | batch | TokenGRU molecules/s | nn.RNN(nn.GRUCell) molecules/s | ratio "
+        "| first-epoch loss, both |")
+  print("|---|---|---|---|---|---|---|")
   for rnn_size in args.rnn_size:
     for batch_size in args.batch_size:
-      cfg = config(rnn_size, batch_size)
-      ours, ours_losses = epoch_loop(cfg, spec, tokens, conditions, reference=False)
-      reference, reference_losses = epoch_loop(cfg, spec, tokens, conditions, reference=True)
-      timed = interleaved({"ours": ours, "reference": reference}, args.epochs)
-      row = {"rnn_size": rnn_size, "batch_size": batch_size,
-             "ours_molecules_per_s": timed["ours"]["images_per_s"],
-             "reference_molecules_per_s": timed["reference"]["images_per_s"],
-             "first_epoch_loss": [ours_losses[0], reference_losses[0]]}
-      row["ratio"] = row["ours_molecules_per_s"] / row["reference_molecules_per_s"]
-      rows.append(row)
-      print(f"| {rnn_size} | {batch_size} | {row['ours_molecules_per_s']:.0f} | {row['reference_molecules_per_s']:.0f} "
-            f"| {row['ratio']:.2f}x | {ours_losses[0]:.5f}, {reference_losses[0]:.5f} |", flush=True)
+      variants, losses = {}, {}
+      for layers in args.decoder_layers:
+        variants[layers], losses[layers] = epoch_loop(config(rnn_size, batch_size, layers), spec, tokens, conditions,
+                                                      reference=False)
+      if 1 in args.decoder_layers:
+        variants["reference"], losses["reference"] = epoch_loop(config(rnn_size, batch_size), spec, tokens,
+                                                                conditions, reference=True)
+      timed = interleaved(variants, args.epochs)
+      for layers in args.decoder_layers:
+        row = {"rnn_size": rnn_size, "decoder_layers": layers, "batch_size": batch_size,
+               "ours_molecules_per_s": timed[layers]["images_per_s"], "first_epoch_loss": [losses[layers][0]]}
+        reference = "- | -"  # the flax reference is the one-layer decoder
+        if layers == 1:
+          row["reference_molecules_per_s"] = timed["reference"]["images_per_s"]
+          row["first_epoch_loss"].append(losses["reference"][0])
+          row["ratio"] = row["ours_molecules_per_s"] / row["reference_molecules_per_s"]
+          reference = f"{row['reference_molecules_per_s']:.0f} | {row['ratio']:.2f}x"
+        rows.append(row)
+        print(f"| {rnn_size} | {layers} | {batch_size} | {row['ours_molecules_per_s']:.0f} | {reference} | "
+              f"{', '.join(f'{loss:.5f}' for loss in row['first_epoch_loss'])} |", flush=True)
   if args.out:
     with open(args.out, "w") as f:
       json.dump({"device": str(jax.devices()[0]), "rows": rows}, f, indent=1)

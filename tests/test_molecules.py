@@ -66,12 +66,12 @@ def test_categorical_log_prob_matches_closed_forms():
   np.testing.assert_allclose(categorical_log_prob(x, logits), expected, rtol=1e-6)
 
 
-def _tiny_sequence_model(vocab_size=5, length=3):
+def _tiny_sequence_model(vocab_size=5, length=3, decoder_layers=1):
   spec = DatasetSpec("moses", (length,), 2, Encoding.tokens, Modality.tokens, Condition.vector,
                      vocab=tuple(str(i) for i in range(vocab_size)))
   cfg = small_config(**{"task": "molecules", "data.name": "moses", "model.arch": "gru", "model.kind": "cvae",
                         "objective.likelihood": "categorical", "model.rnn_size": 8, "model.embedding_size": 4,
-                        "model.latent_size": 2})
+                        "model.latent_size": 2, "model.decoder_layers": decoder_layers})
   model = create_model(cfg.model, spec)
   params = init_params(model, jax.random.key(0), jnp.zeros((1, length)), jnp.zeros((1, 2)), jax.random.key(1))
   params = jax.tree.map(lambda p: p * 3.0, params)  # sharper distributions: the frequencies differ clearly
@@ -148,6 +148,41 @@ def test_token_gru_computes_what_flax_gru_cells_compute_on_the_concatenated_inpu
   np.testing.assert_array_equal(step, same)
 
 
+def test_stacked_decoder_layers_compute_flax_gru_cells_on_the_layer_below():
+  """DenseGRU (a stacked decoder's upper layers) is nn.RNN(nn.GRUCell) under the same parameters, over a
+  sequence and for one step; a decoder of 2 layers is layer 1 (TokenGRU) then DenseGRU, from one start."""
+  import flax.linen as nn
+  from cvae_jax.models.gru import DenseGRU, GRUDecoder, TokenGRU
+  b, t, d, h = 4, 6, 5, 8
+  k = jax.random.split(jax.random.key(0), 3)
+  inputs, h0 = jax.random.normal(k[0], (b, t, d)), jax.random.normal(k[1], (b, h))
+  params = DenseGRU(h).init(k[2], h0, inputs)
+  assert jax.tree.map(jnp.shape, params["params"]) == jax.tree.map(
+      jnp.shape, nn.GRUCell(h).init(k[2], h0, inputs[:, 0])["params"])
+  carry, outputs = DenseGRU(h).apply(params, h0, inputs)
+  want_carry, want = nn.RNN(nn.GRUCell(h), return_carry=True).apply({"params": {"cell": params["params"]}}, inputs,
+                                                                    initial_carry=h0)
+  np.testing.assert_allclose(outputs, want, atol=1e-5)
+  np.testing.assert_allclose(carry, want_carry, atol=1e-5)
+  step, same = DenseGRU(h).apply(params, h0, inputs[:, 0])
+  np.testing.assert_allclose(step, nn.GRUCell(h).apply(params, h0, inputs[:, 0])[0], atol=1e-5)
+  np.testing.assert_array_equal(step, same)
+
+  decoder = GRUDecoder(vocab_size=5, embedding_size=4, rnn_size=h, layers=2)
+  z, c, x = jax.random.normal(k[0], (3, 2)), jax.random.normal(k[1], (3, 2)), jnp.asarray([[1, 2, 3], [4, 0, 1], [2, 2, 2]])
+  p = decoder.init(k[2], z, c, x)["params"]
+  zc = jnp.concatenate([z, c], -1)
+  start = jnp.tanh(zc @ p["initial"]["kernel"] + p["initial"]["bias"])
+  previous = jnp.concatenate([jnp.full((3, 1), smiles.BOS), x[:, :-1]], 1)
+  _, lower = TokenGRU(h).apply({"params": p["cell"]}, start, previous, p["embed"]["embedding"], zc)
+  _, upper = DenseGRU(h).apply({"params": p["upper_0"]}, start, lower)
+  np.testing.assert_allclose(decoder.apply({"params": p}, z, c, x), upper @ p["logits"]["kernel"] + p["logits"]["bias"],
+                             atol=1e-5)
+  with pytest.raises(ConfigError, match="decoder_layers"):
+    validate(small_config(**{"task": "molecules", "data.name": "moses", "model.arch": "gru", "model.kind": "cvae",
+                             "objective.likelihood": "categorical", "model.decoder_layers": 0}))
+
+
 def _decoder_of_c():
   """A tiny CVAE over the tokens (specials, C, O), 5 slots, whose decoder ignores z and says 'C' in every slot."""
   vocab = (*smiles.SPECIALS, "C", "O")
@@ -216,10 +251,13 @@ def test_reconstruction_accuracy_counts_exact_greedy_decodes():
   assert got == {"reconstruction_accuracy": 3 / 7, "reconstructed_of": 7}
 
 
-def test_sampler_draws_sequences_with_the_probabilities_the_decoder_scores():
+@pytest.mark.parametrize("decoder_layers", [1, 3])
+def test_sampler_draws_sequences_with_the_probabilities_the_decoder_scores(decoder_layers):
   """Sample 40k two-token prefixes from p(x | z, c) by ancestral sampling; their frequencies must match
-  exp(log p) from the teacher-forced decoder (the likelihood used in training)."""
-  model, params = _tiny_sequence_model()
+  exp(log p) from the teacher-forced decoder (the likelihood used in training), for one GRU layer and for a
+  stack (whose sampler steps every layer's state)."""
+  model, params = _tiny_sequence_model(decoder_layers=decoder_layers)
+  assert sum(name.startswith("upper_") for name in params["decoder"]) == decoder_layers - 1
   n = 40_000
   z, c = jnp.full((n, 2), 0.3), jnp.full((n, 2), -0.5)
   tokens = np.asarray(sample_tokens(model, params, z, c, jax.random.key(2), 2))

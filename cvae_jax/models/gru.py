@@ -21,6 +21,9 @@ class GRUConfig(ModelConfig):
   arch: str = "gru"
   embedding_size: int = 32  # width of the token embedding
   rnn_size: int = 256       # GRU width (the encoder runs one each way, each half this wide)
+  # Stacked GRU layers in the decoder, each rnn_size wide (MOSES's VAE: 3 of 512). (z, c) enters the first
+  # layer's input; every layer starts from the same state, a function of (z, c), as in MOSES's VAE.
+  decoder_layers: int = 1
   # Word dropout (Bowman et al. 2016): in training, each previous-token input of the decoder (after the start
   # token) is replaced by a zero embedding with this probability, so the decoder must lean on z for the string.
   # Evaluation, scoring and sampling always see every token.
@@ -39,6 +42,22 @@ class Affine(nn.Module):
   def __call__(self):
     kernel = self.param("kernel", self.kernel_init, (self.in_features, self.features))
     return kernel, self.param("bias", nn.initializers.zeros_init(), (self.features,)) if self.use_bias else 0.0
+
+
+def gru_update(h, x_r, x_z, x_n, w_hr, w_hz, w_hn, b_hn):
+  """One step of flax's nn.GRUCell given the input projections x_r, x_z, x_n (biases included)."""
+  r = jax.nn.sigmoid(x_r + h @ w_hr)
+  u = jax.nn.sigmoid(x_z + h @ w_hz)
+  n = jnp.tanh(x_n + r * (h @ w_hn + b_hn))
+  return (1.0 - u) * n + u * h
+
+
+def recurrent_kernels(size: int):
+  """The hidden-to-hidden kernels of nn.GRUCell (hr, hz without bias, hn with), under its names."""
+  orthogonal = nn.initializers.orthogonal()
+  (w_hr, _), (w_hz, _), (w_hn, b_hn) = (Affine(size, size, use_bias=gate == "hn", kernel_init=orthogonal,
+                                               name=gate)() for gate in ("hr", "hz", "hn"))
+  return w_hr, w_hz, w_hn, b_hn
 
 
 class TokenGRU(nn.Module):
@@ -65,9 +84,7 @@ class TokenGRU(nn.Module):
     size, embedding_size = self.features, embedding.shape[-1]
     context_size = 0 if context is None else context.shape[-1]
     inputs = [Affine(embedding_size + context_size, size, name=gate)() for gate in ("ir", "iz", "in")]
-    orthogonal = nn.initializers.orthogonal()
-    (w_hr, _), (w_hz, _), (w_hn, b_hn) = (Affine(size, size, use_bias=gate == "hn", kernel_init=orthogonal,
-                                                 name=gate)() for gate in ("hr", "hz", "hn"))
+    kernels = recurrent_kernels(size)
     tables = [embedding @ kernel[:embedding_size] for kernel, _ in inputs]  # [V, H] each
     per_sequence = [bias if context is None else context @ kernel[embedding_size:] + bias for kernel, bias in inputs]
 
@@ -76,10 +93,7 @@ class TokenGRU(nn.Module):
       x_r, x_z, x_n = (table[token] for table in tables)
       if kept is not None:
         x_r, x_z, x_n = (x * kept[:, None] for x in (x_r, x_z, x_n))
-      r = jax.nn.sigmoid(x_r + per_sequence[0] + h @ w_hr)
-      u = jax.nn.sigmoid(x_z + per_sequence[1] + h @ w_hz)
-      n = jnp.tanh(x_n + per_sequence[2] + r * (h @ w_hn + b_hn))
-      new = (1.0 - u) * n + u * h
+      new = gru_update(h, x_r + per_sequence[0], x_z + per_sequence[1], x_n + per_sequence[2], *kernels)
       if valid is not None:
         new = jnp.where(valid[:, None], new, h)
       return new, new
@@ -90,6 +104,30 @@ class TokenGRU(nn.Module):
     kept = None if keep is None else keep.astype(carry.dtype)
     carry, outputs = jax.lax.scan(step, carry, jax.tree.map(lambda a: None if a is None else a.T,
                                                                (tokens, valid, kept)), reverse=reverse)
+    return carry, jnp.swapaxes(outputs, 0, 1)
+
+
+class DenseGRU(nn.Module):
+  """A GRU over vector inputs, flax's nn.GRUCell's equations and parameters: a stacked decoder's upper
+  layers, fed the layer below's outputs. __call__(carry [B, H], inputs [B, T, D]) -> (last carry, outputs
+  [B, T, H]); the input projections of all steps are one matmul outside the scan. inputs [B, D] is one
+  step: -> (new carry, new carry)."""
+  features: int
+
+  @nn.compact
+  def __call__(self, carry, inputs):
+    projections = [Affine(inputs.shape[-1], self.features, name=gate)() for gate in ("ir", "iz", "in")]
+    kernels = recurrent_kernels(self.features)
+    x_r, x_z, x_n = (inputs @ kernel + bias for kernel, bias in projections)
+    if inputs.ndim == 2:
+      new = gru_update(carry, x_r, x_z, x_n, *kernels)
+      return new, new
+
+    def step(h, x):
+      new = gru_update(h, *x, *kernels)
+      return new, new
+
+    carry, outputs = jax.lax.scan(step, carry, tuple(jnp.swapaxes(x, 0, 1) for x in (x_r, x_z, x_n)))
     return carry, jnp.swapaxes(outputs, 0, 1)
 
 
@@ -117,23 +155,27 @@ class GRUEncoder(nn.Module):
 
 class GRUDecoder(nn.Module):
   """Autoregressive p(x | z[, c]) = prod_t p(x_t | x_<t, z, c): a GRU whose first state is a function of
-  (z, c) and whose input at step t is the embedding of x_(t-1) (the start token at t = 0) beside (z, c).
-  Training and scoring feed the true tokens (teacher forcing); `step` runs one position for sampling.
+  (z, c) and whose input at step t is the embedding of x_(t-1) (the start token at t = 0) beside (z, c);
+  with layers > 1, more GRUs stacked on its outputs, starting from the same state. The carry is a tuple of
+  the layers' states. Training and scoring feed the true tokens (teacher forcing); `step` runs one position
+  for sampling.
   With word_dropout > 0 and a 'dropout' rng given to apply (the train step gives one), each input token after
   the start token is dropped (a zero embedding) with that probability."""
   vocab_size: int
   embedding_size: int
   rnn_size: int
   word_dropout: float = 0.0
+  layers: int = 1
 
   def setup(self):
     self.embed = nn.Embed(self.vocab_size, self.embedding_size)
     self.initial = nn.Dense(self.rnn_size)
     self.cell = TokenGRU(self.rnn_size)
+    self.upper = [DenseGRU(self.rnn_size) for _ in range(self.layers - 1)]
     self.logits = nn.Dense(self.vocab_size)
 
   def start(self, z, c=None):
-    return jnp.tanh(self.initial(concat(z, c)))
+    return (jnp.tanh(self.initial(concat(z, c))),) * self.layers
 
   def __call__(self, z, c=None, x=None):
     if x is None:
@@ -144,12 +186,19 @@ class GRUDecoder(nn.Module):
     if self.word_dropout > 0 and self.has_rng("dropout"):
       keep = ~jax.random.bernoulli(self.make_rng("dropout"), self.word_dropout, previous.shape)
       keep = keep.at[:, 0].set(True)  # the start token stays
-    _, outputs = self.cell(self.start(z, c), previous, self.embed.embedding, concat(z, c), keep=keep)
+    first = self.start(z, c)
+    _, outputs = self.cell(first[0], previous, self.embed.embedding, concat(z, c), keep=keep)
+    for layer, h0 in zip(self.upper, first[1:]):
+      _, outputs = layer(h0, outputs)
     return self.logits(outputs)  # [B, T, V]
 
   def step(self, carry, token, z, c=None):
-    carry, h = self.cell(carry, token, self.embed.embedding, concat(z, c))
-    return carry, self.logits(h)
+    h, _ = self.cell(carry[0], token, self.embed.embedding, concat(z, c))
+    states = [h]
+    for layer, state in zip(self.upper, carry[1:]):
+      h, _ = layer(state, h)
+      states.append(h)
+    return tuple(states), self.logits(h)
 
 
 def sample_tokens(model: VAE, params, z: jax.Array, c: Optional[jax.Array], key: jax.Array, length: int,
@@ -174,13 +223,14 @@ def sample_tokens(model: VAE, params, z: jax.Array, c: Optional[jax.Array], key:
 
 def build(cfg: GRUConfig, spec, output_shape):
   return (GRUEncoder(len(spec.vocab), cfg.embedding_size, cfg.rnn_size, cfg.latent_size),
-          GRUDecoder(len(spec.vocab), cfg.embedding_size, cfg.rnn_size, cfg.word_dropout))
+          GRUDecoder(len(spec.vocab), cfg.embedding_size, cfg.rnn_size, cfg.word_dropout, cfg.decoder_layers))
 
 
 def check_config(cfg: Config) -> None:
   m = cfg.model
   check(m.embedding_size >= 1 and m.rnn_size >= 2, "model.rnn_size", m.rnn_size,
         "model.embedding_size must be >= 1 and model.rnn_size >= 2")
+  check(m.decoder_layers >= 1, "model.decoder_layers", m.decoder_layers, "the decoder needs at least one GRU layer")
   check(0.0 <= m.word_dropout < 1.0, "model.word_dropout", m.word_dropout,
         "the probability of dropping a decoder input token must be in [0, 1)")
 
