@@ -139,14 +139,14 @@ def main(argv: Optional[list[str]] = None) -> None:
   for rnn_size in args.rnn_size:
     for batch_size in args.batch_size:
       variants, losses = {}, {}
-      for layers in args.decoder_layers:
+      for layers in dict.fromkeys(args.decoder_layers):  # each count once, in the order given
         variants[layers], losses[layers] = epoch_loop(config(rnn_size, batch_size, layers), spec, tokens, conditions,
                                                       reference=False)
       if 1 in args.decoder_layers:
         variants["reference"], losses["reference"] = epoch_loop(config(rnn_size, batch_size), spec, tokens,
                                                                 conditions, reference=True)
       timed = interleaved(variants, args.epochs)
-      for layers in args.decoder_layers:
+      for layers in dict.fromkeys(args.decoder_layers):
         row = {"rnn_size": rnn_size, "decoder_layers": layers, "batch_size": batch_size,
                "ours_molecules_per_s": timed[layers]["images_per_s"], "first_epoch_loss": [losses[layers][0]]}
         reference = "- | -"  # the flax reference is the one-layer decoder

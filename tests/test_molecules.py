@@ -150,7 +150,8 @@ def test_token_gru_computes_what_flax_gru_cells_compute_on_the_concatenated_inpu
 
 def test_stacked_decoder_layers_compute_flax_gru_cells_on_the_layer_below():
   """DenseGRU (a stacked decoder's upper layers) is nn.RNN(nn.GRUCell) under the same parameters, over a
-  sequence and for one step; a decoder of 2 layers is layer 1 (TokenGRU) then DenseGRU, from one start."""
+  sequence and for one step; a decoder of 2 layers is layer 1 (TokenGRU) then DenseGRU, from one start; and
+  a stacked decoder's one-step path (sampling) agrees with its teacher-forced path (training, scoring)."""
   import flax.linen as nn
   from cvae_jax.models.gru import DenseGRU, GRUDecoder, TokenGRU
   b, t, d, h = 4, 6, 5, 8
@@ -178,6 +179,16 @@ def test_stacked_decoder_layers_compute_flax_gru_cells_on_the_layer_below():
   _, upper = DenseGRU(h).apply({"params": p["upper_0"]}, start, lower)
   np.testing.assert_allclose(decoder.apply({"params": p}, z, c, x), upper @ p["logits"]["kernel"] + p["logits"]["bias"],
                              atol=1e-5)
+  # Stepping a 3-layer decoder through x (the sampler's path) gives the teacher-forced logits at every position.
+  model, params = _tiny_sequence_model(decoder_layers=3)
+  tokens = jax.random.randint(k[2], (3, 3), 0, 5)
+  teacher_forced = model.apply({"params": params}, z, c, tokens, method=type(model).decode)
+  carry = model.apply({"params": params}, z, c, method=type(model).decoder_start)
+  previous = jnp.full((3,), smiles.BOS)
+  for t in range(3):
+    carry, logits = model.apply({"params": params}, carry, previous, z, c, method=type(model).decoder_step)
+    np.testing.assert_allclose(logits, teacher_forced[:, t], atol=1e-5)
+    previous = tokens[:, t]
   with pytest.raises(ConfigError, match="decoder_layers"):
     validate(small_config(**{"task": "molecules", "data.name": "moses", "model.arch": "gru", "model.kind": "cvae",
                              "objective.likelihood": "categorical", "model.decoder_layers": 0}))
