@@ -41,7 +41,7 @@ import numpy as np  # noqa: E402
 
 from cvae_jax.config import Config, check  # noqa: E402
 from cvae_jax.data import Dataset, moses  # noqa: E402
-from cvae_jax.data.smiles import Vocabulary  # noqa: E402
+from cvae_jax.data.smiles import TokenizeError, Vocabulary, tokenize_smiles  # noqa: E402
 from cvae_jax.engine import rundir  # noqa: E402
 from cvae_jax.keys import Stream, fold, stream_key  # noqa: E402
 from cvae_jax.models import VAE  # noqa: E402
@@ -78,10 +78,48 @@ def canonical(smiles: Sequence[str]) -> list[Optional[str]]:
   return out
 
 
+# Why RDKit rejects a SMILES string, in the order they are checked. The parser's: an empty string, a ring bond
+# left open (a ring label used an odd number of times), branches that do not balance, any other syntax (a bond
+# with no atom after it). Sanitization's: an atom beyond its allowed valence, aromatic rings that do not
+# kekulize, anything else.
+INVALID_REASONS = ("empty", "unclosed_ring", "unbalanced_branch", "syntax", "valence", "kekulize", "other")
+
+
+def invalid_reason(smiles: str) -> Optional[str]:
+  """Which of INVALID_REASONS makes RDKit reject a SMILES string; None when it is valid (as validity counts)."""
+  from rdkit import Chem
+  if not smiles:
+    return "empty"
+  if moses_metrics.molecule(smiles) is not None:
+    return None
+  mol = Chem.MolFromSmiles(smiles, sanitize=False)
+  if mol is None:
+    try:
+      tokens = tokenize_smiles(smiles)
+    except TokenizeError:
+      return "syntax"
+    rings = [t for t in tokens if t.isdigit() or t.startswith("%")]
+    if any(rings.count(label) % 2 for label in set(rings)):
+      return "unclosed_ring"
+    depth = 0
+    for t in tokens:
+      depth += (t == "(") - (t == ")")
+      if depth < 0:
+        return "unbalanced_branch"
+    return "unbalanced_branch" if depth else "syntax"
+  problems = [p.GetType() for p in Chem.DetectChemistryProblems(mol)] or ["other"]
+  if problems[0] == "AtomValenceException":
+    return "valence"
+  return "kekulize" if "Kekulize" in problems[0] else "other"
+
+
 def generation_metrics(samples: Sequence[str], training: set[str], all_training: Optional[set[str]] = None) -> dict:
-  """validity, unique@1k, unique@10k and novelty of sampled SMILES (see the module docstring)."""
+  """validity, unique@1k, unique@10k and novelty of sampled SMILES (see the module docstring), and under
+  "invalid" the share of all samples rejected for each of INVALID_REASONS."""
   valid, result = moses_metrics.validity_and_uniqueness(samples)
   result["validity"], result["valid"] = result.pop("valid"), len(valid)  # this report names the fraction validity
+  reasons = [invalid_reason(s) for s in samples]
+  result["invalid"] = {r: reasons.count(r) / max(len(samples), 1) for r in INVALID_REASONS}
   distinct = set(valid)
   result["novelty"] = len(distinct - training) / len(distinct) if distinct else 0.0
   if all_training is not None:
