@@ -87,7 +87,7 @@ def main(argv=None) -> None:
             f"novelty={r['novelty']:.3f} mae=" + " ".join(f"{p}:{v:.3g}" for p, v in r.get("mae", {}).items())
             + " hit rate=" + " ".join(f"{p}:{v:.3f}" for p, v in r.get("hit_rate", {}).items())
             + (f" all five:{r['hit_rate_all']:.3f}" if "hit_rate_all" in r else ""))
-      print(f"  invalid, by RDKit's reason: " + " ".join(f"{k}={v:.4f}" for k, v in r["invalid"].items()))
+      print("  invalid, by RDKit's reason: " + " ".join(f"{k}={v:.4f}" for k, v in r["invalid"].items()))
   m = result["moses"]
   print("MOSES metrics (unconditional samples): " + " ".join(
       f"{k}={v:.4f}" for k, v in m.items() if isinstance(v, float)))

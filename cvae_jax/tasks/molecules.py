@@ -9,6 +9,8 @@ Metrics (as MOSES, Polykovskiy et al. 2020, computes them):
   unique@1k/@10k  distinct canonical SMILES among the first 1,000 / 10,000 valid samples
   novelty         fraction of the distinct valid samples not in the training set (the subset trained on,
                   and all of MOSES train)
+  invalid         (not MOSES's) the share of all samples RDKit rejects, by reason (INVALID_REASONS: open rings,
+                  unbalanced branches, other syntax, valence, aromatic rings that do not kekulize)
 MOSES's whole set (cvae_jax/tasks/moses_metrics.py: IntDiv, Filters, SNN, Frag, Scaf, FCD against its test
 and scaffold-test sets) is computed on the unconditional samples, under "moses"; MOSES's protocol is 30,000
 samples (`python -m cvae_jax.molecules RUN --samples 30000`).
