@@ -37,6 +37,11 @@ def test_decoded_splits_are_kept_beside_the_dataset_and_a_bad_copy_is_rewritten(
     assert np.array_equal(again.test.images, mnist.test.images) and np.array_equal(again.test.labels, mnist.test.labels)
     kept_images, kept_labels = np.load(folder / "images.npy"), np.load(folder / "labels.npy")  # rewritten whole
     assert np.array_equal(kept_images, mnist.test.images) and np.array_equal(kept_labels, mnist.test.labels)
+  # No temporary file is left behind. A test in another process may be rewriting the same split at this moment
+  # (it found the bad copy above), so its temporary file may exist for a while, never for good.
+  deadline = time.monotonic() + 60
+  while list(folder.parent.glob("*.tmp")) and time.monotonic() < deadline:
+    time.sleep(0.2)
   assert not list(folder.parent.glob("*.tmp"))
   assert np.array_equal(data.load(DataConfig(name="mnist")).train.images, mnist.train.images)  # read back as decoded
 
