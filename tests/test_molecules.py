@@ -298,19 +298,6 @@ def test_rdkit_properties_and_moses_metrics_have_known_values():
   m = molecules.generation_metrics(["OCC", "CCCO", "CCCCO"], training={"CCO"}, all_training={"CCO", "CCCO"})
   assert (m["novelty"], m["novelty_all_moses_train"]) == (2 / 3, 1 / 3)
   assert molecules.generation_metrics(["CCO"], training=set())["validity"] == 1.0  # one sample
-
-
-def test_invalid_reasons_name_what_rdkit_rejects():
-  cases = {"CCO": None, "C%10CC%10": None, "c1ccccc1": None, "": "empty", "C1CC": "unclosed_ring",
-           "C1CCC2": "unclosed_ring", "C(C": "unbalanced_branch", "CC)C": "unbalanced_branch",
-           "C1CC(C1": "unbalanced_branch", "CC=": "syntax", "C()C": "syntax", "C(C)(C)(C)(C)C": "valence",
-           "FC(F)(F)(F)F": "valence", "c1cccc1": "kekulize", "cccc": "kekulize"}
-  assert {s: molecules.invalid_reason(s) for s in cases} == cases
-  samples = list(cases)  # 3 valid of 15; the shares are of all samples and sum to the invalid share
-  m = molecules.generation_metrics(samples, training=set())
-  assert set(m["invalid"]) == set(molecules.INVALID_REASONS)
-  assert (m["invalid"]["unclosed_ring"], m["invalid"]["valence"], m["invalid"]["other"]) == (2 / 15, 2 / 15, 0.0)
-  assert sum(m["invalid"].values()) == pytest.approx(1 - m["validity"]) and m["validity"] == pytest.approx(3 / 15)
   none = molecules.generation_metrics(["", "C1CC"], training=set(), all_training=set())  # no valid sample
   assert (none["validity"], none["unique@1k"], none["unique@10k"], none["novelty"], none["novelty_all_moses_train"]) \
       == (0.0, 0.0, 0.0, 0.0, 0.0)
@@ -324,6 +311,19 @@ def test_invalid_reasons_name_what_rdkit_rejects():
   # is within 10 % of MW 17 but not the 1 donor asked.
   hits = molecules.property_errors(["CCO", "C"], np.array([[44.0, 1.0], [17.0, 1.0]]), ["mw", "hbd"])
   assert hits["hit_rate"] == {"mw": 1.0, "hbd": 0.5} and hits["hit_rate_all"] == 0.5
+
+
+def test_invalid_reasons_name_what_rdkit_rejects():
+  cases = {"CCO": None, "C%10CC%10": None, "c1ccccc1": None, "": "empty", "C1CC": "unclosed_ring",
+           "C1CCC2": "unclosed_ring", "C(C": "unbalanced_branch", "CC)C": "unbalanced_branch",
+           "C1CC(C1": "unbalanced_branch", "CC=": "syntax", "C()C": "syntax", "C(C)(C)(C)(C)C": "valence",
+           "FC(F)(F)(F)F": "valence", "c1cccc1": "kekulize", "cccc": "kekulize"}
+  assert {s: molecules.invalid_reason(s) for s in cases} == cases
+  samples = list(cases)  # 3 valid of 15; the shares are of all samples and sum to the invalid share
+  m = molecules.generation_metrics(samples, training=set())
+  assert set(m["invalid"]) == set(molecules.INVALID_REASONS)
+  assert (m["invalid"]["unclosed_ring"], m["invalid"]["valence"], m["invalid"]["other"]) == (2 / 15, 2 / 15, 0.0)
+  assert sum(m["invalid"].values()) == pytest.approx(1 - m["validity"]) and m["validity"] == pytest.approx(3 / 15)
 
 
 @pytest.fixture
